@@ -1,0 +1,228 @@
+"""The config schema: frozen pydantic models in the shape of DESIGN.md.
+
+Models are pure: they check types, ranges and cross-field rules. Facts about
+the host (does the command exist, does the user exist) are checked by
+``loader.check_host`` so that unit tests can validate configs anywhere.
+Relative paths are resolved against the config file's directory, passed as
+validation context ``base_dir``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from supervisor.values import Duration, Listen, ListenAddress, SignalName
+
+DEFAULT_CONTROL_SOCKET = Path("/run/supervisor/control.sock")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Variables the supervisor sets itself for each worker; configuring them is an error.
+RESERVED_ENV = frozenset(
+    {
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+        "NOTIFY_SOCKET",
+        "SUPERVISOR_SERVICE",
+        "SUPERVISOR_GENERATION",
+        "SUPERVISOR_WORKER",
+    }
+)
+
+
+class Model(BaseModel):
+    """Base of every config model: immutable, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not path.is_absolute():
+        return (Path(base) / path).resolve()
+    return path
+
+
+class SupervisorSection(Model):
+    """``[supervisor]``: settings of the daemon itself."""
+
+    control_socket: Path = DEFAULT_CONTROL_SOCKET
+    control_socket_mode: int = Field(default=0o600, ge=0, le=0o777)
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("control_socket")
+    @classmethod
+    def _control_socket_path(cls, value: Path, info: ValidationInfo) -> Path:
+        path = _resolve(value, info)
+        if len(str(path).encode()) > 107:
+            raise ValueError(f"{path} is longer than a unix socket path may be (107 bytes)")
+        return path
+
+    @field_validator("control_socket_mode", mode="before")
+    @classmethod
+    def _octal_mode(cls, value: object) -> object:
+        # TOML has 0o600 integers, but operators write "0600"; accept both.
+        if isinstance(value, str):
+            try:
+                return int(value, 8)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an octal file mode like '0600'") from None
+        return value
+
+
+class HealthNone(Model):
+    """Healthy once the process has stayed alive for ``settle``."""
+
+    kind: Literal["none"] = "none"
+    settle: Duration = 0.5
+
+
+class HealthNotify(Model):
+    """Healthy once the worker sends ``READY=1`` to its ``NOTIFY_SOCKET``."""
+
+    kind: Literal["notify"]
+
+
+class HealthTcp(Model):
+    """Healthy once a TCP connect to the worker's first listen address succeeds."""
+
+    kind: Literal["tcp"]
+    timeout: Duration = 5.0
+    interval: Duration = 0.1
+
+
+class HealthHttp(Model):
+    """Healthy once ``GET path`` on the worker's first listen address answers 2xx."""
+
+    kind: Literal["http"]
+    path: str = "/healthz"
+    host: str | None = None
+    timeout: Duration = 5.0
+    interval: Duration = 0.1
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, value: str) -> str:
+        if not value.startswith("/") or any(c in value for c in " \r\n"):
+            raise ValueError("must be an absolute request path like '/healthz'")
+        return value
+
+
+class HealthExec(Model):
+    """Healthy once ``command`` exits 0 (placeholders {worker}, {generation}, {fd})."""
+
+    kind: Literal["exec"]
+    command: list[str] = Field(min_length=1)
+    timeout: Duration = 5.0
+    interval: Duration = 0.5
+
+
+Health = Annotated[
+    HealthNone | HealthNotify | HealthTcp | HealthHttp | HealthExec,
+    Field(discriminator="kind"),
+]
+
+
+class SocketOptions(Model):
+    """Options set on every listener of a service before it listens."""
+
+    defer_accept: Duration | None = None
+    fastopen: int | None = Field(default=None, ge=1, le=65535)
+    rcvbuf: int | None = Field(default=None, ge=1024)
+    sndbuf: int | None = Field(default=None, ge=1024)
+
+
+class ServiceConfig(Model):
+    """``[services.NAME]``: one program run as N workers on M listen addresses."""
+
+    command: list[str] = Field(min_length=1)
+    workers: int = Field(default=1, ge=1, le=1024)
+    listen: list[Listen] = Field(min_length=1)
+    backlog: int = Field(default=1024, ge=1, le=65535)
+    retire: Literal["auto", "migrate", "drain"] = "auto"
+    stop_signal: SignalName = "SIGTERM"
+    stop_timeout: Duration = 30.0
+    drain_timeout: Duration = 30.0
+    ready_timeout: Duration = 30.0
+    environment: dict[str, str] = Field(default_factory=dict)
+    user: str | None = None
+    group: str | None = None
+    working_directory: Path | None = None
+    preflight: list[str] | None = Field(default=None, min_length=1)
+    socket: SocketOptions = SocketOptions()
+    health: Health = HealthNone()
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: list[str]) -> list[str]:
+        if not value[0].strip():
+            raise ValueError("the program name (first element) is empty")
+        return value
+
+    @field_validator("environment")
+    @classmethod
+    def _environment(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not _ENV_NAME.match(key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+            if key in RESERVED_ENV:
+                raise ValueError(f"{key} is set by the supervisor for each worker")
+        return value
+
+    @field_validator("working_directory")
+    @classmethod
+    def _working_directory(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
+
+    @model_validator(mode="after")
+    def _unique_listen(self) -> ServiceConfig:
+        seen: set[ListenAddress] = set()
+        for address in self.listen:
+            if address in seen:
+                raise ValueError(f"listen: {address} is listed twice")
+            seen.add(address)
+        return self
+
+
+class Config(Model):
+    """The whole file."""
+
+    supervisor: SupervisorSection = SupervisorSection()
+    services: dict[str, ServiceConfig] = Field(min_length=1)
+
+    @field_validator("services")
+    @classmethod
+    def _service_names(cls, value: dict[str, ServiceConfig]) -> dict[str, ServiceConfig]:
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(
+                    f"service name {name!r}: use letters, digits, '_', '-', '.' (at most 64)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _no_shared_address(self) -> Config:
+        # Two services on one address would join one reuseport group and take
+        # each other's connections.
+        owner: dict[ListenAddress, str] = {}
+        for name, service in self.services.items():
+            for address in service.listen:
+                if address in owner:
+                    raise ValueError(
+                        f"services.{name}.listen: {address} is already used by "
+                        f"services.{owner[address]}"
+                    )
+                owner[address] = name
+        return self

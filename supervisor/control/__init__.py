@@ -1,0 +1,1 @@
+"""The control plane: the unix control socket and its JSON-lines protocol."""

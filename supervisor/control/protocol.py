@@ -1,0 +1,65 @@
+"""The control protocol: one JSON request line, then JSON response lines.
+
+Request: ``{"command": "status" | "reload" | "shutdown", "service": str|null,
+"reason": str|null}``. Responses: any number of ``{"type": "progress", ...}``
+lines, then exactly one ``{"type": "result", "ok": true, ...}`` or
+``{"type": "error", "ok": false, "error": str, "reasons": [str]}``; then the
+server closes the connection.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_LINE = 64 * 1024
+
+
+class ControlRequest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    command: Literal["status", "reload", "shutdown"]
+    service: str | None = Field(default=None, max_length=64)
+    reason: str | None = Field(default=None, max_length=1024)
+
+
+class ProtocolError(ValueError):
+    """A request line that is not a valid request."""
+
+
+def parse_request(line: bytes) -> ControlRequest:
+    """Parse one request line.
+
+    Raises:
+        ProtocolError: with a reason fit to send back to the client.
+    """
+    try:
+        data = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"request is not JSON: {exc}") from None
+    try:
+        return ControlRequest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}"
+            for e in exc.errors(include_url=False)
+        )
+        raise ProtocolError(f"invalid request: {problems}") from None
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def progress(message: str, **fields: Any) -> dict[str, Any]:
+    return {"type": "progress", "message": message, **fields}
+
+
+def result(**fields: Any) -> dict[str, Any]:
+    return {"type": "result", "ok": True, **fields}
+
+
+def error(message: str, reasons: list[str] | None = None, **fields: Any) -> dict[str, Any]:
+    return {"type": "error", "ok": False, "error": message, "reasons": reasons or [], **fields}

@@ -1,0 +1,184 @@
+"""The control socket server: a unix stream socket speaking JSON lines.
+
+Status is answered from an immutable snapshot; everything else becomes a
+typed request on the daemon's channel, with a reply channel whose messages
+are streamed back to the client as they come.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from supervisor.control import protocol
+from supervisor.errors import AlreadyRunning, ControlError
+from supervisor.requests import Reload, Request, Shutdown
+from supervisor.status import Status
+
+log = structlog.get_logger("supervisor.control")
+
+REQUEST_TIMEOUT = 5.0  # a client has this long to send its request line
+_UCRED = struct.Struct("iII")
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    """The connecting process, from the kernel (SO_PEERCRED), not from the client."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return Peer(*_UCRED.unpack(raw))
+
+
+def _live_daemon_at(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                return False
+            raise
+    return True
+
+
+@contextlib.contextmanager
+def bound_control_socket(path: Path, mode: int) -> Iterator[socket.socket]:
+    """Bind and listen on ``path`` with ``mode``; unlink it on exit.
+
+    A socket file left by a daemon that died is removed; one a live daemon
+    answers on is not touched.
+
+    Raises:
+        AlreadyRunning: another daemon answers on ``path``.
+        ControlError: the path cannot be created.
+    """
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if _live_daemon_at(path):
+                raise AlreadyRunning(str(path))
+            log.warning("control_socket_stale", path=str(path), action="removed")
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ControlError(f"cannot create control socket {path}: {exc.strerror}") from exc
+    try:
+        # The umask makes the file private from its first instant; chmod then
+        # applies the configured mode (which may grant a group access).
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise ControlError(f"cannot create control socket {path}: {exc.strerror}") from exc
+    try:
+        yield sock
+    finally:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+class ControlServer:
+    """Serves one control socket; requests go to ``requests``."""
+
+    def __init__(
+        self,
+        requests: trio.MemorySendChannel[Request],
+        status: Callable[[], Status],
+    ) -> None:
+        self._requests = requests
+        self._status = status
+
+    async def serve(
+        self,
+        sock: socket.socket,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept clients on ``sock`` (the caller keeps owning it) until cancelled."""
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))
+        async with listener, trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, [listener])
+            task_status.started()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            peer = peer_of(stream.socket)  # type: ignore[arg-type]
+            if peer.uid not in (0, os.geteuid()):
+                log.warning("control_refused", peer_pid=peer.pid, peer_uid=peer.uid)
+                await _send(stream, protocol.error(f"uid {peer.uid} may not control this daemon"))
+                return
+            try:
+                line = await _read_line(stream)
+                request = protocol.parse_request(line)
+            except (protocol.ProtocolError, trio.TooSlowError) as exc:
+                message = str(exc) or "no request received in time"
+                log.warning("control_bad_request", peer_pid=peer.pid, reason=message)
+                await _send(stream, protocol.error(message))
+                return
+            except trio.BrokenResourceError:
+                return
+            log.info("control_request", command=request.command, peer_pid=peer.pid)
+            await self._dispatch(stream, request, peer)
+
+    async def _dispatch(
+        self, stream: trio.SocketStream, request: protocol.ControlRequest, peer: Peer
+    ) -> None:
+        if request.command == "status":
+            snapshot = self._status()
+            if request.service is not None and request.service not in snapshot.services:
+                await _send(stream, protocol.error(f"no service named {request.service!r}"))
+                return
+            await _send(stream, protocol.result(status=snapshot.model_dump(mode="json")))
+            return
+        source = f"control (pid {peer.pid}, uid {peer.uid})"
+        send, receive = trio.open_memory_channel[dict[str, Any]](64)
+        typed: Request
+        if request.command == "shutdown":
+            typed = Shutdown(source=source, reply=send)
+        else:
+            typed = Reload(source, request.service, request.reason, reply=send)
+        await self._requests.send(typed)
+        async with receive:
+            async for message in receive:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await _send(stream, message)
+
+
+async def _send(stream: trio.SocketStream, message: dict[str, Any]) -> None:
+    await stream.send_all(protocol.encode(message))
+
+
+async def _read_line(stream: trio.SocketStream) -> bytes:
+    buffer = b""
+    with trio.fail_after(REQUEST_TIMEOUT):
+        while b"\n" not in buffer:
+            if len(buffer) > protocol.MAX_LINE:
+                raise protocol.ProtocolError(f"request longer than {protocol.MAX_LINE} bytes")
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                if buffer.strip():
+                    break
+                raise protocol.ProtocolError("connection closed before a request was sent")
+            buffer += chunk
+    return buffer.split(b"\n", 1)[0]

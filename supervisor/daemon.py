@@ -1,0 +1,192 @@
+"""``supervisord``: the daemon's entry point and its request loop.
+
+Signals and control commands arrive as typed requests on one channel and
+are handled one at a time. Services live in one nursery; the control server
+and the signal forwarder in the root nursery around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+import trio
+
+from supervisor import __version__, logs
+from supervisor.config import Config
+from supervisor.control import protocol
+from supervisor.control.server import ControlServer, bound_control_socket
+from supervisor.errors import ConfigError, RolloutAborted, SupervisorError, leaves
+from supervisor.loader import environment_for_workers, load_config
+from supervisor.plan import describe, plan_config
+from supervisor.requests import Reload, Request, Shutdown
+from supervisor.service import Service
+from supervisor.spawner import ProcessSpawner, Spawner
+from supervisor.status import DaemonStatus, Status
+
+log = structlog.get_logger("supervisor.daemon")
+
+_SHUTDOWN_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+class Daemon:
+    """The running daemon: its services and the channel that drives them."""
+
+    def __init__(self, config: Config, config_path: Path, spawner: Spawner) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.services = {
+            name: Service(name, service, spawner) for name, service in config.services.items()
+        }
+        self._send, self._receive = trio.open_memory_channel[Request](128)
+        self._started_at = trio.current_time()
+        self._ready = False  # every service's first generation is serving
+
+    def status(self) -> Status:
+        return Status(
+            daemon=DaemonStatus(
+                pid=os.getpid(),
+                version=__version__,
+                config=str(self.config_path),
+                uptime=round(trio.current_time() - self._started_at, 3),
+            ),
+            services={name: svc.snapshot() for name, svc in self.services.items()},
+        )
+
+    async def run(self) -> None:
+        """Serve until a shutdown request; return once every worker is reaped.
+
+        Raises:
+            RolloutAborted: a service could not start (the others are stopped first).
+            ControlError: the control socket could not be set up.
+        """
+        section = self.config.supervisor
+        with bound_control_socket(section.control_socket, section.control_socket_mode) as sock:
+            async with trio.open_nursery() as root:
+                startup = trio.CancelScope()
+                root.start_soon(self._forward_signals, startup)
+                control = ControlServer(self._send, self.status)
+                await root.start(control.serve, sock)
+                log.info("control_socket_ready", path=str(section.control_socket))
+                shutdown = await self._serve_services(startup, root)
+                root.cancel_scope.cancel()
+        if shutdown is not None and shutdown.reply is not None:
+            async with shutdown.reply:
+                await shutdown.reply.send(protocol.result(message="all services stopped"))
+        log.info("daemon_stopped")
+
+    async def _serve_services(
+        self, startup: trio.CancelScope, root: trio.Nursery
+    ) -> Shutdown | None:
+        shutdown: Shutdown | None = None
+        try:
+            async with trio.open_nursery() as services:
+                with startup:
+                    await self._start_all(services)
+                if startup.cancelled_caught:
+                    log.info("startup_interrupted")
+                else:
+                    self._ready = True
+                    log.info("daemon_ready", services=list(self.services))
+                    shutdown = await self._request_loop()
+                root.start_soon(self._escalate, services.cancel_scope)
+                for service in self.services.values():
+                    service.request_stop()
+        except* RolloutAborted as group:
+            for exc in leaves(group):
+                log.error("service_start_failed", reason=str(exc))
+            raise leaves(group)[0] from None
+        return shutdown
+
+    async def _start_all(self, nursery: trio.Nursery) -> None:
+        async with trio.open_nursery() as starter:
+            for service in self.services.values():
+                starter.start_soon(nursery.start, service.run)
+
+    async def _request_loop(self) -> Shutdown:
+        async for request in self._receive:
+            if isinstance(request, Shutdown):
+                log.info("shutdown_requested", source=request.source)
+                return request
+            await self._reload(request)
+        raise AssertionError("the request channel never closes while the daemon runs")
+
+    async def _reload(self, request: Reload) -> None:
+        log.warning("reload_unavailable", source=request.source)
+        if request.reply is not None:
+            async with request.reply:
+                await request.reply.send(protocol.error("reload is not available in this version"))
+
+    async def _forward_signals(self, startup: trio.CancelScope) -> None:
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        with trio.open_signal_receiver(*signals) as received:
+            async for signum in received:
+                name = signal.Signals(signum).name
+                if signum in _SHUTDOWN_SIGNALS and not self._ready:
+                    # A stop during start-up must not wait for ready_timeout.
+                    log.info("shutdown_requested", source=name)
+                    startup.cancel()
+                elif signum in _SHUTDOWN_SIGNALS:
+                    await self._send.send(Shutdown(source=name))
+                else:
+                    await self._send.send(Reload(source=name))
+
+    async def _escalate(self, services: trio.CancelScope) -> None:
+        """While stopping: a second stop request kills the workers at once."""
+        async for request in self._receive:
+            if isinstance(request, Shutdown):
+                log.warning("shutdown_escalated", source=request.source, action="SIGKILL")
+                services.cancel()
+                if request.reply is not None:
+                    await request.reply.aclose()
+            elif request.reply is not None:
+                async with request.reply:
+                    await request.reply.send(protocol.error("the daemon is shutting down"))
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="supervisord",
+        description="Zero-downtime process supervisor (runs in the foreground).",
+    )
+    parser.add_argument("-c", "--config", type=Path, required=True, help="config file (TOML)")
+    parser.add_argument(
+        "--check", action="store_true", help="validate the config, print the plan, exit"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``supervisord``. Exit 0 on a clean stop, 1 on failure, 2 on bad config."""
+    args = _parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+    if args.check:
+        print(f"{args.config}: OK")
+        print("\n".join(describe(plan_config(config))))
+        sys.exit(0)
+    logs.configure(config.supervisor.log_format, config.supervisor.log_level)
+    spawner = ProcessSpawner(environment_for_workers(os.environ))
+    try:
+        trio.run(_run, config, args.config.resolve(), spawner)
+    except SupervisorError as exc:
+        print(f"supervisord: {exc}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(0)
+
+
+async def _run(config: Config, config_path: Path, spawner: Spawner) -> None:
+    await Daemon(config, config_path, spawner).run()
+
+
+if __name__ == "__main__":
+    main()

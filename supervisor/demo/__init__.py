@@ -1,0 +1,1 @@
+"""The demo worker: ``python -m supervisor.demo``."""

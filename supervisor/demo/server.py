@@ -1,0 +1,206 @@
+"""The demo worker: a small HTTP/1.1 server (trio + h11) on inherited listeners.
+
+It takes its listeners by the systemd protocol (``LISTEN_FDS`` from fd 3,
+checked against ``LISTEN_PID``), answers ``GET /`` with a line naming the
+service, generation, worker, pid and the listener's SO_COOKIE, and
+``GET /healthz`` with ``ok``. On SIGTERM it stops accepting, finishes the
+requests in flight, closes idle keep-alive connections and exits 0. An
+``EINVAL`` from ``accept()`` means the supervisor retired the listener
+(``shutdown()``): that listener is done, the others keep serving.
+UDP listeners answer each datagram with the same identity line.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+import h11
+import structlog
+import trio
+
+from supervisor.kernel import notify
+from supervisor.kernel.sockets import socket_cookie
+
+log = structlog.get_logger("supervisor.demo")
+
+FIRST_FD = 3
+MAX_REQUEST = 64 * 1024
+IDLE_TIMEOUT = 30.0
+DRAIN_TIMEOUT = 25.0
+
+
+@dataclass(frozen=True)
+class Identity:
+    service: str
+    generation: str
+    worker: str
+    pid: int
+
+    def line(self, cookie: int) -> str:
+        return (
+            f"service={self.service} generation={self.generation} worker={self.worker} "
+            f"pid={self.pid} listener={cookie}\n"
+        )
+
+
+class ListenFdsError(RuntimeError):
+    pass
+
+
+def inherited_sockets() -> list[socket.socket]:
+    """The listeners passed by the systemd protocol, or an error saying what is wrong."""
+    pid_text = os.environ.get("LISTEN_PID", "")
+    count_text = os.environ.get("LISTEN_FDS", "")
+    if not count_text.isdigit() or int(count_text) < 1:
+        raise ListenFdsError("LISTEN_FDS is not set: run me under supervisord")
+    if pid_text != str(os.getpid()):
+        raise ListenFdsError(f"LISTEN_PID={pid_text!r} is not my pid {os.getpid()}")
+    socks = []
+    for fd in range(FIRST_FD, FIRST_FD + int(count_text)):
+        os.set_inheritable(fd, False)
+        socks.append(socket.socket(fileno=fd))
+    return socks
+
+
+class Server:
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+        self.draining = False
+        self._idle: set[trio.CancelScope] = set()
+
+    def drain(self) -> None:
+        """Stop taking new requests: close idle connections now, busy ones after."""
+        self.draining = True
+        for scope in list(self._idle):
+            scope.cancel()
+
+    async def accept_loop(self, sock: socket.socket, handlers: trio.Nursery) -> None:
+        cookie = socket_cookie(sock)
+        listener = trio.socket.from_stdlib_socket(sock)
+        while True:
+            try:
+                conn, _ = await listener.accept()
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    log.info("listener_retired", listener=cookie)
+                    return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("accept_failed", error=str(exc))
+                    await trio.sleep(0.05)
+                    continue
+                raise
+            handlers.start_soon(self.serve_connection, trio.SocketStream(conn), cookie)
+
+    async def serve_connection(self, stream: trio.SocketStream, cookie: int) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
+        try:
+            async with stream:
+                while not self.draining or conn.their_state is not h11.IDLE:
+                    request = await self._next_request(stream, conn)
+                    if request is None:
+                        return
+                    await self._respond(stream, conn, request, cookie)
+                    if conn.our_state is h11.MUST_CLOSE or self.draining:
+                        return
+                    conn.start_next_cycle()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            return
+
+    async def _next_request(
+        self, stream: trio.SocketStream, conn: h11.Connection
+    ) -> h11.Request | None:
+        request: h11.Request | None = None
+        idle = conn.their_state is h11.IDLE
+        with trio.CancelScope() as scope:
+            if idle:
+                scope.deadline = trio.current_time() + IDLE_TIMEOUT
+                self._idle.add(scope)
+            try:
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await stream.receive_some(65536)
+                        conn.receive_data(data)
+                        continue
+                    if isinstance(event, h11.Request):
+                        request = event
+                        self._idle.discard(scope)
+                        scope.deadline = float("inf")
+                    elif isinstance(event, h11.EndOfMessage):
+                        return request
+                    elif isinstance(event, h11.ConnectionClosed):
+                        return None
+            finally:
+                self._idle.discard(scope)
+        return None
+
+    async def _respond(
+        self, stream: trio.SocketStream, conn: h11.Connection, request: h11.Request, cookie: int
+    ) -> None:
+        target = request.target.decode(errors="replace").split("?", 1)[0]
+        if request.method not in (b"GET", b"HEAD"):
+            status, body = 405, "method not allowed\n"
+        elif target == "/":
+            status, body = 200, self.identity.line(cookie)
+        elif target == "/healthz":
+            status, body = 200, "ok\n"
+        else:
+            status, body = 404, "not found\n"
+        payload = body.encode()
+        headers = [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(payload))),
+        ]
+        if self.draining:
+            headers.append(("Connection", "close"))
+        data = conn.send(h11.Response(status_code=status, headers=headers))
+        if request.method != b"HEAD":
+            data = (data or b"") + (conn.send(h11.Data(data=payload)) or b"")
+        data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
+        await stream.send_all(data)
+
+    async def datagram_loop(self, sock: socket.socket) -> None:
+        cookie = socket_cookie(sock)
+        udp = trio.socket.from_stdlib_socket(sock)
+        answer = self.identity.line(cookie).encode()
+        while not self.draining:
+            data, peer = await udp.recvfrom(65536)
+            await udp.sendto(data.split(b"\n", 1)[0] + b" " + answer, peer)
+
+
+async def serve(delay: float = 0.0) -> None:
+    """Serve the inherited listeners until SIGTERM/SIGINT; then drain and return."""
+    socks = inherited_sockets()
+    identity = Identity(
+        service=os.environ.get("SUPERVISOR_SERVICE", "demo"),
+        generation=os.environ.get("SUPERVISOR_GENERATION", "0"),
+        worker=os.environ.get("SUPERVISOR_WORKER", "0"),
+        pid=os.getpid(),
+    )
+    structlog.contextvars.bind_contextvars(
+        service=identity.service, generation=identity.generation, worker=identity.worker
+    )
+    server = Server(identity)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        if delay:
+            await trio.sleep(delay)
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as acceptors:
+                for sock in socks:
+                    if sock.type == socket.SOCK_STREAM:
+                        acceptors.start_soon(server.accept_loop, sock, handlers)
+                    else:
+                        acceptors.start_soon(server.datagram_loop, sock)
+                notify.send("READY=1")
+                log.info("demo_ready", listeners=len(socks))
+                async for signum in signals:
+                    log.info("demo_stopping", signal=signal.Signals(signum).name)
+                    break
+                acceptors.cancel_scope.cancel()
+            server.drain()
+            handlers.cancel_scope.deadline = trio.current_time() + DRAIN_TIMEOUT
+    log.info("demo_stopped")

@@ -1,0 +1,160 @@
+"""Every error the supervisor raises on purpose, in one shallow tree.
+
+Foreign errors (OSError, pydantic's ValidationError, tomllib's errors) are
+translated where they enter, with ``raise X from exc``, so callers above the
+kernel modules only ever handle these types. Each carries structured fields
+for logs and for the control protocol, and a message an operator can act on.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+ExcT = TypeVar("ExcT", bound=BaseException)
+
+
+class SupervisorError(Exception):
+    """Base of every deliberate error."""
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in a config file: where (dotted field path) and why."""
+
+    location: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}" if self.location else self.message
+
+
+class ConfigError(SupervisorError):
+    """A config file could not be read or is invalid. Lists every issue found."""
+
+    def __init__(self, source: str, issues: Sequence[ConfigIssue]) -> None:
+        self.source = source
+        self.issues = tuple(issues)
+        lines = [f"{source}: {issue}" for issue in self.issues]
+        super().__init__("\n".join(lines) if lines else f"{source}: invalid config")
+
+
+_BIND_HINTS = {
+    errno_mod.EADDRINUSE: (
+        "address already in use by another program, by a socket without SO_REUSEPORT, "
+        "or by a socket of another user (a reuseport group needs one owner)"
+    ),
+    errno_mod.EACCES: "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)",
+    errno_mod.EADDRNOTAVAIL: "address is not local to this host or network namespace",
+    errno_mod.EAFNOSUPPORT: "address family not supported (is IPv6 disabled?)",
+    errno_mod.EMFILE: "out of file descriptors (RLIMIT_NOFILE)",
+    errno_mod.ENFILE: "the system is out of file descriptors",
+}
+
+
+class ListenerError(SupervisorError):
+    """A listener could not be created, bound or set to listen."""
+
+    def __init__(self, address: str, err: OSError, step: str) -> None:
+        self.address = address
+        self.errno = err.errno or 0
+        self.step = step
+        name = errno_mod.errorcode.get(self.errno, str(self.errno))
+        hint = _BIND_HINTS.get(self.errno, os.strerror(self.errno) if self.errno else str(err))
+        super().__init__(f"cannot {step} {address}: {name}: {hint}")
+
+
+class SpawnError(SupervisorError):
+    """A worker process could not be started at all."""
+
+    def __init__(self, worker: str, reason: str) -> None:
+        self.worker = worker
+        self.reason = reason
+        super().__init__(f"{worker}: cannot start: {reason}")
+
+
+class WorkerFatal(SupervisorError):
+    """A worker failed to start or stay up too many times in a row."""
+
+    def __init__(self, worker: str, failures: int, last_exit: str) -> None:
+        self.worker = worker
+        self.failures = failures
+        self.last_exit = last_exit
+        super().__init__(
+            f"{worker}: FATAL after {failures} failed starts in a row (last: {last_exit})"
+        )
+
+
+class HealthCheckFailed(SupervisorError):
+    """A worker did not pass its health check within ``ready_timeout``."""
+
+    def __init__(self, worker: str, check: str, detail: str) -> None:
+        self.worker = worker
+        self.check = check
+        self.detail = detail
+        super().__init__(f"{worker}: health check {check} failed: {detail}")
+
+
+class PreflightFailed(SupervisorError):
+    """The configured preflight command did not exit 0."""
+
+    def __init__(self, service: str, argv: Sequence[str], status: str, output: str) -> None:
+        self.service = service
+        self.argv = tuple(argv)
+        self.status = status
+        self.output = output
+        tail = f"\n{output.rstrip()}" if output.strip() else ""
+        super().__init__(f"service {service}: preflight {list(argv)} {status}{tail}")
+
+
+class RolloutAborted(SupervisorError):
+    """A rollout was rejected or rolled back; the running generation is untouched."""
+
+    def __init__(self, service: str, reasons: Sequence[str]) -> None:
+        self.service = service
+        self.reasons = tuple(reasons)
+        super().__init__(f"service {service}: rollout aborted: " + "; ".join(self.reasons))
+
+
+class KernelFeatureMissing(SupervisorError):
+    """A kernel feature the config asks for is not available here."""
+
+    def __init__(self, feature: str, detail: str) -> None:
+        self.feature = feature
+        self.detail = detail
+        super().__init__(f"{feature} is not available: {detail}")
+
+
+class ControlError(SupervisorError):
+    """The control socket could not be opened, or a client request failed."""
+
+
+class DaemonUnreachable(ControlError):
+    """supervisorctl could not talk to the daemon."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"cannot reach supervisord at {path}: {reason}")
+
+
+class AlreadyRunning(ControlError):
+    """Another live daemon answers on the control socket we were asked to use."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(f"another supervisord is already serving the control socket {path}")
+
+
+def leaves(group: BaseExceptionGroup[ExcT]) -> list[ExcT]:
+    """The exceptions inside a (possibly nested) exception group, in order."""
+    out: list[ExcT] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out.extend(leaves(exc))
+        else:
+            out.append(exc)
+    return out

@@ -1,0 +1,218 @@
+"""Health checks: when a freshly spawned worker counts as RUNNING.
+
+Each probe's ``wait_ready`` returns once the worker is healthy and retries
+otherwise, remembering the last failure in ``last_error`` so that a caller
+who gives up (``ready_timeout``) can say why. The caller bounds the time.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from supervisor.config import Health, HealthExec, HealthHttp, HealthNone, HealthTcp
+from supervisor.kernel.notify import NotifyMessage
+from supervisor.plan import substitute
+from supervisor.values import ListenAddress
+
+_MAX_OUTPUT = 2000
+
+
+@dataclass(frozen=True)
+class ProbeTarget:
+    """What a probe looks at: the worker's identity and its first listen address."""
+
+    label: str
+    worker: int
+    generation: int
+    pid: int
+    address: ListenAddress | None
+    notifications: Callable[[], Awaitable[NotifyMessage]] | None = None
+
+
+def connect_address(address: ListenAddress) -> tuple[str, int]:
+    """Where a probe connects: the wildcard address means this host's loopback."""
+    ip = ipaddress.ip_address(address.host)
+    if ip.is_unspecified:
+        return ("::1" if ip.version == 6 else "127.0.0.1", address.port)
+    return address.sockaddr
+
+
+class Probe:
+    """Base: retry ``attempt`` every ``interval`` until it returns True."""
+
+    name = "none"
+    interval = 0.1
+
+    def __init__(self, target: ProbeTarget) -> None:
+        self.target = target
+        self.last_error = "not checked yet"
+
+    async def attempt(self) -> bool:
+        raise NotImplementedError
+
+    async def wait_ready(self) -> None:
+        # Probing an outside program is inherently a retry loop: there is no
+        # event to wait for until the worker answers.
+        while not await self.attempt():  # noqa: ASYNC110
+            await trio.sleep(self.interval)
+
+
+class SettleProbe(Probe):
+    """``none``: healthy once the process stayed alive for ``settle`` (the caller
+    notices an exit first)."""
+
+    def __init__(self, target: ProbeTarget, check: HealthNone) -> None:
+        super().__init__(target)
+        self.settle = check.settle
+        self.last_error = f"process did not stay up for {check.settle}s"
+
+    async def attempt(self) -> bool:
+        await trio.sleep(self.settle)
+        return True
+
+
+class NotifyProbe(Probe):
+    """``notify``: healthy once the worker process itself sends ``READY=1``."""
+
+    name = "notify"
+
+    def __init__(self, target: ProbeTarget) -> None:
+        super().__init__(target)
+        self.last_error = "no READY=1 received on NOTIFY_SOCKET"
+
+    async def attempt(self) -> bool:
+        if self.target.notifications is None:
+            self.last_error = "no NOTIFY_SOCKET was set up"
+            return False
+        message = await self.target.notifications()
+        if message.pid != self.target.pid:
+            self.last_error = f"ignored a notification from pid {message.pid}"
+            return False
+        return message.fields.get("READY") == "1"
+
+
+class TcpProbe(Probe):
+    """``tcp``: healthy once a connect to the listen address succeeds."""
+
+    name = "tcp"
+
+    def __init__(self, target: ProbeTarget, check: HealthTcp | HealthHttp) -> None:
+        super().__init__(target)
+        self.timeout = check.timeout
+        self.interval = check.interval
+
+    async def _connect(self) -> trio.SocketStream | None:
+        if self.target.address is None:
+            self.last_error = "the service has no TCP listen address"
+            return None
+        host, port = connect_address(self.target.address)
+        try:
+            with trio.fail_after(self.timeout):
+                return await trio.open_tcp_stream(host, port)
+        except (OSError, trio.TooSlowError) as exc:
+            self.last_error = f"connect {host}:{port}: {exc or 'timed out'}"
+            return None
+
+    async def attempt(self) -> bool:
+        stream = await self._connect()
+        if stream is None:
+            return False
+        await stream.aclose()
+        return True
+
+
+class HttpProbe(TcpProbe):
+    """``http``: healthy once ``GET path`` answers with a 2xx status."""
+
+    name = "http"
+
+    def __init__(self, target: ProbeTarget, check: HealthHttp) -> None:
+        super().__init__(target, check)
+        self.path = check.path
+        self.host = check.host
+
+    async def attempt(self) -> bool:
+        stream = await self._connect()
+        if stream is None:
+            return False
+        host = self.host or "localhost"
+        request = f"GET {self.path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        try:
+            with trio.fail_after(self.timeout):
+                await stream.send_all(request.encode())
+                head = await _read_status_line(stream)
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            self.last_error = f"GET {self.path}: {exc or 'timed out'}"
+            return False
+        finally:
+            await stream.aclose()
+        parts = head.split(" ", 2)
+        if len(parts) >= 2 and parts[1].isdigit() and parts[1].startswith("2"):
+            return True
+        self.last_error = f"GET {self.path}: {head or 'no response'}"
+        return False
+
+
+async def _read_status_line(stream: trio.SocketStream) -> str:
+    data = b""
+    while b"\r\n" not in data and len(data) < 8192:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\r\n", 1)[0].decode(errors="replace")
+
+
+class ExecProbe(Probe):
+    """``exec``: healthy once the command exits 0."""
+
+    name = "exec"
+
+    def __init__(self, target: ProbeTarget, check: HealthExec) -> None:
+        super().__init__(target)
+        self.argv = [
+            substitute(arg, worker=target.worker, generation=target.generation)
+            for arg in check.command
+        ]
+        self.timeout = check.timeout
+        self.interval = check.interval
+
+    async def attempt(self) -> bool:
+        try:
+            with trio.fail_after(self.timeout):
+                result = await trio.run_process(
+                    self.argv,
+                    check=False,
+                    capture_stdout=True,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+        except trio.TooSlowError:
+            self.last_error = f"{self.argv} did not finish within {self.timeout}s"
+            return False
+        except OSError as exc:
+            self.last_error = f"{self.argv}: {exc}"
+            return False
+        if result.returncode == 0:
+            return True
+        output = result.stdout.decode(errors="replace")[-_MAX_OUTPUT:].strip()
+        self.last_error = f"{self.argv} exited with status {result.returncode}: {output}"
+        return False
+
+
+def make_probe(check: Health, target: ProbeTarget) -> Probe:
+    """The probe for a configured health check."""
+    if isinstance(check, HealthNone):
+        return SettleProbe(target, check)
+    if isinstance(check, HealthHttp):
+        return HttpProbe(target, check)
+    if isinstance(check, HealthTcp):
+        return TcpProbe(target, check)
+    if isinstance(check, HealthExec):
+        return ExecProbe(target, check)
+    return NotifyProbe(target)

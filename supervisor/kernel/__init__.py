@@ -1,0 +1,1 @@
+"""Kernel and OS details, each module behind a narrow API."""

@@ -1,0 +1,88 @@
+"""The sd_notify datagram protocol, both sides.
+
+``send`` is the client (the demo worker; the daemon towards systemd).
+``NotifyReceiver`` is the per-worker ``NOTIFY_SOCKET`` the supervisor gives
+each worker: an abstract unix datagram socket (no file to clean up, private
+to the network namespace) that reports the sender's pid (SO_PASSCRED), so a
+message counts only if it comes from the worker process we spawned.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import struct
+from dataclasses import dataclass
+
+import trio
+
+_MAX_DATAGRAM = 4096
+_UCRED = struct.Struct("iII")  # pid, uid, gid
+
+
+def send(message: str, address: str | None = None) -> bool:
+    """Send one notify datagram to ``address`` (default ``$NOTIFY_SOCKET``).
+
+    Returns False if there is no notify socket. Raises OSError if sending fails.
+    """
+    target = address if address is not None else os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return False
+    if target.startswith("@"):
+        target = "\0" + target[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.sendto(message.encode(), target)
+    return True
+
+
+def parse(datagram: bytes) -> dict[str, str]:
+    """``b"READY=1\\nSTATUS=ok"`` -> ``{"READY": "1", "STATUS": "ok"}``."""
+    fields = {}
+    for line in datagram.decode(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key] = value
+    return fields
+
+
+@dataclass(frozen=True)
+class NotifyMessage:
+    pid: int
+    fields: dict[str, str]
+
+
+class NotifyReceiver:
+    """An abstract-namespace datagram socket a worker can notify; closed by ``close()``."""
+
+    def __init__(self, label: str) -> None:
+        token = secrets.token_hex(6)
+        self.address = f"@supervisor/{os.getpid()}/{label}/{token}"
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            raw.bind("\0" + self.address[1:])
+        except BaseException:
+            raw.close()
+            raise
+        self._sock = trio.socket.from_stdlib_socket(raw)
+
+    async def receive(self) -> NotifyMessage:
+        """Wait for the next datagram; the pid is the sender's, from the kernel."""
+        data, ancdata, _flags, _addr = await self._sock.recvmsg(
+            _MAX_DATAGRAM, socket.CMSG_SPACE(_UCRED.size)
+        )
+        pid = 0
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = _UCRED.unpack_from(payload)[0]
+        return NotifyMessage(pid=pid, fields=parse(data))
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> NotifyReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,113 @@
+"""Listening sockets: creation with SO_REUSEPORT, options, and observation.
+
+The supervisor creates every listener itself and keeps its own fd open for
+the generation's life; workers get a duplicate. The socket stays blocking:
+O_NONBLOCK lives on the open file description, which the worker shares, and
+the worker decides how it wants to accept.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+from supervisor.errors import ListenerError
+from supervisor.values import ListenAddress
+
+SO_COOKIE = 57  # include/uapi/asm-generic/socket.h
+_TCP_INFO_LEN = 104  # enough for tcpi_unacked (24) and tcpi_sacked (28)
+_TCP_LISTEN = 10
+
+
+@dataclass(frozen=True)
+class ListenerOptions:
+    """Kernel options for one listener, set before bind/listen."""
+
+    backlog: int = 1024
+    defer_accept: float | None = None
+    fastopen: int | None = None
+    rcvbuf: int | None = None
+    sndbuf: int | None = None
+
+
+def open_listener(address: ListenAddress, options: ListenerOptions) -> socket.socket:
+    """Create, configure, bind and (for TCP) listen on ``address`` with SO_REUSEPORT.
+
+    The caller owns the returned socket and must close it.
+
+    Raises:
+        ListenerError: naming the address, the failing step and the errno.
+    """
+    kind = socket.SOCK_STREAM if address.proto == "tcp" else socket.SOCK_DGRAM
+    try:
+        sock = socket.socket(address.family, kind)
+    except OSError as exc:
+        raise ListenerError(str(address), exc, "create a socket for") from exc
+    try:
+        _configure(sock, address, options)
+        _bind(sock, address)
+        if address.proto == "tcp":
+            try:
+                sock.listen(options.backlog)
+            except OSError as exc:
+                raise ListenerError(str(address), exc, "listen on") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _configure(sock: socket.socket, address: ListenAddress, options: ListenerOptions) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if address.family == socket.AF_INET6:
+            # [::]:80 must not swallow 0.0.0.0:80: each is its own group.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if options.rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options.rcvbuf)
+        if options.sndbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, options.sndbuf)
+        if address.proto == "tcp" and options.defer_accept is not None:
+            seconds = max(1, round(options.defer_accept))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, seconds)
+        if address.proto == "tcp" and options.fastopen is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, options.fastopen)
+    except OSError as exc:
+        raise ListenerError(str(address), exc, "set socket options on") from exc
+
+
+def _bind(sock: socket.socket, address: ListenAddress) -> None:
+    try:
+        sock.bind(address.sockaddr)
+    except OSError as exc:
+        raise ListenerError(str(address), exc, "bind") from exc
+
+
+def socket_cookie(sock: socket.socket) -> int:
+    """The kernel's unique id of the socket (SO_COOKIE): stable across dup and fork."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
+    return int.from_bytes(raw, "little")
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """A TCP listener's accept queue: connections waiting for accept(), and its limit."""
+
+    listening: bool
+    queued: int
+    limit: int
+
+
+def accept_queue(sock: socket.socket) -> QueueDepth:
+    """Read the accept queue of a TCP listener from TCP_INFO.
+
+    On a LISTEN socket the kernel reports ``sk_ack_backlog`` in
+    ``tcpi_unacked`` and ``sk_max_ack_backlog`` in ``tcpi_sacked``.
+    """
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    state = info[0]
+    queued, limit = struct.unpack_from("<II", info, 24)
+    if state != _TCP_LISTEN:
+        return QueueDepth(listening=False, queued=0, limit=0)
+    return QueueDepth(listening=True, queued=queued, limit=limit)

@@ -1,0 +1,108 @@
+"""Lifecycles as enums with allowed transitions, a waitable value, and backoff.
+
+Words borrowed from supervisord (STARTING, RUNNING, BACKOFF, STOPPING,
+EXITED, FATAL), not its one-second tick: callers await a state instead of
+polling it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+
+class WorkerState(enum.Enum):
+    """Where one worker slot is in its life."""
+
+    STARTING = "STARTING"  # process spawned, health check not yet passed
+    RUNNING = "RUNNING"  # health check passed, serving
+    BACKOFF = "BACKOFF"  # died unexpectedly; waiting before the respawn
+    STOPPING = "STOPPING"  # stop_signal sent, waiting for exit (then SIGKILL)
+    EXITED = "EXITED"  # stopped on purpose; terminal
+    FATAL = "FATAL"  # failed to start, or died too often in a row; terminal
+
+
+_ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.STARTING: frozenset(
+        {WorkerState.RUNNING, WorkerState.BACKOFF, WorkerState.STOPPING, WorkerState.FATAL}
+    ),
+    WorkerState.RUNNING: frozenset({WorkerState.BACKOFF, WorkerState.STOPPING, WorkerState.FATAL}),
+    WorkerState.BACKOFF: frozenset({WorkerState.STARTING, WorkerState.STOPPING}),
+    WorkerState.STOPPING: frozenset({WorkerState.EXITED}),
+    WorkerState.EXITED: frozenset(),
+    WorkerState.FATAL: frozenset(),
+}
+
+
+class TransitionError(RuntimeError):
+    """A state change the lifecycle does not allow: a bug, not an operating condition."""
+
+
+def check_transition(old: WorkerState, new: WorkerState) -> None:
+    """Raise ``TransitionError`` unless ``old -> new`` is allowed."""
+    if new not in _ALLOWED[old]:
+        raise TransitionError(f"worker state {old.value} -> {new.value} is not allowed")
+
+
+class Watched(Generic[T]):
+    """A value tasks can wait on: ``await w.wait_for(lambda v: v is READY)``.
+
+    Each change wakes every waiter, who re-checks its own predicate, so no
+    transition is missed and nobody polls.
+    """
+
+    def __init__(self, value: T) -> None:
+        self._value = value
+        self._changed = trio.Event()
+
+    @property
+    def value(self) -> T:
+        return self._value
+
+    def set(self, value: T) -> None:
+        if value == self._value:
+            return
+        self._value = value
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, predicate: Callable[[T], bool]) -> T:
+        """Return the first value (current or future) for which ``predicate`` holds."""
+        while not predicate(self._value):
+            await self._changed.wait()
+        return self._value
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When to respawn a worker that died, and when to give up (FATAL).
+
+    A run is *short* if the process died before becoming RUNNING or less than
+    ``stable_after`` seconds after it was spawned. The first respawn after a
+    long run is immediate (its listener's queue is waiting); each short run
+    in a row doubles the delay; ``max_short_runs`` short runs in a row make
+    the worker FATAL.
+    """
+
+    initial_delay: float = 0.1
+    max_delay: float = 5.0
+    stable_after: float = 5.0
+    max_short_runs: int = 5
+
+    def is_short(self, *, reached_running: bool, lifetime: float) -> bool:
+        return not reached_running or lifetime < self.stable_after
+
+    def delay(self, short_runs: int) -> float:
+        """Seconds to wait before the next spawn, given short runs in a row so far."""
+        if short_runs <= 0:
+            return 0.0
+        return float(min(self.initial_delay * 2 ** (short_runs - 1), self.max_delay))
+
+    def gives_up(self, short_runs: int) -> bool:
+        return short_runs >= self.max_short_runs

@@ -1,0 +1,127 @@
+"""Plan: what a generation of a service will run, computed without side effects.
+
+The plan is pure (no trio, no sockets, no processes) so it can be printed by
+``supervisord --check`` and unit-tested. The code that acts follows it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervisor.config import Config, ServiceConfig
+from supervisor.values import ListenAddress, format_duration
+
+FIRST_LISTEN_FD = 3  # the systemd socket-activation protocol starts at fd 3
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """One worker of one generation: its command, environment and listeners."""
+
+    service: str
+    generation: int
+    index: int
+    argv: tuple[str, ...]
+    environment: tuple[tuple[str, str], ...]
+    working_directory: Path | None
+    user: str | None
+    group: str | None
+    listen: tuple[ListenAddress, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.service}[{self.index}]@{self.generation}"
+
+
+@dataclass(frozen=True)
+class ServicePlan:
+    """One generation of one service."""
+
+    name: str
+    generation: int
+    config: ServiceConfig
+    workers: tuple[WorkerPlan, ...]
+
+
+def substitute(text: str, *, worker: int, generation: int) -> str:
+    """Replace ``{fd}``, ``{worker}`` and ``{generation}``; leave other braces alone.
+
+    Only these exact tokens are replaced (not ``str.format``) so that commands
+    carrying JSON or shell snippets with braces pass through untouched.
+    """
+    return (
+        text.replace("{fd}", str(FIRST_LISTEN_FD))
+        .replace("{worker}", str(worker))
+        .replace("{generation}", str(generation))
+    )
+
+
+def plan_worker(name: str, service: ServiceConfig, generation: int, index: int) -> WorkerPlan:
+    """The plan of worker ``index`` of generation ``generation`` of ``name``."""
+
+    def sub(text: str) -> str:
+        return substitute(text, worker=index, generation=generation)
+
+    env = {key: sub(value) for key, value in service.environment.items()}
+    env.update(
+        SUPERVISOR_SERVICE=name,
+        SUPERVISOR_GENERATION=str(generation),
+        SUPERVISOR_WORKER=str(index),
+        LISTEN_FDS=str(len(service.listen)),
+        LISTEN_FDNAMES=":".join(address.fd_name for address in service.listen),
+    )
+    cwd = service.working_directory
+    return WorkerPlan(
+        service=name,
+        generation=generation,
+        index=index,
+        argv=tuple(sub(arg) for arg in service.command),
+        environment=tuple(sorted(env.items())),
+        working_directory=None if cwd is None else Path(sub(str(cwd))),
+        user=service.user,
+        group=service.group,
+        listen=tuple(service.listen),
+    )
+
+
+def plan_service(name: str, service: ServiceConfig, generation: int) -> ServicePlan:
+    """The plan of one generation of a service: ``workers`` worker plans."""
+    workers = tuple(plan_worker(name, service, generation, i) for i in range(service.workers))
+    return ServicePlan(name=name, generation=generation, config=service, workers=workers)
+
+
+def plan_config(config: Config, generations: Mapping[str, int] | None = None) -> list[ServicePlan]:
+    """Plans for every service, at the given generation numbers (default 1)."""
+    generations = generations or {}
+    return [
+        plan_service(name, service, generations.get(name, 1))
+        for name, service in config.services.items()
+    ]
+
+
+def describe(plans: list[ServicePlan]) -> list[str]:
+    """Human-readable lines of what the plans will run (``supervisord --check``)."""
+    lines = []
+    for plan in plans:
+        cfg = plan.config
+        lines.append(
+            f"service {plan.name}: generation {plan.generation}, {cfg.workers} worker(s), "
+            f"retire={cfg.retire}, health={cfg.health.kind}, backlog={cfg.backlog}, "
+            f"stop={cfg.stop_signal} then SIGKILL after {format_duration(cfg.stop_timeout)}"
+        )
+        if cfg.preflight:
+            lines.append(f"  preflight: {list(cfg.preflight)}")
+        for worker in plan.workers:
+            fds = ", ".join(
+                f"fd {FIRST_LISTEN_FD + i}={address}" for i, address in enumerate(worker.listen)
+            )
+            lines.append(f"  worker {worker.index}: {list(worker.argv)}")
+            lines.append(f"    listeners: {fds} (SO_REUSEPORT, one per worker)")
+            who = [f"user={worker.user}"] if worker.user else []
+            who += [f"group={worker.group}"] if worker.group else []
+            who += [f"cwd={worker.working_directory}"] if worker.working_directory else []
+            if who:
+                lines.append(f"    {' '.join(who)}")
+    return lines

@@ -1,0 +1,37 @@
+"""Typed requests to the daemon: signals and control commands become these.
+
+Everything that changes the daemon's state travels as one of these on one
+channel and is handled one at a time by the daemon's request loop. A request
+may carry a ``reply`` channel on which the loop streams progress and the
+final result; the sender owns the receiving end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+Reply = trio.MemorySendChannel[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Stop every worker gracefully, close listeners, exit 0."""
+
+    source: str
+    reply: Reply | None = None
+
+
+@dataclass(frozen=True)
+class Reload:
+    """Roll out a new generation of one service (or all, ``service=None``)."""
+
+    source: str
+    service: str | None = None
+    reason: str | None = None
+    reply: Reply | None = None
+
+
+Request = Shutdown | Reload

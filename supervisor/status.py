@@ -1,0 +1,69 @@
+"""Immutable status snapshots: what ``supervisorctl status --json`` prints.
+
+The control plane reads these; it never reaches into live objects.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Snapshot(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ListenerStatus(Snapshot):
+    address: str
+    cookie: int  # SO_COOKIE: the kernel's id of the supervisor's socket
+    queued: int | None  # accept-queue length (TCP_INFO), None for UDP or not listening
+    backlog: int | None
+
+
+class WorkerStatus(Snapshot):
+    index: int
+    generation: int
+    pid: int | None
+    state: str
+    restarts: int
+    last_exit: str | None
+    listeners: list[ListenerStatus]
+
+
+class ServiceStatus(Snapshot):
+    name: str
+    generation: int
+    state: str
+    retire: str
+    steering: str
+    workers: list[WorkerStatus]
+
+
+class DaemonStatus(Snapshot):
+    pid: int
+    version: str
+    config: str
+    uptime: float
+
+
+class Status(Snapshot):
+    daemon: DaemonStatus
+    services: dict[str, ServiceStatus]
+
+
+def render(status: Status) -> list[str]:
+    """Human-readable lines for ``supervisorctl status``."""
+    lines = []
+    for service in status.services.values():
+        lines.append(
+            f"{service.name}: {service.state}  generation {service.generation}  "
+            f"retire={service.retire}  steering={service.steering}"
+        )
+        for worker in service.workers:
+            pid = "-" if worker.pid is None else str(worker.pid)
+            queued = sum(lst.queued or 0 for lst in worker.listeners)
+            extra = f"  last: {worker.last_exit}" if worker.restarts and worker.last_exit else ""
+            lines.append(
+                f"  worker {worker.index:<3} {worker.state:<9} pid {pid:<8} "
+                f"restarts {worker.restarts:<3} queued {queued}{extra}"
+            )
+    return lines

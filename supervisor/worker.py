@@ -1,0 +1,213 @@
+"""One worker slot: the processes that serve one worker index of a generation.
+
+The slot owns its processes and its notify socket, never the listeners: the
+generation owns those, so a worker that dies leaves its listener (and the
+connections queued on it) in place, and the respawned process serves them.
+
+Life of a slot: the first process must pass its health check
+(``nursery.start`` returns then; if it dies or times out first, ``run``
+raises and nothing is retried: the caller decides). After that, a process
+that dies is respawned on the same listeners with backoff; too many short
+runs in a row make the slot FATAL.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from supervisor.config import Health
+from supervisor.errors import HealthCheckFailed, SpawnError, SupervisorError, WorkerFatal
+from supervisor.health import ProbeTarget, make_probe
+from supervisor.kernel.notify import NotifyReceiver
+from supervisor.kernel.proc import describe_exit
+from supervisor.lifecycle import RestartPolicy, Watched, WorkerState, check_transition
+from supervisor.plan import WorkerPlan
+from supervisor.spawner import ProcessHandle, Spawner
+from supervisor.values import ListenAddress
+
+log = structlog.get_logger("supervisor.worker")
+
+
+@dataclass(frozen=True)
+class SlotSettings:
+    """How a slot runs its processes (from the service config)."""
+
+    health: Health
+    ready_timeout: float
+    stop_signal: int = signal.SIGTERM
+    stop_timeout: float = 30.0
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+
+
+@dataclass
+class _Run:
+    """What happened to one process."""
+
+    returncode: int
+    lifetime: float
+    reached_running: bool
+    failure: SupervisorError | None
+
+
+class WorkerSlot:
+    """Runs and respawns the processes of one worker; see the module docstring."""
+
+    def __init__(
+        self,
+        plan: WorkerPlan,
+        fds: Sequence[int],
+        settings: SlotSettings,
+        spawner: Spawner,
+    ) -> None:
+        self.plan = plan
+        self.fds = tuple(fds)
+        self.settings = settings
+        self._spawner = spawner
+        self.state: Watched[WorkerState] = Watched(WorkerState.STARTING)
+        self.pid: int | None = None
+        self.restarts = 0
+        self.last_exit: str | None = None
+        self._stop_requested = trio.Event()
+        self._notify: NotifyReceiver | None = None
+
+    @property
+    def label(self) -> str:
+        return self.plan.label
+
+    def request_stop(self) -> None:
+        """Ask the slot to stop its process (stop_signal, then SIGKILL) and end."""
+        self._stop_requested.set()
+
+    def _set(self, new: WorkerState) -> None:
+        check_transition(self.state.value, new)
+        log.debug("worker_state", old=self.state.value.value, new=new.value)
+        self.state.set(new)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until ``request_stop``. ``task_status.started()`` once first RUNNING.
+
+        Raises:
+            SpawnError, HealthCheckFailed: the first process never became RUNNING.
+        Cancellation: any live process is killed and reaped before this returns.
+        """
+        structlog.contextvars.bind_contextvars(
+            service=self.plan.service, generation=self.plan.generation, worker=self.plan.index
+        )
+        with NotifyReceiver(self.label) as notify:
+            self._notify = notify
+            first = await self._run_process(task_status.started)
+            if self._stop_requested.is_set():
+                return
+            if not first.reached_running:
+                self._set(WorkerState.FATAL)
+                raise first.failure or SpawnError(self.label, "exited before it was ready")
+            await self._respawn_loop(first)
+
+    async def _respawn_loop(self, last: _Run) -> None:
+        policy = self.settings.policy
+        short_runs = 0
+        while not self._stop_requested.is_set():
+            short = policy.is_short(reached_running=last.reached_running, lifetime=last.lifetime)
+            short_runs = short_runs + 1 if short else 0
+            if policy.gives_up(short_runs):
+                fatal = WorkerFatal(self.label, short_runs, self.last_exit or "unknown")
+                self._set(WorkerState.FATAL)
+                log.error("worker_fatal", reason=str(fatal))
+                await self._stop_requested.wait()
+                return
+            delay = policy.delay(short_runs)
+            self._set(WorkerState.BACKOFF)
+            log.warning(
+                "worker_died", exit=self.last_exit, respawn_in=delay, restarts=self.restarts
+            )
+            with trio.move_on_after(delay):
+                await self._stop_requested.wait()
+            if self._stop_requested.is_set():
+                break
+            self.restarts += 1
+            last = await self._run_process(lambda: None)
+        if self.state.value is not WorkerState.EXITED:
+            self._set(WorkerState.STOPPING)
+            self._set(WorkerState.EXITED)
+
+    async def _run_process(self, on_first_ready: Callable[[], None]) -> _Run:
+        if self.state.value is not WorkerState.STARTING:
+            self._set(WorkerState.STARTING)
+        try:
+            proc = self._spawner(self.plan, self.fds, self._notify_address())
+        except OSError as exc:
+            failure = SpawnError(self.label, f"{exc.strerror or exc}")
+            self.last_exit = failure.reason
+            log.error("worker_spawn_failed", reason=str(failure))
+            return _Run(returncode=-1, lifetime=0.0, reached_running=False, failure=failure)
+        self.pid = proc.pid
+        structlog.contextvars.bind_contextvars(pid=proc.pid)
+        log.info("worker_spawned", argv=list(self.plan.argv))
+        spawned_at = trio.current_time()
+        outcome = _Run(returncode=0, lifetime=0.0, reached_running=False, failure=None)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._gate, proc, outcome, on_first_ready)
+                nursery.start_soon(self._stop_when_asked, proc)
+                outcome.returncode = await proc.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            proc.close()
+        outcome.lifetime = trio.current_time() - spawned_at
+        self.last_exit = describe_exit(outcome.returncode)
+        if outcome.failure is None and not outcome.reached_running:
+            outcome.failure = SpawnError(self.label, f"{self.last_exit} before it was ready")
+        if self.state.value is WorkerState.STOPPING:
+            log.info("worker_stopped", exit=self.last_exit)
+            self._set(WorkerState.EXITED)
+        return outcome
+
+    def _notify_address(self) -> str | None:
+        return None if self._notify is None else self._notify.address
+
+    async def _gate(
+        self, proc: ProcessHandle, outcome: _Run, on_first_ready: Callable[[], None]
+    ) -> None:
+        target = ProbeTarget(
+            label=self.label,
+            worker=self.plan.index,
+            generation=self.plan.generation,
+            pid=proc.pid,
+            address=_first_tcp(self.plan.listen),
+            notifications=None if self._notify is None else self._notify.receive,
+        )
+        probe = make_probe(self.settings.health, target)
+        with trio.move_on_after(self.settings.ready_timeout) as scope:
+            await probe.wait_ready()
+        if scope.cancelled_caught:
+            outcome.failure = HealthCheckFailed(
+                self.label,
+                self.settings.health.kind,
+                f"not ready after {self.settings.ready_timeout:g}s: {probe.last_error}",
+            )
+            log.error("worker_unhealthy", reason=str(outcome.failure))
+            proc.send_signal(signal.SIGKILL)
+            return
+        if self.state.value is WorkerState.STARTING:
+            outcome.reached_running = True
+            self._set(WorkerState.RUNNING)
+            log.info("worker_running", check=self.settings.health.kind)
+            on_first_ready()
+
+    async def _stop_when_asked(self, proc: ProcessHandle) -> None:
+        await self._stop_requested.wait()
+        if self.state.value is not WorkerState.STOPPING:
+            self._set(WorkerState.STOPPING)
+        proc.send_signal(self.settings.stop_signal)
+        await trio.sleep(self.settings.stop_timeout)
+        log.warning("worker_stop_timeout", timeout=self.settings.stop_timeout, action="SIGKILL")
+        proc.send_signal(signal.SIGKILL)
+
+
+def _first_tcp(addresses: Sequence[ListenAddress]) -> ListenAddress | None:
+    return next((a for a in addresses if a.proto == "tcp"), None)
