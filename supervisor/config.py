@@ -186,14 +186,15 @@ class ServiceConfig(Model):
     def _working_directory(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         return None if value is None else _resolve(value, info)
 
-    @model_validator(mode="after")
-    def _unique_listen(self) -> ServiceConfig:
+    @field_validator("listen")
+    @classmethod
+    def _unique_listen(cls, value: list[ListenAddress]) -> list[ListenAddress]:
         seen: set[ListenAddress] = set()
-        for address in self.listen:
+        for address in value:
             if address in seen:
-                raise ValueError(f"listen: {address} is listed twice")
+                raise ValueError(f"{address} is listed twice")
             seen.add(address)
-        return self
+        return value
 
 
 class Config(Model):

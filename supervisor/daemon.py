@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from supervisor import __version__, logs
 from supervisor.config import Config
 from supervisor.control import protocol
 from supervisor.control.server import ControlServer, bound_control_socket
-from supervisor.errors import ConfigError, RolloutAborted, SupervisorError, leaves
+from supervisor.errors import ConfigError, SupervisorError, leaves
 from supervisor.loader import environment_for_workers, load_config
 from supervisor.plan import describe, plan_config
 from supervisor.requests import Reload, Request, Shutdown
@@ -67,40 +68,57 @@ class Daemon:
         """
         section = self.config.supervisor
         with bound_control_socket(section.control_socket, section.control_socket_mode) as sock:
-            async with trio.open_nursery() as root:
-                startup = trio.CancelScope()
-                root.start_soon(self._forward_signals, startup)
-                control = ControlServer(self._send, self.status)
-                await root.start(control.serve, sock)
-                log.info("control_socket_ready", path=str(section.control_socket))
-                shutdown = await self._serve_services(startup, root)
-                root.cancel_scope.cancel()
-        if shutdown is not None and shutdown.reply is not None:
-            async with shutdown.reply:
-                await shutdown.reply.send(protocol.result(message="all services stopped"))
+            try:
+                await self._run_with(sock)
+            except* SupervisorError as group:
+                # Nurseries wrap what they raise; callers get the first error itself.
+                for exc in leaves(group):
+                    log.error("daemon_failed", reason=str(exc))
+                raise leaves(group)[0] from None
         log.info("daemon_stopped")
+
+    async def _run_with(self, sock: socket.socket) -> None:
+        section = self.config.supervisor
+        async with trio.open_nursery() as root:
+            startup = trio.CancelScope()
+            root.start_soon(self._forward_signals, startup)
+            control = ControlServer(self._send, self.status)
+            await root.start(self._serve_control, control, sock, root.cancel_scope)
+            log.info("control_socket_ready", path=str(section.control_socket))
+            shutdown = await self._serve_services(startup, root)
+            if shutdown is not None and shutdown.reply is not None:
+                async with shutdown.reply:
+                    await shutdown.reply.send(protocol.result(message="all services stopped"))
+            control.close()
+
+    @staticmethod
+    async def _serve_control(
+        control: ControlServer,
+        sock: socket.socket,
+        root: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve the control socket; once it is closed, end the daemon's other tasks."""
+        await control.serve(sock, task_status=task_status)
+        root.cancel()
 
     async def _serve_services(
         self, startup: trio.CancelScope, root: trio.Nursery
     ) -> Shutdown | None:
         shutdown: Shutdown | None = None
-        try:
-            async with trio.open_nursery() as services:
-                with startup:
-                    await self._start_all(services)
-                if startup.cancelled_caught:
-                    log.info("startup_interrupted")
-                else:
-                    self._ready = True
-                    log.info("daemon_ready", services=list(self.services))
-                    shutdown = await self._request_loop()
-                root.start_soon(self._escalate, services.cancel_scope)
-                for service in self.services.values():
-                    service.request_stop()
-        except* RolloutAborted as group:
-            for exc in leaves(group):
-                log.error("service_start_failed", reason=str(exc))
-            raise leaves(group)[0] from None
+        async with trio.open_nursery() as services:
+            with startup:
+                await self._start_all(services)
+            if startup.cancelled_caught:
+                log.info("startup_interrupted")
+            else:
+                self._ready = True
+                log.info("daemon_ready", services=list(self.services))
+                shutdown = await self._request_loop()
+            root.start_soon(self._escalate, services.cancel_scope)
+            for service in self.services.values():
+                service.request_stop()
         return shutdown
 
     async def _start_all(self, nursery: trio.Nursery) -> None:

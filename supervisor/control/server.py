@@ -28,6 +28,8 @@ from supervisor.status import Status
 log = structlog.get_logger("supervisor.control")
 
 REQUEST_TIMEOUT = 5.0  # a client has this long to send its request line
+LINGER = 1.0  # after an error reply, how long we read and discard the rest
+CLOSE_GRACE = 5.0  # at exit, connected clients have this long to get their answers
 _UCRED = struct.Struct("iII")
 
 
@@ -108,6 +110,7 @@ class ControlServer:
     ) -> None:
         self._requests = requests
         self._status = status
+        self._accepting = trio.CancelScope()
 
     async def serve(
         self,
@@ -115,31 +118,50 @@ class ControlServer:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept clients on ``sock`` (the caller keeps owning it) until cancelled."""
+        """Accept clients on ``sock`` (the caller keeps owning it) until ``close``.
+
+        After ``close``, clients already connected get ``CLOSE_GRACE`` seconds
+        to receive their answers (a shutdown's last reply among them).
+        """
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))
-        async with listener, trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle, [listener])
-            task_status.started()
+        async with listener, trio.open_nursery() as handlers:
+            with self._accepting:
+                task_status.started()
+                while True:
+                    stream = await listener.accept()
+                    handlers.start_soon(self._handle, stream)
+            handlers.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE
+
+    def close(self) -> None:
+        """Stop accepting; ``serve`` returns once connected clients are answered."""
+        self._accepting.cancel()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        """Serve one client. Nothing a client does may stop the daemon: a
+        client that hangs up is dropped, and a bug is logged, not raised."""
         async with stream:
-            peer = peer_of(stream.socket)  # type: ignore[arg-type]
-            if peer.uid not in (0, os.geteuid()):
-                log.warning("control_refused", peer_pid=peer.pid, peer_uid=peer.uid)
-                await _send(stream, protocol.error(f"uid {peer.uid} may not control this daemon"))
-                return
             try:
-                line = await _read_line(stream)
-                request = protocol.parse_request(line)
-            except (protocol.ProtocolError, trio.TooSlowError) as exc:
-                message = str(exc) or "no request received in time"
-                log.warning("control_bad_request", peer_pid=peer.pid, reason=message)
-                await _send(stream, protocol.error(message))
-                return
-            except trio.BrokenResourceError:
-                return
-            log.info("control_request", command=request.command, peer_pid=peer.pid)
-            await self._dispatch(stream, request, peer)
+                await self._serve_client(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.debug("control_client_gone")
+            except Exception:
+                log.exception("control_handler_failed")
+
+    async def _serve_client(self, stream: trio.SocketStream) -> None:
+        peer = peer_of(stream.socket)  # type: ignore[arg-type]
+        if peer.uid not in (0, os.geteuid()):
+            log.warning("control_refused", peer_pid=peer.pid, peer_uid=peer.uid)
+            await _refuse(stream, f"uid {peer.uid} may not control this daemon")
+            return
+        try:
+            request = protocol.parse_request(await _read_line(stream))
+        except (protocol.ProtocolError, trio.TooSlowError) as exc:
+            message = str(exc) or "no request received in time"
+            log.warning("control_bad_request", peer_pid=peer.pid, reason=message)
+            await _refuse(stream, message)
+            return
+        log.info("control_request", command=request.command, peer_pid=peer.pid)
+        await self._dispatch(stream, request, peer)
 
     async def _dispatch(
         self, stream: trio.SocketStream, request: protocol.ControlRequest, peer: Peer
@@ -167,6 +189,17 @@ class ControlServer:
 
 async def _send(stream: trio.SocketStream, message: dict[str, Any]) -> None:
     await stream.send_all(protocol.encode(message))
+
+
+async def _refuse(stream: trio.SocketStream, reason: str) -> None:
+    """Send an error, then read and discard what the client still sends for a
+    moment (a lingering close): closing with unread input would make the
+    kernel answer RST, and the client would lose our error line."""
+    await _send(stream, protocol.error(reason))
+    await stream.send_eof()
+    with trio.move_on_after(LINGER):
+        while await stream.receive_some(65536):
+            pass
 
 
 async def _read_line(stream: trio.SocketStream) -> bytes:

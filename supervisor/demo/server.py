@@ -29,7 +29,8 @@ log = structlog.get_logger("supervisor.demo")
 
 FIRST_FD = 3
 MAX_REQUEST = 64 * 1024
-IDLE_TIMEOUT = 30.0
+IDLE_TIMEOUT = 30.0  # a keep-alive connection with no request
+REQUEST_TIMEOUT = 30.0  # from a request's first byte to its end
 DRAIN_TIMEOUT = 25.0
 
 
@@ -113,23 +114,26 @@ class Server:
     async def _next_request(
         self, stream: trio.SocketStream, conn: h11.Connection
     ) -> h11.Request | None:
+        """Read one whole request. While no byte of it has arrived the connection
+        is idle: ``drain`` may close it, and it times out after IDLE_TIMEOUT."""
         request: h11.Request | None = None
-        idle = conn.their_state is h11.IDLE
+        idle = conn.their_state is h11.IDLE and not conn.trailing_data[0]
         with trio.CancelScope() as scope:
+            scope.deadline = trio.current_time() + (IDLE_TIMEOUT if idle else REQUEST_TIMEOUT)
             if idle:
-                scope.deadline = trio.current_time() + IDLE_TIMEOUT
                 self._idle.add(scope)
             try:
                 while True:
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
                         data = await stream.receive_some(65536)
+                        if data and idle:
+                            idle = False
+                            self._idle.discard(scope)
+                            scope.deadline = trio.current_time() + REQUEST_TIMEOUT
                         conn.receive_data(data)
-                        continue
-                    if isinstance(event, h11.Request):
+                    elif isinstance(event, h11.Request):
                         request = event
-                        self._idle.discard(scope)
-                        scope.deadline = float("inf")
                     elif isinstance(event, h11.EndOfMessage):
                         return request
                     elif isinstance(event, h11.ConnectionClosed):

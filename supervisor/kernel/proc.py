@@ -126,12 +126,14 @@ def spawn(
     cwd: Path | None = None,
     credentials: Credentials = Credentials(),
     death_signal: int = signal.SIGKILL,
+    stdout: int | None = None,
 ) -> ChildProcess:
     """Start ``argv`` through the launcher with ``fds`` as 3, 4, ... in the child.
 
     The child gets its own session (a Ctrl-C on the supervisor's terminal
     reaches only the supervisor, which then stops workers in order), stdin
-    from /dev/null, and the supervisor's stdout/stderr.
+    from /dev/null, and the supervisor's stderr and (unless ``stdout`` names
+    another fd) stdout.
 
     Raises:
         OSError: the launcher itself could not be started (fork, fd limits).
@@ -150,6 +152,7 @@ def spawn(
         [sys.executable, "-I", "-S", str(LAUNCHER), json.dumps(spec)],
         env=dict(env),
         stdin=subprocess.DEVNULL,
+        stdout=stdout,
         pass_fds=tuple(fds),
         start_new_session=True,
     )

@@ -1,0 +1,207 @@
+"""Helpers to run a real ``supervisord`` in tests and wait on its log events."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor.ctl import request
+
+DEMO = [sys.executable, "-m", "supervisor.demo"]
+START_TIMEOUT = 30.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def service_toml(
+    name: str,
+    *,
+    port: int,
+    workers: int = 4,
+    command: list[str] | None = None,
+    health: str = 'kind = "notify"',
+    extra: str = "",
+    host: str = "127.0.0.1",
+) -> str:
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"""
+[services.{name}]
+command = {toml_list(command or DEMO)}
+workers = {workers}
+listen = ["{address}"]
+stop_timeout = "10s"
+ready_timeout = "15s"
+{extra}
+
+[services.{name}.health]
+{health}
+"""
+
+
+class Daemon:
+    """A ``supervisord`` child process whose JSON log lines tests can wait on."""
+
+    def __init__(self, config: Path, control: Path) -> None:
+        self.config = config
+        self.control = control
+        self.events: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.daemon", "-c", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            with self._cond:
+                self.raw.append(line)
+                with contextlib.suppress(ValueError):
+                    self.events.append(json.loads(line))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_event(
+        self,
+        event: str,
+        timeout: float = START_TIMEOUT,
+        after: int = 0,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Wait for a log line ``event`` with ``fields`` (index >= ``after``)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for entry in self.events[after:]:
+                    if entry.get("event") == event and all(
+                        entry.get(k) == v for k, v in fields.items()
+                    ):
+                        return entry
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    tail = "\n".join(self.raw[-30:])
+                    raise AssertionError(f"no {event} {fields} in time; log tail:\n{tail}")
+                self._cond.wait(min(left, 0.5))
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.events)
+
+    def status(self) -> dict[str, Any]:
+        for reply in request(self.control, {"command": "status"}, timeout=10.0):
+            if reply["type"] == "result":
+                return dict(reply["status"])
+        raise AssertionError(f"status failed: {reply}")
+
+    def worker_pids(self, service: str = "web") -> list[int]:
+        return [w["pid"] for w in self.status()["services"][service]["workers"]]
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._reader.join(5)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def process_gone(pid: int) -> bool:
+    """True if ``pid`` no longer exists (or is a zombie nobody has reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """For state owned by the kernel or another process, with no event to await."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def established_owned_by(pid: int, port: int) -> int:
+    """Established TCP connections on local ``port`` whose socket ``pid`` holds."""
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"sport = :{port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sum(1 for line in out.splitlines() if f"pid={pid}," in line)
+
+
+def listening_sockets(port: int) -> list[str]:
+    out = subprocess.run(
+        ["ss", "-Htln", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Factory: ``start_daemon(services_toml)`` -> a running, ready ``Daemon``."""
+    started: list[Daemon] = []
+
+    def start(services: str, *, wait_ready: bool = True, supervisor_extra: str = "") -> Daemon:
+        control = tmp_path / f"control-{len(started)}.sock"
+        config = tmp_path / f"supervisor-{len(started)}.toml"
+        config.write_text(
+            f'[supervisor]\ncontrol_socket = "{control}"\nlog_level = "debug"\n'
+            f"{supervisor_extra}\n{services}"
+        )
+        daemon = Daemon(config, control)
+        started.append(daemon)
+        if wait_ready:
+            daemon.wait_event("daemon_ready")
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+
+
+@pytest.fixture
+def python_env() -> dict[str, str]:
+    return dict(os.environ)

@@ -1,0 +1,163 @@
+"""A bounded client load of short-lived HTTP connections, counting every failure.
+
+Each connection: connect, send one request (``Connection: close``), read the
+whole response to EOF, check status and length. A failure is classified by
+cause: reset, refused, timeout, short (fewer bytes than Content-Length or no
+complete head), status (not 200), other. Loops stop at ``max_connections``
+or ``duration`` seconds, whichever comes first, or when ``stop`` is set.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+
+
+@dataclass
+class LoadResult:
+    ok: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    bodies: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures.values())
+
+    def merge(self, other: LoadResult) -> None:
+        self.ok += other.ok
+        self.failures.update(other.failures)
+        self.examples.extend(other.examples[:5])
+        self.bodies.extend(other.bodies)
+
+
+def parse_body(body: bytes) -> dict[str, str]:
+    pairs = (item.partition("=") for item in body.decode().split())
+    return {key: value for key, sep, value in pairs if sep}
+
+
+def one_request(host: str, port: int, timeout: float = 10.0) -> dict[str, str]:
+    """Do one request; return the parsed body. Raises ``LoadFailure`` by cause."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(REQUEST)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    except ConnectionResetError as exc:
+        raise LoadFailure("reset", str(exc)) from exc
+    except ConnectionRefusedError as exc:
+        raise LoadFailure("refused", str(exc)) from exc
+    except TimeoutError as exc:
+        raise LoadFailure("timeout", str(exc)) from exc
+    except OSError as exc:
+        raise LoadFailure("other", repr(exc)) from exc
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        raise LoadFailure("short", f"incomplete head: {data[:80]!r}")
+    lines = head.decode(errors="replace").split("\r\n")
+    if " 200 " not in lines[0] + " ":
+        raise LoadFailure("status", lines[0])
+    length = next(
+        (int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length")),
+        None,
+    )
+    if length is None or len(body) != length:
+        raise LoadFailure("short", f"body {len(body)} bytes, expected {length}")
+    return parse_body(body)
+
+
+class LoadFailure(Exception):
+    def __init__(self, cause: str, detail: str) -> None:
+        super().__init__(f"{cause}: {detail}")
+        self.cause = cause
+
+
+def _loop(  # noqa: PLR0917  (a thread target: positional by nature)
+    host: str,
+    port: int,
+    stop: threading.Event,
+    deadline: float,
+    budget: int,
+    seen: Callable[[dict[str, str]], None],
+) -> LoadResult:
+    result = LoadResult()
+    for _ in range(budget):
+        if stop.is_set() or time.monotonic() > deadline:
+            break
+        try:
+            body = one_request(host, port)
+            result.bodies.append(body)
+            result.ok += 1
+            seen(body)
+        except LoadFailure as exc:
+            result.failures[exc.cause] += 1
+            if len(result.examples) < 5:
+                result.examples.append(str(exc))
+    return result
+
+
+class Load:
+    """Run ``threads`` request loops in the background: ``with Load(...) as load:``."""
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        host: str = "127.0.0.1",
+        threads: int = 4,
+        duration: float = 60.0,
+        max_connections: int = 200_000,
+    ) -> None:
+        self.stop = threading.Event()
+        self.result = LoadResult()
+        deadline = time.monotonic() + duration
+        budget = max_connections // threads
+        self._results: list[LoadResult] = []
+        self._lock = threading.Lock()
+        self._live: set[tuple[str, str]] = set()
+        self._threads = [
+            threading.Thread(
+                target=lambda: self._results.append(
+                    _loop(host, port, self.stop, deadline, budget, self._seen)
+                ),
+                daemon=True,
+            )
+            for _ in range(threads)
+        ]
+
+    def _seen(self, body: dict[str, str]) -> None:
+        with self._lock:
+            self._live.add((body.get("pid", ""), body.get("listener", "")))
+
+    def served_by(self, pid: int) -> bool:
+        """Has a process with this pid answered a request of this load yet?"""
+        with self._lock:
+            return any(p == str(pid) for p, _ in self._live)
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
+
+    def finish(self) -> LoadResult:
+        """Stop the loops and return the merged result (idempotent)."""
+        if self.stop.is_set():
+            return self.result
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        self.result = LoadResult()
+        for part in self._results:
+            self.result.merge(part)
+        self._results.clear()
+        return self.result

@@ -1,0 +1,238 @@
+"""Config loading: the demo config, and every error path with its field path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from supervisor.config import HealthHttp, HealthNone
+from supervisor.errors import ConfigError
+from supervisor.loader import load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+MINIMAL = """
+[services.web]
+command = ["python3", "-m", "supervisor.demo"]
+listen = ["127.0.0.1:8080"]
+"""
+
+
+def issues(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, source="t.toml")
+    return [str(issue) for issue in info.value.issues]
+
+
+def test_demo_config_loads() -> None:
+    config = load_config(ROOT / "config" / "demo.toml", check_host_facts=False)
+    web = config.services["web"]
+    assert web.workers == 4
+    assert [str(a) for a in web.listen] == ["127.0.0.1:8080"]
+    assert web.health.kind == "notify"
+
+
+def test_defaults() -> None:
+    config = parse_config(MINIMAL)
+    web = config.services["web"]
+    assert (web.workers, web.backlog, web.retire, web.stop_signal) == (1, 1024, "auto", "SIGTERM")
+    assert (web.stop_timeout, web.drain_timeout, web.ready_timeout) == (30.0, 30.0, 30.0)
+    assert isinstance(web.health, HealthNone)
+    assert web.health.settle == 0.5
+    assert str(config.supervisor.control_socket) == "/run/supervisor/control.sock"
+    assert config.supervisor.control_socket_mode == 0o600
+    assert (config.supervisor.log_format, config.supervisor.log_level) == ("auto", "info")
+
+
+def test_health_variants_are_discriminated() -> None:
+    text = MINIMAL + '[services.web.health]\nkind = "http"\npath = "/ready"\ntimeout = "2s"\n'
+    health = parse_config(text).services["web"].health
+    assert isinstance(health, HealthHttp)
+    assert (health.path, health.timeout) == ("/ready", 2.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[services.web]\nlisten = ['127.0.0.1:1']\n", "services.web.command: required"),
+        (
+            MINIMAL + "workers = 0\n",
+            "services.web.workers: Input should be greater than or equal to 1",
+        ),
+        (MINIMAL + "workers = 'four'\n", "services.web.workers: Input should be a valid integer"),
+        (MINIMAL + "stop_timeout = '10'\n", "services.web.stop_timeout: invalid duration '10'"),
+        (
+            MINIMAL + "retire = 'yolo'\n",
+            "services.web.retire: Input should be 'auto', 'migrate' or 'drain'",
+        ),
+        (MINIMAL + "colour = 'blue'\n", "services.web.colour: unknown key"),
+        (
+            MINIMAL + "stop_signal = 'SIGKILL'\n",
+            "services.web.stop_signal: 'SIGKILL' is not a signal",
+        ),
+        (
+            MINIMAL + "environment = { LISTEN_FDS = '3' }\n",
+            "services.web.environment: LISTEN_FDS is set by the supervisor",
+        ),
+        (
+            MINIMAL + "environment = { 'A-B' = '1' }\n",
+            "services.web.environment: 'A-B' is not a valid environment",
+        ),
+        (
+            MINIMAL + "command = []\n".replace("command", "preflight"),
+            "services.web.preflight: List should have at least 1 item",
+        ),
+        (
+            MINIMAL + "[services.web.health]\nkind = 'magic'\n",
+            "services.web.health: Input tag 'magic' found using 'kind' does not match",
+        ),
+        (
+            MINIMAL + "[services.web.health]\nkind = 'http'\npath = 'healthz'\n",
+            "services.web.health.path: must be an absolute request path",
+        ),
+        (
+            MINIMAL + "[services.web.health]\nkind = 'exec'\n",
+            "services.web.health.command: required",
+        ),
+        (
+            MINIMAL + "[services.web.socket]\nfastopen = 0\n",
+            "services.web.socket.fastopen: Input should be greater than or equal to 1",
+        ),
+        (
+            "[services.web]\ncommand = ['x']\nlisten = []\n",
+            "services.web.listen: List should have at least 1 item",
+        ),
+        (
+            "[services.web]\ncommand = ['x']\nlisten = ['localhost:80']\n",
+            "services.web.listen.0: 'localhost:80': host must be an IP",
+        ),
+        (
+            "[services.web]\ncommand = ['x']\nlisten = ['127.0.0.1:80', '127.0.0.1:80']\n",
+            "services.web.listen: 127.0.0.1:80 is listed twice",
+        ),
+        (
+            "[services.web]\ncommand = ['']\nlisten = ['127.0.0.1:80']\n",
+            "services.web.command: the program name (first element) is empty",
+        ),
+        ("[supervisor]\n", "services: required"),
+        ("[services]\n", "services: Dictionary should have at least 1 item"),
+        (
+            MINIMAL.replace("services.web", 'services."bad name"'),
+            "services: service name 'bad name'",
+        ),
+        (
+            "[supervisor]\ncontrol_socket_mode = '0999'\n" + MINIMAL,
+            "supervisor.control_socket_mode: '0999' is not an octal file mode",
+        ),
+        ("[supervisor]\nlog_level = 'loud'\n" + MINIMAL, "supervisor.log_level: Input should be"),
+        (
+            "[supervisor]\ncontrol_socket = '/" + "x" * 120 + "'\n" + MINIMAL,
+            "supervisor.control_socket: /xxx",
+        ),
+        ("[services.web\n", "TOML syntax"),
+    ],
+)
+def test_each_error_names_its_field(text: str, expected: str) -> None:
+    found = issues(text)
+    assert any(expected in issue for issue in found), found
+
+
+def test_every_error_is_listed_at_once() -> None:
+    found = issues(MINIMAL + "workers = 0\nbacklog = -1\nretire = 'x'\nfoo = 1\n")
+    fields = sorted(issue.split(":")[0] for issue in found)
+    assert fields == [
+        "services.web.backlog",
+        "services.web.foo",
+        "services.web.retire",
+        "services.web.workers",
+    ]
+
+
+def test_an_address_belongs_to_one_service() -> None:
+    text = MINIMAL + MINIMAL.replace("services.web", "services.api")
+    assert any("127.0.0.1:8080 is already used by services.web" in i for i in issues(text))
+
+
+def test_octal_mode_in_either_spelling() -> None:
+    assert (
+        parse_config(
+            "[supervisor]\ncontrol_socket_mode = '0660'\n" + MINIMAL
+        ).supervisor.control_socket_mode
+        == 0o660
+    )
+    assert (
+        parse_config(
+            "[supervisor]\ncontrol_socket_mode = 0o640\n" + MINIMAL
+        ).supervisor.control_socket_mode
+        == 0o640
+    )
+
+
+def test_relative_paths_resolve_against_the_config_dir(tmp_path: Path) -> None:
+    (tmp_path / "www").mkdir()
+    path = tmp_path / "s.toml"
+    path.write_text(
+        "[supervisor]\ncontrol_socket = 'run/ctl.sock'\n"
+        + MINIMAL.replace("python3", sys.executable)
+        + "working_directory = 'www'\n"
+    )
+    config = load_config(path)
+    assert config.supervisor.control_socket == tmp_path / "run" / "ctl.sock"
+    assert config.services["web"].working_directory == tmp_path / "www"
+
+
+def test_host_checks(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(
+        "[services.web]\ncommand = ['no-such-program-here']\nlisten = ['127.0.0.1:1']\n"
+        "user = 'no-such-user-here'\ngroup = 'no-such-group-here'\n"
+        "working_directory = 'missing'\npreflight = ['./not-executable']\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert "services.web.command: 'no-such-program-here' was not found on PATH" in text
+    assert "services.web.user: no such user 'no-such-user-here'" in text
+    assert "services.web.group: no such group 'no-such-group-here'" in text
+    assert f"services.web.working_directory: {tmp_path / 'missing'} is not a directory" in text
+    assert "services.web.preflight: ./not-executable is not an executable file" in text
+    assert text.startswith(f"{path}: ")
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read: No such file or directory"):
+        load_config(tmp_path / "absent.toml")
+
+
+def run_check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor.daemon", "--check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_check_prints_the_plan(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(
+        MINIMAL.replace("python3", sys.executable).replace("-m", "{worker}/{generation}")
+        + "workers = 2\n"
+    )
+    done = run_check(path)
+    assert done.returncode == 0, done.stderr
+    assert f"{path}: OK" in done.stdout
+    assert "service web: generation 1, 2 worker(s), retire=auto" in done.stdout
+    assert "'0/1'" in done.stdout and "'1/1'" in done.stdout
+    assert "fd 3=127.0.0.1:8080" in done.stdout
+
+
+def test_check_exits_2_with_every_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(MINIMAL + "workers = 0\nstop_timeout = 'soon'\n")
+    done = run_check(path)
+    assert done.returncode == 2
+    assert f"{path}: services.web.workers:" in done.stderr
+    assert f"{path}: services.web.stop_timeout:" in done.stderr

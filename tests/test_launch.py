@@ -1,0 +1,143 @@
+"""The launcher and real child processes: fds, LISTEN_PID, death signal, privileges."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from supervisor.kernel.proc import Credentials, describe_exit, spawn
+from tests.harness import process_gone, wait_until
+
+REPORT = textwrap.dedent(
+    """
+    import json, os, socket, sys
+    fds = sorted(int(f) for f in os.listdir("/proc/self/fd"))
+    kinds = {}
+    for fd in range(3, 3 + int(os.environ["LISTEN_FDS"])):
+        s = socket.socket(fileno=fd)
+        kinds[fd] = s.getsockname()[1]
+        s.detach()
+    print(json.dumps({"pid": os.getpid(), "listen_pid": os.environ["LISTEN_PID"],
+                      "fds": fds, "ports": kinds, "uid": os.getuid(), "gid": os.getgid(),
+                      "groups": os.getgroups(), "cwd": os.getcwd()}), flush=True)
+    """
+)
+
+
+def listener() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+async def run_child(argv: list[str], fds: list[int], **kwargs: Any) -> str:
+    """Spawn through the launcher, wait, return what the child printed."""
+    read, write = os.pipe()
+    env = {**os.environ, "LISTEN_FDS": str(len(fds))}
+    try:
+        proc = spawn(argv, env=env, fds=fds, stdout=write, **kwargs)
+    finally:
+        os.close(write)
+    with trio.fail_after(30):
+        code = await proc.wait()
+    proc.close()
+    with os.fdopen(read) as f:
+        out = f.read()
+    assert code == 0, out
+    return out
+
+
+async def run_report(fds: list[int]) -> dict[str, Any]:
+    return dict(json.loads(await run_child([sys.executable, "-c", REPORT], fds)))
+
+
+async def test_listeners_arrive_at_3_and_up_with_listen_pid() -> None:
+    socks = [listener() for _ in range(3)]
+    ports = [s.getsockname()[1] for s in socks]
+    try:
+        # Hand them over in reverse fd order to exercise the two-pass move.
+        fds = [s.fileno() for s in reversed(socks)]
+        report = await run_report(fds)
+    finally:
+        for s in socks:
+            s.close()
+    assert report["listen_pid"] == str(report["pid"])
+    assert report["ports"] == {"3": ports[2], "4": ports[1], "5": ports[0]}
+    assert report["fds"][:6] == [0, 1, 2, 3, 4, 5]
+    assert len(report["fds"]) == 7, "nothing else leaks in (the 7th is listdir's own fd)"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+async def test_privileges_are_dropped_in_the_child() -> None:
+    sock = listener()
+    try:
+        out = await run_child(
+            ["/bin/sh", "-c", 'echo "$(id -u) $(id -g) [$(id -G)] $(pwd) $LISTEN_PID $$"'],
+            [sock.fileno()],
+            credentials=Credentials(uid=65534, gid=65534, groups=()),
+            cwd=Path("/"),
+        )
+    finally:
+        sock.close()
+    uid, gid, groups, cwd, listen_pid, pid = out.split()
+    assert (uid, gid, groups, cwd) == ("65534", "65534", "[65534]", "/")
+    assert listen_pid == pid
+
+
+async def test_exec_failure_is_exit_127() -> None:
+    proc = spawn(["/nonexistent/program"], env=dict(os.environ), fds=[])
+    with trio.fail_after(30):
+        code = await proc.wait()
+    proc.close()
+    assert code == 127
+    assert describe_exit(code) == "exited with status 127"
+
+
+def test_children_die_with_their_parent() -> None:
+    # A middleman process spawns a sleeper through our launcher and is then
+    # SIGKILLed: the parent-death signal must take the sleeper with it.
+    code = textwrap.dedent(
+        """
+        import os, sys, time
+        from supervisor.kernel.proc import spawn
+        child = spawn(["sleep", "300"], env=dict(os.environ), fds=[])
+        print(child.pid, flush=True)
+        time.sleep(300)
+        """
+    )
+    middle = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert middle.stdout is not None
+        child = int(middle.stdout.readline())
+        # The launcher sets the signal just before exec: wait for `sleep`.
+        wait_until(lambda: _comm(child) == "sleep", 30, "the child to exec sleep")
+        middle.kill()
+        middle.wait(10)
+        wait_until(lambda: process_gone(child), 10, "the orphaned child to die")
+    finally:
+        middle.kill()
+        middle.wait(10)
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def test_describe_exit() -> None:
+    assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
+    assert describe_exit(0) == "exited with status 0"
