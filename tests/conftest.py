@@ -33,6 +33,7 @@ def _enter_private_netns() -> str | None:
     return None
 
 
+HOST_NETNS_INODE = os.stat("/proc/self/ns/net").st_ino
 NETNS_PROBLEM = _enter_private_netns()
 IN_PRIVATE_NETNS = NETNS_PROBLEM is None
 

@@ -1,0 +1,226 @@
+"""Steering: which member of a reuseport group gets each new connection.
+
+The supervisor creates every member of its groups, so it can model the
+kernel's ``socks[]`` listening section exactly (KERNEL.md section 2):
+``listen()`` appends; leaving (``shutdown()``, or the last ``close()``)
+moves the last member into the hole. From that model and each member's
+role it builds a classic BPF program and attaches it after every change:
+
+- ``ACTIVE`` members share new connections by a hash of (source address,
+  source port);
+- ``STANDBY`` members (a candidate generation) get none, except probes
+  pinned to them by their exact (source address, source port);
+- ``RETIRING`` members get none.
+
+A member appended by ``listen()`` is never chosen by the program attached
+before it joined (that program only returns the indices it knew), so a new
+candidate is standby from its first instant.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import itertools
+import socket
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from supervisor.kernel import cbpf
+from supervisor.kernel.cbpf import Insn
+from supervisor.values import ListenAddress
+
+_NET = cbpf.SKF_NET_OFF
+_GOLDEN = 0x9E3779B1  # multiplicative hashing constants (Knuth; murmur3's fmix)
+_MIX = 0x85EBCA6B
+KERNEL_HASH = 0xFFFF  # an index past the end: the kernel picks by its own hash
+
+
+class Role(enum.Enum):
+    ACTIVE = "active"
+    STANDBY = "standby"
+    RETIRING = "retiring"
+
+
+@dataclass(frozen=True)
+class Pin:
+    """Connections from exactly this (source address, source port) go to ``sock``."""
+
+    saddr: int  # the last 32 bits of the source address, as the program loads them
+    sport: int
+    sock: socket.socket
+
+
+def address_word(host: str) -> int:
+    """The 32-bit word the program loads for a source address (its last 4 bytes)."""
+    return int.from_bytes(ipaddress.ip_address(host).packed[-4:], "big")
+
+
+def _prologue(family: socket.AddressFamily) -> list[Insn]:
+    """M[0] = source address word, M[1] = source port."""
+    if family == socket.AF_INET:
+        return [
+            Insn(cbpf.LD_W_ABS, k=_NET + 12),
+            Insn(cbpf.ST, k=0),
+            Insn(cbpf.LDX_B_MSH, k=_NET),  # X = IPv4 header length, options included
+            Insn(cbpf.LD_H_IND, k=_NET),
+            Insn(cbpf.ST, k=1),
+        ]
+    # IPv6: the transport header follows the fixed 40-byte header unless an
+    # extension header intervenes; then use port 0 (only the hash changes).
+    return [
+        Insn(cbpf.LD_W_ABS, k=_NET + 20),
+        Insn(cbpf.ST, k=0),
+        Insn(cbpf.LD_B_ABS, k=_NET + 6),
+        Insn(cbpf.JMP_JEQ_K, jt=2, jf=0, k=socket.IPPROTO_TCP),
+        Insn(cbpf.JMP_JEQ_K, jt=1, jf=0, k=socket.IPPROTO_UDP),
+        Insn(cbpf.JMP_JA, k=2),
+        Insn(cbpf.LD_H_ABS, k=_NET + 40),
+        Insn(cbpf.JMP_JA, k=1),
+        Insn(cbpf.LD_IMM, k=0),
+        Insn(cbpf.ST, k=1),
+    ]
+
+
+def build_program(
+    family: socket.AddressFamily, active: list[int], pins: Iterable[tuple[int, int, int]]
+) -> list[Insn]:
+    """The group's program: pins first, then a hash over ``active`` indices.
+
+    ``pins`` are ``(saddr_word, sport, index)``. With no active index the
+    program returns an index past the end (the kernel's own hash).
+    """
+    program = _prologue(family)
+    for saddr, sport, index in pins:
+        program += [
+            Insn(cbpf.LD_MEM, k=1),
+            Insn(cbpf.JMP_JEQ_K, jt=0, jf=3, k=sport),
+            Insn(cbpf.LD_MEM, k=0),
+            Insn(cbpf.JMP_JEQ_K, jt=0, jf=1, k=saddr),
+            Insn(cbpf.RET_K, k=index),
+        ]
+    if not active:
+        return [*program, Insn(cbpf.RET_K, k=KERNEL_HASH)]
+    program += [
+        Insn(cbpf.LD_MEM, k=1),
+        Insn(cbpf.ALU_MUL_K, k=_GOLDEN),
+        Insn(cbpf.LDX_MEM, k=0),
+        Insn(cbpf.ALU_XOR_X),
+        Insn(cbpf.ALU_MUL_K, k=_MIX),
+        Insn(cbpf.ALU_RSH_K, k=16),
+        Insn(cbpf.ALU_MOD_K, k=len(active)),
+    ]
+    for slot, index in enumerate(active[:-1]):
+        program += [Insn(cbpf.JMP_JEQ_K, jt=0, jf=1, k=slot), Insn(cbpf.RET_K, k=index)]
+    return [*program, Insn(cbpf.RET_K, k=active[-1])]
+
+
+class Group:
+    """The model and program of one reuseport group (one address).
+
+    Every method that changes membership must run right after the kernel
+    operation it models, with no await in between: the model is exact only
+    while changes are serialized, which the single trio thread guarantees.
+    """
+
+    def __init__(self, address: ListenAddress) -> None:
+        self.address = address
+        self._members: list[socket.socket] = []  # the kernel's listening section, in order
+        self._roles: dict[socket.socket, Role] = {}
+        self._pins: dict[int, Pin] = {}
+        self._tokens = itertools.count()
+        self.attaches = 0
+
+    @property
+    def members(self) -> list[socket.socket]:
+        return list(self._members)
+
+    def role(self, sock: socket.socket) -> Role | None:
+        return self._roles.get(sock)
+
+    def index(self, sock: socket.socket) -> int:
+        return self._members.index(sock)
+
+    def join(self, sock: socket.socket, role: Role) -> None:
+        """Record ``sock``, which has just called ``listen()`` (bind for UDP)."""
+        self._members.append(sock)
+        self._roles[sock] = role
+
+    def leave(self, sock: socket.socket) -> None:
+        """Record that ``sock`` left the listening section: the last member moves
+        into its place (``__reuseport_detach_sock``)."""
+        i = self._members.index(sock)
+        self._members[i] = self._members[-1]
+        self._members.pop()
+        del self._roles[sock]
+        self._pins = {t: p for t, p in self._pins.items() if p.sock is not sock}
+
+    def set_role(self, socks: Iterable[socket.socket], role: Role) -> None:
+        for sock in socks:
+            self._roles[sock] = role
+
+    def program(self, exclude: Collection[socket.socket] = ()) -> list[Insn]:
+        active = [
+            i
+            for i, sock in enumerate(self._members)
+            if self._roles[sock] is Role.ACTIVE and sock not in exclude
+        ]
+        pins = [(p.saddr, p.sport, self._members.index(p.sock)) for p in self._pins.values()]
+        return build_program(self.address.family, active, pins)
+
+    def apply(self, exclude: Collection[socket.socket] = ()) -> None:
+        """Attach the program for the current model (through any member).
+
+        Raises OSError if the kernel refuses it.
+        """
+        if self._members:
+            cbpf.attach(self._members[0], self.program(exclude))
+            self.attaches += 1
+
+    def shutdown(self, sock: socket.socket) -> None:
+        """``shutdown(SHUT_RDWR)`` a TCP member: it leaves the group (its queue
+        migrates where migration is on), and its holders' ``accept()`` fails
+        with EINVAL.
+
+        The last member will move into ``sock``'s index: a program excluding
+        both is attached first, so no connection is steered by a stale index
+        while the kernel and the model disagree.
+        """
+        last = self._members[-1]
+        keeps_one = any(
+            self._roles[s] is Role.ACTIVE and s not in (sock, last) for s in self._members
+        )
+        if keeps_one:
+            self.apply(exclude=(sock, last))
+        sock.shutdown(socket.SHUT_RDWR)
+        self.leave(sock)
+        self.apply()
+
+    @contextmanager
+    def pinned(self, sock: socket.socket, host: str, sport: int) -> Iterator[None]:
+        """While inside, connections from (host, sport) go to ``sock``."""
+        token = next(self._tokens)
+        self._pins[token] = Pin(address_word(host), sport, sock)
+        self.apply()
+        try:
+            yield
+        finally:
+            if self._pins.pop(token, None) is not None:
+                self.apply()
+
+
+class Steering:
+    """The groups of one service, by address. Created empty; groups appear as
+    listeners join."""
+
+    def __init__(self) -> None:
+        self._groups: dict[ListenAddress, Group] = {}
+
+    def group(self, address: ListenAddress) -> Group:
+        if address not in self._groups:
+            self._groups[address] = Group(address)
+        return self._groups[address]
+
+    def groups(self) -> list[Group]:
+        return list(self._groups.values())
