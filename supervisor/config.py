@@ -61,6 +61,9 @@ class SupervisorSection(Model):
     control_socket_mode: int = Field(default=0o600, ge=0, le=0o777)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # "enable": switch net.ipv4.tcp_migrate_req on at start when we may. It is
+    # per network namespace: every program in the namespace then migrates.
+    tcp_migrate_req: Literal["keep", "enable"] = "keep"
 
     @field_validator("control_socket")
     @classmethod

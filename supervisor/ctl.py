@@ -94,6 +94,34 @@ def _print_status(reply: dict[str, Any], service: str | None, as_json: bool) -> 
         print("\n".join(render(status)))
 
 
+def describe_report(name: str, report: dict[str, Any]) -> list[str]:
+    """Readable lines for one service's rollout report."""
+    outcome = report.get("outcome")
+    if outcome == "succeeded":
+        counters = ", ".join(f"{k} {v:+d}" for k, v in (report.get("counters") or {}).items())
+        lines = [
+            f"{name}: generation {report['generation']} serving; generation "
+            f"{report['previous']} retired by {report['path']} in {report['duration']:.3f} s",
+            f"  accept queue at cutover: {report['queued_at_cutover']}; "
+            f"still queued at shutdown: {report['left_at_shutdown']}",
+            f"  kernel: {counters}",
+        ]
+        if report.get("drain_timed_out"):
+            lines.append("  drain_timeout reached before the old queues emptied")
+        lines += [f"  {item}" for item in report.get("unmovable") or []]
+        return lines
+    if outcome in ("started", "stopped"):
+        return [f"{name}: {outcome}"]
+    return [f"{name}: {outcome}", *(f"  {r}" for r in report.get("reasons") or [])]
+
+
+def _print_reload(reply: dict[str, Any]) -> None:
+    for name, report in (reply.get("services") or {}).items():
+        print("\n".join(describe_report(name, report)))
+    for note in reply.get("notes") or []:
+        print(f"note: {note}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Carry out one command; return the exit code."""
     path = find_socket(args.socket, args.config)
@@ -109,22 +137,33 @@ def run(args: argparse.Namespace) -> int:
         if kind == "progress" and not as_json:
             print(reply.get("message", ""), flush=True)
         elif kind == "error":
-            if as_json:
-                print(json.dumps(reply, indent=2))
-            else:
-                print(f"error: {reply.get('error')}", file=sys.stderr)
-                for reason in reply.get("reasons", []):
-                    print(f"  {reason}", file=sys.stderr)
+            _print_error(reply, as_json)
             code = EXIT_FAILED
         elif kind == "result":
-            if args.command == "status":
-                _print_status(reply, args.service, as_json)
-            elif as_json:
-                print(json.dumps(reply, indent=2))
-            else:
-                print(reply.get("message", "ok"))
+            _print_result(args, reply, as_json)
             code = EXIT_OK
     return code
+
+
+def _print_error(reply: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(reply, indent=2))
+        return
+    _print_reload(reply)
+    print(f"error: {reply.get('error')}", file=sys.stderr)
+    for reason in reply.get("reasons", []):
+        print(f"  {reason}", file=sys.stderr)
+
+
+def _print_result(args: argparse.Namespace, reply: dict[str, Any], as_json: bool) -> None:
+    if args.command == "status":
+        _print_status(reply, args.service, as_json)
+    elif as_json:
+        print(json.dumps(reply, indent=2))
+    elif args.command == "reload":
+        _print_reload(reply)
+    else:
+        print(reply.get("message", "ok"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -13,20 +13,24 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import structlog
 import trio
 
 from supervisor import __version__, logs
+from supervisor.capabilities import Capabilities, check, detect, prepare
 from supervisor.config import Config
 from supervisor.control import protocol
 from supervisor.control.server import ControlServer, bound_control_socket
 from supervisor.errors import ConfigError, SupervisorError, leaves
+from supervisor.kernel import sysctl
 from supervisor.loader import environment_for_workers, load_config
 from supervisor.plan import describe, plan_config
+from supervisor.reloads import ServiceDirectory, handle_reload
 from supervisor.requests import Reload, Request, Shutdown
-from supervisor.service import Service
+from supervisor.service import Service, ServiceEnv
 from supervisor.spawner import ProcessSpawner, Spawner
 from supervisor.status import DaemonStatus, Status
 
@@ -38,15 +42,67 @@ _SHUTDOWN_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 class Daemon:
     """The running daemon: its services and the channel that drives them."""
 
-    def __init__(self, config: Config, config_path: Path, spawner: Spawner) -> None:
+    def __init__(
+        self, config: Config, config_path: Path, spawner: Spawner, caps: Capabilities
+    ) -> None:
         self.config = config
         self.config_path = config_path
+        self._caps = caps
+        self._env = ServiceEnv(spawner, self.load_checked, self.capabilities)
         self.services = {
-            name: Service(name, service, spawner) for name, service in config.services.items()
+            name: Service(name, service, self._env) for name, service in config.services.items()
         }
         self._send, self._receive = trio.open_memory_channel[Request](128)
         self._started_at = trio.current_time()
         self._ready = False  # every service's first generation is serving
+        self._services_nursery: trio.Nursery | None = None
+
+    def capabilities(self) -> Capabilities:
+        """Cached detection, with the migration sysctl re-read (someone may set it)."""
+        self._caps = replace(self._caps, migrate_req=sysctl.migrate_req())
+        return self._caps
+
+    def load_checked(self) -> Config:
+        """The config file, validated against the schema, this host and this kernel.
+
+        Raises:
+            ConfigError: listing every issue.
+        """
+        config = load_config(self.config_path)
+        issues = list(check(config, self.capabilities()))
+        if issues:
+            raise ConfigError(str(self.config_path), issues)
+        return config
+
+    def directory(self) -> ServiceDirectory:
+        return ServiceDirectory(
+            services=self.services,
+            load=self.load_checked,
+            current=lambda: self.config,
+            start=self._start_service,
+            stop=self._stop_service,
+        )
+
+    async def _start_service(self, name: str, config: Config) -> None:
+        assert self._services_nursery is not None
+        service = Service(name, config.services[name], self._env)
+        await self._services_nursery.start(self._run_service, service)
+
+    async def _run_service(
+        self, service: Service, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run one service; it is listed from its start until it has stopped."""
+        self.services[service.name] = service
+        try:
+            await service.run(task_status=task_status)
+        finally:
+            if self.services.get(service.name) is service:
+                del self.services[service.name]
+
+    async def _stop_service(self, name: str) -> None:
+        service = self.services[name]
+        service.request_stop()
+        await service.stopped.wait()
 
     def status(self) -> Status:
         return Status(
@@ -108,6 +164,7 @@ class Daemon:
     ) -> Shutdown | None:
         shutdown: Shutdown | None = None
         async with trio.open_nursery() as services:
+            self._services_nursery = services
             with startup:
                 await self._start_all(services)
             if startup.cancelled_caught:
@@ -115,30 +172,26 @@ class Daemon:
             else:
                 self._ready = True
                 log.info("daemon_ready", services=list(self.services))
-                shutdown = await self._request_loop()
+                shutdown = await self._request_loop(root)
             root.start_soon(self._escalate, services.cancel_scope)
-            for service in self.services.values():
+            for service in list(self.services.values()):
                 service.request_stop()
         return shutdown
 
     async def _start_all(self, nursery: trio.Nursery) -> None:
         async with trio.open_nursery() as starter:
-            for service in self.services.values():
-                starter.start_soon(nursery.start, service.run)
+            for service in list(self.services.values()):
+                starter.start_soon(nursery.start, self._run_service, service)
 
-    async def _request_loop(self) -> Shutdown:
+    async def _request_loop(self, root: trio.Nursery) -> Shutdown:
+        """Take requests one at a time. A reload runs as its own task (services
+        serialize their rollouts), so the loop stays free to take the next."""
         async for request in self._receive:
             if isinstance(request, Shutdown):
                 log.info("shutdown_requested", source=request.source)
                 return request
-            await self._reload(request)
+            root.start_soon(handle_reload, self.directory(), request)
         raise AssertionError("the request channel never closes while the daemon runs")
-
-    async def _reload(self, request: Reload) -> None:
-        log.warning("reload_unavailable", source=request.source)
-        if request.reply is not None:
-            async with request.reply:
-                await request.reply.send(protocol.error("reload is not available in this version"))
 
     async def _forward_signals(self, startup: trio.CancelScope) -> None:
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -180,6 +233,23 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _check(path: Path, config: Config) -> None:
+    """``--check``: every issue (exit 2), or the plan and the retirement paths (exit 0)."""
+    caps = detect()
+    if config.supervisor.tcp_migrate_req == "enable" and os.access(sysctl.MIGRATE_REQ, os.W_OK):
+        caps = replace(caps, migrate_req=1)  # what the daemon would switch on at start
+    issues = list(check(config, caps))
+    if issues:
+        print(ConfigError(str(path), issues), file=sys.stderr)
+        sys.exit(2)
+    print(f"{path}: OK")
+    print("\n".join(describe(plan_config(config))))
+    for name, service in config.services.items():
+        path_taken = caps.retire_path(service.retire)
+        print(f"service {name}: reloads retire by {path_taken} ({caps.describe()})")
+    sys.exit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``supervisord``. Exit 0 on a clean stop, 1 on failure, 2 on bad config."""
     args = _parse_args(argv)
@@ -189,21 +259,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(exc, file=sys.stderr)
         sys.exit(2)
     if args.check:
-        print(f"{args.config}: OK")
-        print("\n".join(describe(plan_config(config))))
-        sys.exit(0)
+        _check(args.config, config)
     logs.configure(config.supervisor.log_format, config.supervisor.log_level)
+    caps = prepare(config.supervisor.tcp_migrate_req)
+    issues = list(check(config, caps))
+    if issues:
+        print(ConfigError(str(args.config), issues), file=sys.stderr)
+        sys.exit(2)
     spawner = ProcessSpawner(environment_for_workers(os.environ))
     try:
-        trio.run(_run, config, args.config.resolve(), spawner)
+        trio.run(_run, config, args.config.resolve(), spawner, caps)
     except SupervisorError as exc:
         print(f"supervisord: {exc}", file=sys.stderr)
         sys.exit(1)
     sys.exit(0)
 
 
-async def _run(config: Config, config_path: Path, spawner: Spawner) -> None:
-    await Daemon(config, config_path, spawner).run()
+async def _run(config: Config, config_path: Path, spawner: Spawner, caps: Capabilities) -> None:
+    await Daemon(config, config_path, spawner, caps).run()
 
 
 if __name__ == "__main__":

@@ -1,31 +1,37 @@
 """A generation: one immutable plan of a service, its listeners and its workers.
 
 ``run_generation`` owns everything of a generation for its whole life: it
-creates the listeners (one per worker per address), starts every worker
-slot in parallel, reports readiness through ``task_status.started`` once
-every worker passed its health check, and on the way out stops the workers
-and closes the listeners, whatever happened.
+creates the listeners (one per worker per address) and enters them into
+their reuseport groups with a role (the first generation ``ACTIVE``, a
+candidate ``STANDBY``), starts every worker slot in parallel, reports
+readiness through ``task_status.started`` once every worker passed its
+health check, and on the way out stops the workers and takes its
+listeners out of their groups, whatever happened.
 """
 
 from __future__ import annotations
 
 import enum
 import socket
-from contextlib import ExitStack
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 import trio
 
 from supervisor.errors import ListenerError, RolloutAborted, SupervisorError, leaves
+from supervisor.health import pinned_connector
 from supervisor.kernel.sockets import ListenerOptions, accept_queue, open_listener, socket_cookie
 from supervisor.lifecycle import Watched, WorkerState
 from supervisor.plan import ServicePlan
 from supervisor.spawner import Spawner
 from supervisor.status import ListenerStatus, WorkerStatus
+from supervisor.steering import Group, Role, Steering
+from supervisor.values import ListenAddress
 from supervisor.worker import SlotSettings, WorkerSlot
 
 log = structlog.get_logger("supervisor.generation")
+WorkerReady = Callable[[int, int], None]  # (workers ready so far, workers in all)
 
 
 class GenerationState(enum.Enum):
@@ -40,22 +46,40 @@ class Listener:
     """One listener of one worker: the supervisor's own socket for it."""
 
     worker: int
-    address_index: int
+    address: ListenAddress
     sock: socket.socket
     cookie: int
+    group: Group
+
+    @property
+    def tcp(self) -> bool:
+        return self.address.proto == "tcp"
+
+    @property
+    def in_group(self) -> bool:
+        return self.group.role(self.sock) is not None
+
+    def queued(self) -> int:
+        """Connections waiting in this listener's accept queue (0 once shut down)."""
+        if not self.tcp or self.sock.fileno() < 0:
+            return 0
+        depth = accept_queue(self.sock)
+        return depth.queued if depth.listening else 0
 
     def status(self) -> ListenerStatus:
         queued = limit = None
-        if self.sock.fileno() >= 0 and self.sock.type == socket.SOCK_STREAM:
+        if self.tcp and self.sock.fileno() >= 0:
             depth = accept_queue(self.sock)
-            queued, limit = (depth.queued, depth.limit) if depth.listening else (None, None)
-        address = str(_address_of(self))
-        return ListenerStatus(address=address, cookie=self.cookie, queued=queued, backlog=limit)
-
-
-def _address_of(listener: Listener) -> str:
-    host, port = listener.sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if depth.listening:
+                queued, limit = depth.queued, depth.limit
+        role = self.group.role(self.sock)
+        return ListenerStatus(
+            address=str(self.address),
+            cookie=self.cookie,
+            role=None if role is None else role.value,
+            queued=queued,
+            backlog=limit,
+        )
 
 
 def listener_options(plan: ServicePlan) -> ListenerOptions:
@@ -86,9 +110,12 @@ class Generation:
         self._stop_requested.set()
 
     async def stop(self) -> None:
-        """Stop the workers and close the listeners; return once all is done."""
+        """Stop the workers and release the listeners; return once all is done."""
         self.request_stop()
         await self.state.wait_for(lambda s: s is GenerationState.STOPPED)
+
+    def pids(self) -> list[int]:
+        return [slot.pid for slot in self.slots if slot.pid is not None]
 
     def worker_status(self) -> list[WorkerStatus]:
         out = []
@@ -111,25 +138,66 @@ class Generation:
 _NO_PROCESS = frozenset({WorkerState.BACKOFF, WorkerState.EXITED, WorkerState.FATAL})
 
 
-def open_listeners(plan: ServicePlan, stack: ExitStack) -> list[Listener]:
-    """Create every listener of ``plan``; each is closed by ``stack``.
+def open_listeners(plan: ServicePlan, steering: Steering, role: Role) -> list[Listener]:
+    """Create every listener of ``plan`` and enter it into its group as ``role``.
 
-    Raises:
-        ListenerError: the first address that cannot be bound (all opened ones close).
+    Runs without awaiting, so the groups' models follow each ``listen()``
+    exactly. Raises ListenerError (after releasing what was opened).
     """
     options = listener_options(plan)
-    listeners = []
-    for worker in plan.workers:
-        for index, address in enumerate(worker.listen):
-            sock = stack.enter_context(open_listener(address, options))
-            listeners.append(Listener(worker.index, index, sock, socket_cookie(sock)))
+    listeners: list[Listener] = []
+    try:
+        for worker in plan.workers:
+            for address in worker.listen:
+                sock = open_listener(address, options)
+                group = steering.group(address)
+                group.join(sock, role)
+                listeners.append(Listener(worker.index, address, sock, socket_cookie(sock), group))
+        for group in {id(lst.group): lst.group for lst in listeners}.values():
+            group.apply()
+    except BaseException:
+        release_listeners(listeners)
+        raise
     return listeners
 
 
+def release_listeners(listeners: list[Listener]) -> None:
+    """Take listeners out of their groups and close them.
+
+    TCP members are shut down (the kernel unhashes them even if a worker's
+    child still holds a copy), last index first, so that leaving moves no
+    other member. UDP members leave when our close drops the last reference,
+    which holds once their workers are reaped.
+    """
+    members = [lst for lst in listeners if lst.in_group]
+    members.sort(key=lambda lst: lst.group.index(lst.sock), reverse=True)
+    for lst in members:
+        try:
+            if lst.tcp:
+                lst.group.shutdown(lst.sock)
+            else:
+                lst.group.leave(lst.sock)
+                lst.group.apply()
+        except OSError as exc:
+            log.error("listener_release_failed", address=str(lst.address), error=str(exc))
+    for lst in listeners:
+        lst.sock.close()
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Everything ``run_generation`` needs to bring a plan to life."""
+
+    plan: ServicePlan
+    settings: SlotSettings
+    spawner: Spawner
+    steering: Steering
+    role: Role  # how its listeners enter their groups
+    on_ready: WorkerReady | None = None
+
+
 async def run_generation(
-    plan: ServicePlan,
-    settings: SlotSettings,
-    spawner: Spawner,
+    spec: GenerationSpec,
     *,
     task_status: trio.TaskStatus[Generation] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -139,36 +207,44 @@ async def run_generation(
 
     Raises:
         RolloutAborted: listeners could not be opened, or a worker failed to
-            start; everything opened so far is closed and reaped first.
+            start; everything opened so far is released and reaped first.
     """
+    plan, settings, spawner, role = spec.plan, spec.settings, spec.spawner, spec.role
     structlog.contextvars.bind_contextvars(service=plan.name, generation=plan.generation)
-    with ExitStack() as stack:
-        try:
-            listeners = open_listeners(plan, stack)
-        except ListenerError as exc:
-            raise RolloutAborted(plan.name, [str(exc)]) from exc
-        slots = [
-            WorkerSlot(
-                worker,
-                [lst.sock.fileno() for lst in listeners if lst.worker == worker.index],
-                settings,
-                spawner,
-            )
-            for worker in plan.workers
-        ]
-        generation = Generation(plan, listeners, slots)
-        try:
-            await _serve(generation, task_status)
-        finally:
-            generation.state.set(GenerationState.STOPPED)
+    try:
+        listeners = open_listeners(plan, spec.steering, role)
+    except ListenerError as exc:
+        raise RolloutAborted(plan.name, [str(exc)]) from exc
+    slots = []
+    for worker in plan.workers:
+        mine = [lst for lst in listeners if lst.worker == worker.index]
+        first_tcp = next((lst for lst in mine if lst.tcp), None)
+        connect = None if first_tcp is None else pinned_connector(first_tcp.group, first_tcp.sock)
+        fds = [lst.sock.fileno() for lst in mine]
+        slots.append(WorkerSlot(worker, fds, settings, spawner, connect))
+    generation = Generation(plan, listeners, slots)
+    log.info(
+        "generation_listening",
+        role=role.value,
+        listeners=[{"worker": lst.worker, "cookie": lst.cookie} for lst in listeners],
+    )
+    try:
+        await _serve(generation, task_status, spec.on_ready)
+    finally:
+        release_listeners(listeners)
+        generation.state.set(GenerationState.STOPPED)
     log.info("generation_stopped")
 
 
-async def _serve(generation: Generation, task_status: trio.TaskStatus[Generation]) -> None:
+async def _serve(
+    generation: Generation,
+    task_status: trio.TaskStatus[Generation],
+    on_ready: WorkerReady | None,
+) -> None:
     slots = generation.slots
     try:
         async with trio.open_nursery() as nursery:
-            await _start_all(generation, nursery)
+            await _start_all(generation, nursery, on_ready)
             generation.state.set(GenerationState.SERVING)
             log.info("generation_serving", workers=len(slots))
             task_status.started(generation)
@@ -182,12 +258,24 @@ async def _serve(generation: Generation, task_status: trio.TaskStatus[Generation
         raise leaves(group)[0] from None
 
 
-async def _start_all(generation: Generation, nursery: trio.Nursery) -> None:
+async def _start_all(
+    generation: Generation, nursery: trio.Nursery, on_ready: WorkerReady | None
+) -> None:
     """Start every slot in parallel; raise one ``RolloutAborted`` naming each failure."""
+    total = len(generation.slots)
+    ready = 0
+
+    async def start(slot: WorkerSlot) -> None:
+        nonlocal ready
+        await nursery.start(slot.run)
+        ready += 1
+        if on_ready is not None:
+            on_ready(ready, total)
+
     try:
         async with trio.open_nursery() as starter:
             for slot in generation.slots:
-                starter.start_soon(nursery.start, slot.run)
+                starter.start_soon(start, slot)
     except* SupervisorError as group:
         reasons = [str(exc) for exc in leaves(group)]
         raise RolloutAborted(generation.plan.name, reasons) from None

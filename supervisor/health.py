@@ -8,6 +8,7 @@ who gives up (``ready_timeout``) can say why. The caller bounds the time.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,20 +18,29 @@ import trio
 from supervisor.config import Health, HealthExec, HealthHttp, HealthNone, HealthTcp
 from supervisor.kernel.notify import NotifyMessage
 from supervisor.plan import substitute
+from supervisor.steering import Group
 from supervisor.values import ListenAddress
 
 _MAX_OUTPUT = 2000
 
 
+Connector = Callable[[], Awaitable[trio.SocketStream]]
+
+
 @dataclass(frozen=True)
 class ProbeTarget:
-    """What a probe looks at: the worker's identity and its first listen address."""
+    """What a probe looks at: the worker's identity and its first TCP listener.
+
+    ``connect`` opens a connection that reaches this worker's own listener
+    (pinned by steering), not just any member of the reuseport group.
+    """
 
     label: str
     worker: int
     generation: int
     pid: int
     address: ListenAddress | None
+    connect: Connector | None = None
     notifications: Callable[[], Awaitable[NotifyMessage]] | None = None
 
 
@@ -107,13 +117,13 @@ class TcpProbe(Probe):
         self.interval = check.interval
 
     async def _connect(self) -> trio.SocketStream | None:
-        if self.target.address is None:
+        if self.target.address is None or self.target.connect is None:
             self.last_error = "the service has no TCP listen address"
             return None
         host, port = connect_address(self.target.address)
         try:
             with trio.fail_after(self.timeout):
-                return await trio.open_tcp_stream(host, port)
+                return await self.target.connect()
         except (OSError, trio.TooSlowError) as exc:
             self.last_error = f"connect {host}:{port}: {exc or 'timed out'}"
             return None
@@ -203,6 +213,29 @@ class ExecProbe(Probe):
         output = result.stdout.decode(errors="replace")[-_MAX_OUTPUT:].strip()
         self.last_error = f"{self.argv} exited with status {result.returncode}: {output}"
         return False
+
+
+def pinned_connector(group: Group, sock: socket.socket) -> Connector:
+    """Connections to ``sock``'s address that the group steers to ``sock`` itself.
+
+    The probe binds its source port first, pins (source address, port) to
+    ``sock`` in the group's program, connects, and unpins: the check then
+    proves the very listener that will take traffic, even while it is standby.
+    """
+    host, port = connect_address(group.address)
+
+    async def connect() -> trio.SocketStream:
+        client = trio.socket.socket(group.address.family, socket.SOCK_STREAM)
+        try:
+            await client.bind((host, 0))
+            with group.pinned(sock, host, client.getsockname()[1]):
+                await client.connect((host, port))
+        except BaseException:
+            client.close()
+            raise
+        return trio.SocketStream(client)
+
+    return connect
 
 
 def make_probe(check: Health, target: ProbeTarget) -> Probe:

@@ -1,24 +1,29 @@
-"""A service: its generations over time, and the requests that change them.
+"""A service: its generations over time, and the rollouts that replace them.
 
-The service owns a nursery in which its generations live. The daemon asks
-it to start, to stop, and (later) to roll out a new generation; it answers
-with immutable snapshots.
+The service owns a nursery in which its generations live. One rollout runs
+at a time; requests that arrive meanwhile coalesce into one follow-up
+rollout, which reads the config file afresh and answers all of them.
 """
 
 from __future__ import annotations
 
 import enum
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 import trio
 
-from supervisor.config import ServiceConfig
-from supervisor.generation import Generation, GenerationState, run_generation
+from supervisor.capabilities import Capabilities
+from supervisor.config import Config, ServiceConfig
+from supervisor.generation import Generation, GenerationSpec, GenerationState, run_generation
 from supervisor.lifecycle import WorkerState
 from supervisor.plan import plan_service
+from supervisor.rollout import RolloutContext, RolloutReport, Ticket, run_rollout
 from supervisor.spawner import Spawner
 from supervisor.status import ServiceStatus
+from supervisor.steering import Role, Steering
 from supervisor.worker import SlotSettings
 
 log = structlog.get_logger("supervisor.service")
@@ -27,10 +32,19 @@ log = structlog.get_logger("supervisor.service")
 class ServiceState(enum.Enum):
     STARTING = "STARTING"
     RUNNING = "RUNNING"  # every worker of the current generation RUNNING
+    RELOADING = "RELOADING"  # a rollout is under way; the current generation serves
     DEGRADED = "DEGRADED"  # some worker respawning or FATAL
     FATAL = "FATAL"  # every worker FATAL
     STOPPING = "STOPPING"
     STOPPED = "STOPPED"
+
+
+def _workers_state(states: set[WorkerState]) -> ServiceState:
+    if states == {WorkerState.RUNNING}:
+        return ServiceState.RUNNING
+    if states == {WorkerState.FATAL}:
+        return ServiceState.FATAL
+    return ServiceState.DEGRADED
 
 
 def slot_settings(config: ServiceConfig) -> SlotSettings:
@@ -42,64 +56,155 @@ def slot_settings(config: ServiceConfig) -> SlotSettings:
     )
 
 
+@dataclass(frozen=True)
+class ServiceEnv:
+    """What the daemon gives each service."""
+
+    spawner: Spawner
+    load_config: Callable[[], Config]
+    capabilities: Callable[[], Capabilities]
+
+
 class Service:
     """One configured service; ``run`` owns its generations."""
 
-    def __init__(self, name: str, config: ServiceConfig, spawner: Spawner) -> None:
+    def __init__(self, name: str, config: ServiceConfig, env: ServiceEnv) -> None:
         self.name = name
         self.config = config
-        self._spawner = spawner
+        self._env = env
         self.current: Generation | None = None
+        self.steering = Steering()
+        self.last_generation = 0
+        self.last_rollout: RolloutReport | None = None
+        self._rolling_out = False
+        self._queue: list[Ticket] = []
+        self._wake = trio.Event()
         self._stop_requested = trio.Event()
         self._stopped = False
+        self.stopped = trio.Event()
 
     def request_stop(self) -> None:
         self._stop_requested.set()
 
+    def request_rollout(self, reason: str | None = None) -> Ticket:
+        """Queue a rollout; it shares the next one to start (never overlaps one)."""
+        ticket = Ticket(reason)
+        if self._stop_requested.is_set():
+            ticket.finish(self._refused("the service is stopping"))
+            return ticket
+        self._queue.append(ticket)
+        self._wake.set()
+        return ticket
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start generation 1; ``started()`` once it serves; stop it on request.
+        """Start generation 1; ``started()`` once it serves; roll out on request;
+        stop every generation on ``request_stop``.
 
         Raises:
             RolloutAborted: the first generation could not start.
         """
         structlog.contextvars.bind_contextvars(service=self.name)
         async with trio.open_nursery() as nursery:
+            self.last_generation = 1
             plan = plan_service(self.name, self.config, 1)
             log.info("generation_starting", generation=1, workers=len(plan.workers))
-            self.current = await nursery.start(
-                run_generation, plan, slot_settings(self.config), self._spawner
+            spec = GenerationSpec(
+                plan, slot_settings(self.config), self._env.spawner, self.steering, Role.ACTIVE
             )
+            self.current = await nursery.start(run_generation, spec)
             task_status.started()
-            await self._stop_requested.wait()
-            log.info("service_stopping")
+            async with trio.open_nursery() as rollouts:
+                rollouts.start_soon(self._rollout_loop, nursery)
+                await self._stop_requested.wait()
+                log.info("service_stopping")
+                rollouts.cancel_scope.cancel()
+            # A rollout cut short may leave a candidate: stop every generation.
+            nursery.cancel_scope.deadline = trio.current_time() + self.config.stop_timeout + 5
             await self.current.stop()
+            nursery.cancel_scope.cancel()
+        for ticket in self._queue:
+            ticket.finish(self._refused("the service stopped"))
         self._stopped = True
+        self.stopped.set()
         log.info("service_stopped")
 
+    async def _rollout_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            tickets, self._queue = self._queue, []
+            if tickets:
+                await self._rollout(nursery, tickets)
+
+    async def _rollout(self, nursery: trio.Nursery, tickets: list[Ticket]) -> None:
+        assert self.current is not None
+        reasons = sorted({t.reason for t in tickets if t.reason})
+        self.last_generation += 1
+        context = RolloutContext(
+            name=self.name,
+            nursery=nursery,
+            steering=self.steering,
+            spawner=self._env.spawner,
+            current=self.current,
+            generation=self.last_generation,
+            load_config=self._env.load_config,
+            capabilities=self._env.capabilities,
+            settings=slot_settings,
+        )
+
+        def say(message: str) -> None:
+            log.info("rollout_progress", message=message)
+            for ticket in tickets:
+                ticket.say(f"{self.name}: {message}")
+
+        log.info("rollout_started", callers=len(tickets), reasons=reasons)
+        self._rolling_out = True
+        try:
+            result = await run_rollout(context, say)
+        except BaseException:
+            for ticket in tickets:
+                ticket.finish(self._refused("the rollout was cut short: the daemon is stopping"))
+            raise
+        finally:
+            self._rolling_out = False
+        report = result.report
+        report.reason = "; ".join(reasons) or None
+        if report.generation is None:
+            self.last_generation -= 1  # rejected before a candidate existed: no number used
+        if result.generation is not None and result.config is not None:
+            self.current, self.config = result.generation, result.config
+        self.last_rollout = report
+        log.info("rollout_finished", **report.to_dict())
+        for ticket in tickets:
+            ticket.finish(report)
+
+    def _refused(self, why: str) -> RolloutReport:
+        current = None if self.current is None else self.current.number
+        return RolloutReport(self.name, "cancelled", None, current, reasons=[why])
+
     def state(self) -> ServiceState:
+        current = self.current
         if self._stopped:
             return ServiceState.STOPPED
-        if self.current is None:
+        if current is None:
             return ServiceState.STARTING
-        if self._stop_requested.is_set() or self.current.state.value in (
-            GenerationState.STOPPING,
-            GenerationState.STOPPED,
-        ):
+        stopping = current.state.value in (GenerationState.STOPPING, GenerationState.STOPPED)
+        if self._stop_requested.is_set() or stopping:
             return ServiceState.STOPPING
-        states = {slot.state.value for slot in self.current.slots}
-        if states == {WorkerState.RUNNING}:
-            return ServiceState.RUNNING
-        if states == {WorkerState.FATAL}:
-            return ServiceState.FATAL
-        return ServiceState.DEGRADED
+        if self._rolling_out:
+            return ServiceState.RELOADING
+        return _workers_state({slot.state.value for slot in current.slots})
 
     def snapshot(self) -> ServiceStatus:
         current = self.current
+        caps = self._env.capabilities()
+        last = self.last_rollout
         return ServiceStatus(
             name=self.name,
             generation=0 if current is None else current.number,
             state=self.state().value,
-            retire=self.config.retire,
-            steering="none",
+            retire=caps.retire_path(self.config.retire),
+            steering="cbpf",
             workers=[] if current is None else current.worker_status(),
+            last_rollout=None if last is None else last.to_dict(),
         )

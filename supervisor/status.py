@@ -5,6 +5,8 @@ The control plane reads these; it never reaches into live objects.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -15,6 +17,7 @@ class Snapshot(BaseModel):
 class ListenerStatus(Snapshot):
     address: str
     cookie: int  # SO_COOKIE: the kernel's id of the supervisor's socket
+    role: str | None  # steering role: active, standby, retiring; None once out of its group
     queued: int | None  # accept-queue length (TCP_INFO), None for UDP or not listening
     backlog: int | None
 
@@ -33,9 +36,10 @@ class ServiceStatus(Snapshot):
     name: str
     generation: int
     state: str
-    retire: str
+    retire: str  # the path a rollout takes now: migrate or drain
     steering: str
     workers: list[WorkerStatus]
+    last_rollout: dict[str, Any] | None = None
 
 
 class DaemonStatus(Snapshot):

@@ -22,7 +22,7 @@ import trio
 
 from supervisor.config import Health
 from supervisor.errors import HealthCheckFailed, SpawnError, SupervisorError, WorkerFatal
-from supervisor.health import ProbeTarget, make_probe
+from supervisor.health import Connector, ProbeTarget, make_probe
 from supervisor.kernel.notify import NotifyReceiver
 from supervisor.kernel.proc import describe_exit
 from supervisor.lifecycle import RestartPolicy, Watched, WorkerState, check_transition
@@ -63,9 +63,11 @@ class WorkerSlot:
         fds: Sequence[int],
         settings: SlotSettings,
         spawner: Spawner,
+        connect: Connector | None = None,
     ) -> None:
         self.plan = plan
         self.fds = tuple(fds)
+        self._connect = connect
         self.settings = settings
         self._spawner = spawner
         self.state: Watched[WorkerState] = Watched(WorkerState.STARTING)
@@ -179,6 +181,7 @@ class WorkerSlot:
             generation=self.plan.generation,
             pid=proc.pid,
             address=_first_tcp(self.plan.listen),
+            connect=self._connect,
             notifications=None if self._notify is None else self._notify.receive,
         )
         probe = make_probe(self.settings.health, target)

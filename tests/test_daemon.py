@@ -96,9 +96,10 @@ def test_killed_worker_respawns_on_same_listener_and_serves_its_queue(
     assert after["pid"] == spawned["pid"] != victim
     assert after["restarts"] == 1
     assert after["listeners"][0]["cookie"] == cookie, "respawned on the same listener"
-    # Only the victim's own accepted connections may fail; nothing queued may.
-    assert set(result.failures) <= {"reset"}, (result.failures, result.examples)
-    assert result.failures["reset"] <= in_flight, (result.failures, in_flight)
+    # Only the victim's own accepted connections may fail (RST, or FIN when it
+    # had already read the request); nothing queued may.
+    assert set(result.failures) <= {"reset", "short"}, (result.failures, result.examples)
+    assert result.failed <= in_flight, (result.failures, in_flight)
     assert result.ok > 50
     queued_then_served = [b for b in result.bodies if b.get("pid") == str(spawned["pid"])]
     assert queued_then_served

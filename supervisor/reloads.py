@@ -1,0 +1,137 @@
+"""Daemon-level reload: one request (control socket or SIGHUP) to service rollouts.
+
+The whole file is loaded and validated first: a bad file changes nothing.
+Then each targeted service gets a rollout ticket (services coalesce
+concurrent requests on their own), services new in the file are started
+and services gone from it are stopped (reload of all services only), and
+every service's progress is streamed to the caller as it happens, ending
+in one result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import trio
+
+from supervisor.config import Config
+from supervisor.control import protocol
+from supervisor.errors import ConfigError, SupervisorError
+from supervisor.requests import Reload, Reply
+from supervisor.rollout import Ticket
+from supervisor.service import Service
+
+log = structlog.get_logger("supervisor.reloads")
+
+
+@dataclass(frozen=True)
+class ServiceDirectory:
+    """How a reload reaches the daemon's services."""
+
+    services: Mapping[str, Service]
+    load: Callable[[], Config]  # the whole file, validated against host and kernel
+    current: Callable[[], Config]
+    start: Callable[[str, Config], Awaitable[None]]  # raises SupervisorError
+    stop: Callable[[str], Awaitable[None]]
+
+
+async def handle_reload(directory: ServiceDirectory, request: Reload) -> None:
+    """Carry out ``request``; answer on its reply channel (if any) and close it."""
+    reply = request.reply
+    log.info(
+        "reload_requested", source=request.source, target=request.service, reason=request.reason
+    )
+    try:
+        answer = await _reload(directory, request, reply)
+    except BaseException:
+        if reply is not None:
+            reply.close()
+        raise
+    level = "info" if answer.get("ok") else "error"
+    log.log({"info": 20, "error": 40}[level], "reload_answered", **_summary(answer))
+    if reply is not None:
+        async with reply:
+            await reply.send(answer)
+
+
+async def _reload(
+    directory: ServiceDirectory, request: Reload, reply: Reply | None
+) -> dict[str, Any]:
+    async def say(message: str) -> None:
+        if reply is not None:
+            await reply.send(protocol.progress(message))
+
+    try:
+        config = directory.load()
+    except ConfigError as exc:
+        return protocol.error("config rejected", [str(i) for i in exc.issues], services={})
+    if request.service is not None and request.service not in directory.services:
+        return protocol.error(f"no service named {request.service!r}", services={})
+    notes = []
+    if config.supervisor != directory.current().supervisor:
+        notes.append("changes to [supervisor] take effect at the next start")
+    results: dict[str, dict[str, Any]] = {}
+    if request.service is None:
+        await _add_and_remove(directory, config, results, say)
+        names = [n for n in config.services if n in directory.services and n not in results]
+    else:
+        names = [request.service]
+    tickets = {name: directory.services[name].request_rollout(request.reason) for name in names}
+    async with trio.open_nursery() as nursery:
+        for ticket in tickets.values():
+            nursery.start_soon(_forward, ticket, reply)
+    for name, ticket in tickets.items():
+        assert ticket.report is not None
+        results[name] = ticket.report.to_dict()
+    failed = [f"{name}: {_why(r)}" for name, r in results.items() if not r["ok"]]
+    if failed:
+        return protocol.error("reload failed", failed, services=results, notes=notes)
+    return protocol.result(message="reload succeeded", services=results, notes=notes)
+
+
+async def _add_and_remove(
+    directory: ServiceDirectory,
+    config: Config,
+    results: dict[str, dict[str, Any]],
+    say: Callable[[str], Awaitable[None]],
+) -> None:
+    for name in [n for n in config.services if n not in directory.services]:
+        await say(f"{name}: new service: starting generation 1")
+        try:
+            await directory.start(name, config)
+        except SupervisorError as exc:
+            results[name] = {"ok": False, "outcome": "rolled_back", "reasons": [str(exc)]}
+        else:
+            results[name] = {"ok": True, "outcome": "started", "generation": 1}
+    for name in [n for n in directory.services if n not in config.services]:
+        await say(f"{name}: removed from the config: stopping")
+        await directory.stop(name)
+        results[name] = {"ok": True, "outcome": "stopped"}
+
+
+async def _forward(ticket: Ticket, reply: Reply | None) -> None:
+    async with ticket.messages:
+        async for message in ticket.messages:
+            if reply is not None:
+                await reply.send(protocol.progress(message))
+    await ticket.done.wait()
+
+
+def _why(report: Mapping[str, Any]) -> str:
+    reasons = "; ".join(report.get("reasons") or []) or "no reason given"
+    return f"{report.get('outcome')}: {reasons}"
+
+
+def _summary(answer: Mapping[str, Any]) -> dict[str, Any]:
+    services = answer.get("services") or {}
+    return {
+        "ok": answer.get("ok"),
+        "services": {
+            name: {k: r.get(k) for k in ("outcome", "generation", "path", "duration")}
+            for name, r in services.items()
+        },
+        "reasons": answer.get("reasons", []),
+    }
