@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -12,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +59,26 @@ ready_timeout = "15s"
 """
 
 
+@dataclass
+class Reloaded:
+    answer: dict[str, Any]
+    progress: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.answer.get("ok"))
+
+    def report(self, service: str = "web") -> dict[str, Any]:
+        return dict(self.answer["services"][service])
+
+
 class Daemon:
     """A ``supervisord`` child process whose JSON log lines tests can wait on."""
 
-    def __init__(self, config: Path, control: Path) -> None:
+    def __init__(self, config: Path, control: Path, header: str = "") -> None:
         self.config = config
         self.control = control
+        self.header = header
         self.events: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._cond = threading.Condition()
@@ -120,6 +134,33 @@ class Daemon:
             if reply["type"] == "result":
                 return dict(reply["status"])
         raise AssertionError(f"status failed: {reply}")
+
+    def rewrite(self, services: str) -> None:
+        """Replace the services of the config file (the [supervisor] part stays)."""
+        self.config.write_text(self.header + services)
+
+    def reload(self, service: str | None = None, reason: str | None = None) -> Reloaded:
+        """``supervisorctl reload`` in-process: the progress lines and the final answer."""
+        message: dict[str, Any] = {"command": "reload", "service": service}
+        if reason:
+            message["reason"] = reason
+        progress = []
+        for reply in request(self.control, message, timeout=120.0):
+            if reply["type"] == "progress":
+                progress.append(reply["message"])
+            else:
+                return Reloaded(reply, progress)
+        raise AssertionError("no final answer")
+
+    def cookies_by_generation(self) -> dict[int, set[int]]:
+        """Listener cookies of every generation, from the daemon's log."""
+        out: dict[int, set[int]] = {}
+        with self._cond:
+            for entry in self.events:
+                if entry.get("event") == "generation_listening":
+                    cookies = {lst["cookie"] for lst in entry["listeners"]}
+                    out.setdefault(entry["generation"], set()).update(cookies)
+        return out
 
     def worker_pids(self, service: str = "web") -> list[int]:
         return [w["pid"] for w in self.status()["services"][service]["workers"]]
@@ -187,11 +228,11 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     def start(services: str, *, wait_ready: bool = True, supervisor_extra: str = "") -> Daemon:
         control = tmp_path / f"control-{len(started)}.sock"
         config = tmp_path / f"supervisor-{len(started)}.toml"
-        config.write_text(
-            f'[supervisor]\ncontrol_socket = "{control}"\nlog_level = "debug"\n'
-            f"{supervisor_extra}\n{services}"
+        header = (
+            f'[supervisor]\ncontrol_socket = "{control}"\nlog_level = "debug"\n{supervisor_extra}\n'
         )
-        daemon = Daemon(config, control)
+        config.write_text(header + services)
+        daemon = Daemon(config, control, header)
         started.append(daemon)
         if wait_ready:
             daemon.wait_event("daemon_ready")
@@ -203,5 +244,13 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 
 
 @pytest.fixture
-def python_env() -> dict[str, str]:
-    return dict(os.environ)
+def migrate_req() -> Iterator[Callable[[int], None]]:
+    """Set net.ipv4.tcp_migrate_req in the test namespace; restored afterwards."""
+    path = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+    original = path.read_text()
+
+    def set_value(value: int) -> None:
+        path.write_text(f"{value}\n")
+
+    yield set_value
+    path.write_text(original)

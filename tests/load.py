@@ -161,3 +161,52 @@ class Load:
             self.result.merge(part)
         self._results.clear()
         return self.result
+
+
+def _connect_loop(host: str, port: int, stop: threading.Event, deadline: float) -> LoadResult:
+    """The seeds' tcp_sink_client: connect, close; a reset or refusal is a failure."""
+    result = LoadResult()
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=10):
+                result.ok += 1
+        except ConnectionResetError:
+            result.failures["reset"] += 1
+        except ConnectionRefusedError:
+            result.failures["refused"] += 1
+        except OSError as exc:
+            result.failures["other"] += 1
+            if len(result.examples) < 5:
+                result.examples.append(repr(exc))
+    return result
+
+
+class ConnectLoad:
+    """Background connect-only loops: ``with ConnectLoad(port) as load: ...``."""
+
+    def __init__(self, port: int, *, threads: int = 4, duration: float = 60.0) -> None:
+        self.stop = threading.Event()
+        deadline = time.monotonic() + duration
+        self._results: list[LoadResult] = []
+        self.result = LoadResult()
+        self._threads = [
+            threading.Thread(
+                target=lambda: self._results.append(
+                    _connect_loop("127.0.0.1", port, self.stop, deadline)
+                ),
+                daemon=True,
+            )
+            for _ in range(threads)
+        ]
+
+    def __enter__(self) -> ConnectLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        for part in self._results:
+            self.result.merge(part)

@@ -68,10 +68,14 @@ def inherited_sockets() -> list[socket.socket]:
 
 
 class Server:
-    def __init__(self, identity: Identity) -> None:
+    def __init__(self, identity: Identity, concurrency: int = 0, work: float = 0.0) -> None:
         self.identity = identity
         self.draining = False
         self._idle: set[trio.CancelScope] = set()
+        # Like a sync worker: with a limit, the next accept() waits for a free
+        # slot, so connections queue in the kernel under load.
+        self._slots = trio.CapacityLimiter(concurrency) if concurrency > 0 else None
+        self._work = work
 
     def drain(self) -> None:
         """Stop taking new requests: close idle connections now, busy ones after."""
@@ -83,9 +87,14 @@ class Server:
         cookie = socket_cookie(sock)
         listener = trio.socket.from_stdlib_socket(sock)
         while True:
+            token = object()  # the limiter's borrower: one per connection
+            if self._slots is not None:
+                await self._slots.acquire_on_behalf_of(token)
             try:
                 conn, _ = await listener.accept()
             except OSError as exc:
+                if self._slots is not None:
+                    self._slots.release_on_behalf_of(token)
                 if exc.errno == errno.EINVAL:
                     log.info("listener_retired", listener=cookie)
                     return
@@ -94,7 +103,14 @@ class Server:
                     await trio.sleep(0.05)
                     continue
                 raise
-            handlers.start_soon(self.serve_connection, trio.SocketStream(conn), cookie)
+            handlers.start_soon(self._serve_slot, trio.SocketStream(conn), cookie, token)
+
+    async def _serve_slot(self, stream: trio.SocketStream, cookie: int, owner: object) -> None:
+        try:
+            await self.serve_connection(stream, cookie)
+        finally:
+            if self._slots is not None:
+                self._slots.release_on_behalf_of(owner)
 
     async def serve_connection(self, stream: trio.SocketStream, cookie: int) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
@@ -154,6 +170,8 @@ class Server:
             status, body = 200, "ok\n"
         else:
             status, body = 404, "not found\n"
+        if self._work:
+            await trio.sleep(self._work)
         payload = body.encode()
         headers = [
             ("Content-Type", "text/plain; charset=utf-8"),
@@ -176,7 +194,7 @@ class Server:
             await udp.sendto(data.split(b"\n", 1)[0] + b" " + answer, peer)
 
 
-async def serve(delay: float = 0.0) -> None:
+async def serve(delay: float = 0.0, concurrency: int = 0, work: float = 0.0) -> None:
     """Serve the inherited listeners until SIGTERM/SIGINT; then drain and return."""
     socks = inherited_sockets()
     identity = Identity(
@@ -188,7 +206,7 @@ async def serve(delay: float = 0.0) -> None:
     structlog.contextvars.bind_contextvars(
         service=identity.service, generation=identity.generation, worker=identity.worker
     )
-    server = Server(identity)
+    server = Server(identity, concurrency, work)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         if delay:
             await trio.sleep(delay)
