@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/demo.toml
 
-.PHONY: run test lint typecheck unit bench bench-quick clean
+.PHONY: run test lint typecheck bench bench-quick bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ typecheck: $(VENV)/.installed-test
 
 test: lint typecheck
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest
+
+# Benchmarks: as root, in a private network namespace; wrk from Debian.
+bench-deps: $(VENV)/.installed-run
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+
+bench: bench-deps
+	$(BIN)/python bench/reload_bench.py --seconds 30
+
+bench-quick: bench-deps
+	$(BIN)/python bench/reload_bench.py --seconds 8 --out bench/RESULTS-quick.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info
