@@ -40,6 +40,16 @@ def web(port: int, workers: int = 4, **kwargs: object) -> str:
     return service_toml("web", port=port, workers=workers, command=SYNC_DEMO, **kwargs)  # type: ignore[arg-type]
 
 
+@pytest.fixture
+def migrating(
+    start_daemon: Callable[..., Daemon], migrate_req: Callable[[int], None]
+) -> tuple[Daemon, int]:
+    """A daemon with 4 sync-style demo workers, migration on: (daemon, port)."""
+    migrate_req(1)
+    port = free_port()
+    return start_daemon(web(port)), port
+
+
 def check_answers(daemon: Daemon, result: LoadResult) -> None:
     """Every connection was answered by the generation whose listener accepted it."""
     cookies = daemon.cookies_by_generation()
@@ -65,12 +75,8 @@ def reload_many(daemon: Daemon, count: int, path: str) -> list[dict[str, object]
     return reports
 
 
-def test_twenty_reloads_by_migration_lose_nothing(
-    start_daemon: Callable[..., Daemon], migrate_req: Callable[[int], None]
-) -> None:
-    migrate_req(1)
-    port = free_port()
-    daemon = start_daemon(web(port))
+def test_twenty_reloads_by_migration_lose_nothing(migrating: tuple[Daemon, int]) -> None:
+    daemon, port = migrating
     with Load(port, threads=CLIENTS, duration=240) as load:
         reports = reload_many(daemon, RELOADS, "migrate")
     result = load.result
@@ -151,12 +157,8 @@ async def test_negative_control_a_naive_restart_loses_connections(
     assert set(load.result.failures) <= {"reset", "short", "refused"}, load.result.failures
 
 
-def test_rollbacks_keep_the_old_generation_serving(
-    start_daemon: Callable[..., Daemon], migrate_req: Callable[[int], None], tmp_path: object
-) -> None:
-    migrate_req(1)
-    port = free_port()
-    daemon = start_daemon(web(port))
+def test_rollbacks_keep_the_old_generation_serving(migrating: tuple[Daemon, int]) -> None:
+    daemon, port = migrating
     pids = daemon.worker_pids()
     with Load(port, threads=CLIENTS, duration=240) as load:
         # 1. the new command exits at once
@@ -205,11 +207,9 @@ def test_rollbacks_keep_the_old_generation_serving(
 
 
 def test_a_candidate_failing_its_gate_never_gets_a_connection(
-    start_daemon: Callable[..., Daemon], migrate_req: Callable[[int], None]
+    migrating: tuple[Daemon, int],
 ) -> None:
-    migrate_req(1)
-    port = free_port()
-    daemon = start_daemon(web(port))
+    daemon, port = migrating
     # Candidates that never accept: any connection steered to them would sit
     # in their accept queue, which the status of their listeners would show.
     daemon.rewrite(
@@ -245,12 +245,8 @@ def _queued_on(port: int, cookies: set[int]) -> list[int]:
     return found
 
 
-def test_concurrent_requests_coalesce(
-    start_daemon: Callable[..., Daemon], migrate_req: Callable[[int], None]
-) -> None:
-    migrate_req(1)
-    port = free_port()
-    daemon = start_daemon(web(port))
+def test_concurrent_requests_coalesce(migrating: tuple[Daemon, int]) -> None:
+    daemon, _port = migrating
     mark = daemon.mark()
     answers: list[object] = []
     threads = [threading.Thread(target=lambda: answers.append(daemon.reload())) for _ in range(6)]
