@@ -1,0 +1,148 @@
+"""The ``bpf()`` syscall through ctypes: maps and program load, no compiler.
+
+Layouts of ``union bpf_attr`` are from include/uapi/linux/bpf.h (KERNEL.md
+section 4). Every map and program is an fd owned by one ``BpfObject``;
+``close()`` releases it (a program attached to a reuseport group stays
+attached: the group holds its own reference).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import struct
+
+from supervisor.errors import KernelFeatureMissing
+
+_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+_ATTR_SIZE = 144  # sizeof(union bpf_attr) on 6.x; the unused tail must be zero
+
+MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, PROG_LOAD = 0, 1, 2, 3, 5
+MAP_TYPE_HASH, MAP_TYPE_ARRAY, MAP_TYPE_REUSEPORT_SOCKARRAY = 1, 2, 20
+PROG_TYPE_SK_REUSEPORT = 21
+SK_REUSEPORT_SELECT, SK_REUSEPORT_SELECT_OR_MIGRATE = 39, 40
+ANY = 0
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class BpfError(OSError):
+    """A bpf() call failed; ``log`` holds the verifier's words for a program load."""
+
+    def __init__(self, err: int, what: str, log: str = "") -> None:
+        super().__init__(err, f"bpf {what}: {os.strerror(err)}")
+        self.log = log
+
+
+def _call(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
+    result = int(_libc.syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.c_uint(_ATTR_SIZE)))
+    if result < 0:
+        err = ctypes.get_errno()
+        if err in (errno.EPERM, errno.EACCES):
+            raise KernelFeatureMissing("eBPF", f"{what} needs CAP_BPF ({os.strerror(err)})")
+        raise BpfError(err, what)
+    return result
+
+
+class BpfObject:
+    """An fd of the bpf subsystem, closed by ``close()`` (idempotent)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> BpfObject:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Map(BpfObject):
+    """A BPF map with fixed-size keys and values (bytes)."""
+
+    def __init__(
+        self, map_type: int, key_size: int, value_size: int, entries: int, name: str
+    ) -> None:
+        attr = ctypes.create_string_buffer(_ATTR_SIZE)
+        struct.pack_into("<IIIII", attr, 0, map_type, key_size, value_size, entries, 0)
+        struct.pack_into("16s", attr, 28, name.encode()[:15])
+        super().__init__(_call(MAP_CREATE, attr, f"map create {name}"))
+        self.key_size, self.value_size, self.entries = key_size, value_size, entries
+
+    def _elem(
+        self, key: bytes, value: ctypes.Array[ctypes.c_char] | None, flags: int
+    ) -> tuple[ctypes.Array[ctypes.c_char], ctypes.Array[ctypes.c_char]]:
+        if len(key) != self.key_size:
+            raise ValueError(f"key of {len(key)} bytes, map wants {self.key_size}")
+        kbuf = ctypes.create_string_buffer(key, len(key))
+        attr = ctypes.create_string_buffer(_ATTR_SIZE)
+        vaddr = 0 if value is None else ctypes.addressof(value)
+        struct.pack_into("<IxxxxQQQ", attr, 0, self.fd, ctypes.addressof(kbuf), vaddr, flags)
+        return attr, kbuf
+
+    def update(self, key: bytes, value: bytes, flags: int = ANY) -> None:
+        vbuf = ctypes.create_string_buffer(value, len(value))
+        attr, _keep = self._elem(key, vbuf, flags)
+        _call(MAP_UPDATE_ELEM, attr, "map update")
+
+    def lookup(self, key: bytes) -> bytes | None:
+        """The value, or None where there is none (ENOENT)."""
+        vbuf = ctypes.create_string_buffer(self.value_size)
+        attr, _keep = self._elem(key, vbuf, 0)
+        try:
+            _call(MAP_LOOKUP_ELEM, attr, "map lookup")
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+        return vbuf.raw
+
+    def delete(self, key: bytes) -> bool:
+        """Delete ``key``; False if it was not there."""
+        attr, _keep = self._elem(key, None, 0)
+        try:
+            _call(MAP_DELETE_ELEM, attr, "map delete")
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+
+class Program(BpfObject):
+    """A loaded program; raises BpfError with the verifier log if it is refused."""
+
+    def __init__(self, insns: bytes, prog_type: int, expected_attach_type: int, name: str) -> None:
+        code = ctypes.create_string_buffer(insns, len(insns))
+        license_ = ctypes.create_string_buffer(b"GPL")
+        log = ctypes.create_string_buffer(1 << 18)
+        attr = ctypes.create_string_buffer(_ATTR_SIZE)
+        struct.pack_into(
+            "<IIQQIIQII",
+            attr,
+            0,
+            prog_type,
+            len(insns) // 8,
+            ctypes.addressof(code),
+            ctypes.addressof(license_),
+            1,
+            len(log),
+            ctypes.addressof(log),
+            0,
+            0,
+        )
+        struct.pack_into("16s", attr, 48, name.encode()[:15])
+        struct.pack_into("<II", attr, 64, 0, expected_attach_type)
+        try:
+            fd = _call(PROG_LOAD, attr, f"program load {name}")
+        except BpfError as exc:
+            raise BpfError(exc.errno or 0, f"program load {name}", log.value.decode()) from exc
+        super().__init__(fd)
