@@ -14,10 +14,11 @@ from typing import Literal
 
 import structlog
 
-from supervisor.config import Config
+from supervisor import steering_ebpf
+from supervisor.config import Config, SupervisorSection
 from supervisor.errors import ConfigIssue
 from supervisor.kernel import cbpf, sysctl
-from supervisor.steering import build_program
+from supervisor.steering import Backend, build_program
 
 log = structlog.get_logger("supervisor.capabilities")
 RetirePath = Literal["migrate", "drain"]
@@ -27,10 +28,18 @@ RetirePath = Literal["migrate", "drain"]
 class Capabilities:
     migrate_req: int | None  # net.ipv4.tcp_migrate_req here; None: kernel < 5.14
     cbpf: bool  # SO_ATTACH_REUSEPORT_CBPF works
+    ebpf: bool = False  # an SK_REUSEPORT SELECT_OR_MIGRATE program loads (CAP_BPF)
+    wanted: Literal["auto", "ebpf", "cbpf"] = "auto"
+
+    @property
+    def steering(self) -> Backend:
+        """The backend in use: eBPF when allowed and available, else classic BPF."""
+        return "ebpf" if self.ebpf and self.wanted != "cbpf" else "cbpf"
 
     @property
     def can_migrate(self) -> bool:
-        return self.migrate_req == 1
+        # A SELECT_OR_MIGRATE program migrates whatever the sysctl says.
+        return self.steering == "ebpf" or self.migrate_req == 1
 
     def retire_path(self, retire: str) -> RetirePath:
         """The path a service configured with ``retire`` will take."""
@@ -39,7 +48,12 @@ class Capabilities:
         return "migrate"
 
     def describe(self) -> dict[str, object]:
-        return {"tcp_migrate_req": self.migrate_req, "cbpf": self.cbpf}
+        return {
+            "steering": self.steering,
+            "ebpf": self.ebpf,
+            "cbpf": self.cbpf,
+            "tcp_migrate_req": self.migrate_req,
+        }
 
 
 def _cbpf_works() -> bool:
@@ -56,35 +70,43 @@ def _cbpf_works() -> bool:
     return True
 
 
-def detect() -> Capabilities:
-    return Capabilities(migrate_req=sysctl.migrate_req(), cbpf=_cbpf_works())
+def detect(wanted: Literal["auto", "ebpf", "cbpf"] = "auto") -> Capabilities:
+    ebpf = wanted != "cbpf" and steering_ebpf.available()
+    return Capabilities(sysctl.migrate_req(), _cbpf_works(), ebpf, wanted)
 
 
-def prepare(policy: Literal["keep", "enable"]) -> Capabilities:
-    """Detect, and with ``policy="enable"`` switch the migration sysctl on first."""
+def prepare(config: SupervisorSection) -> Capabilities:
+    """Detect, and with ``tcp_migrate_req = "enable"`` switch the sysctl on first."""
+    policy = config.tcp_migrate_req
     if policy == "enable" and sysctl.migrate_req() == 0:
         try:
             sysctl.set_migrate_req(1)
             log.info("tcp_migrate_req_enabled")
         except OSError as exc:
             log.warning("tcp_migrate_req_not_enabled", error=str(exc))
-    caps = detect()
+    caps = detect(config.steering)
     log.info("capabilities", **caps.describe())
     return caps
 
 
 def check(config: Config, caps: Capabilities) -> Iterable[ConfigIssue]:
     """What ``config`` asks that ``caps`` cannot honour."""
-    if not caps.cbpf:
+    if not caps.cbpf and caps.steering == "cbpf":
         yield ConfigIssue(
             "", "this kernel refuses SO_ATTACH_REUSEPORT_CBPF (Linux 4.5+): cannot steer"
+        )
+    if config.supervisor.steering == "ebpf" and not caps.ebpf:
+        yield ConfigIssue(
+            "supervisor.steering",
+            "ebpf needs CAP_BPF and a kernel with SK_REUSEPORT programs (5.14+ for "
+            'migration); use "auto" or "cbpf"',
         )
     for name, service in config.services.items():
         if service.retire == "migrate" and not caps.can_migrate:
             state = "missing (kernel < 5.14)" if caps.migrate_req is None else caps.migrate_req
             yield ConfigIssue(
                 f"services.{name}.retire",
-                "migrate needs net.ipv4.tcp_migrate_req=1 in the supervisor's network "
-                f"namespace (it is {state}); set it, or [supervisor] "
+                "migrate needs eBPF steering (CAP_BPF) or net.ipv4.tcp_migrate_req=1 in "
+                f"the supervisor's network namespace (it is {state}); set it, or [supervisor] "
                 'tcp_migrate_req = "enable", or use retire = "auto" or "drain"',
             )

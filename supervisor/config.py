@@ -64,6 +64,8 @@ class SupervisorSection(Model):
     # "enable": switch net.ipv4.tcp_migrate_req on at start when we may. It is
     # per network namespace: every program in the namespace then migrates.
     tcp_migrate_req: Literal["keep", "enable"] = "keep"
+    # "auto": eBPF where it can be loaded (CAP_BPF), else classic BPF.
+    steering: Literal["auto", "ebpf", "cbpf"] = "auto"
 
     @field_validator("control_socket")
     @classmethod

@@ -235,7 +235,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _check(path: Path, config: Config) -> None:
     """``--check``: every issue (exit 2), or the plan and the retirement paths (exit 0)."""
-    caps = detect()
+    caps = detect(config.supervisor.steering)
     if config.supervisor.tcp_migrate_req == "enable" and os.access(sysctl.MIGRATE_REQ, os.W_OK):
         caps = replace(caps, migrate_req=1)  # what the daemon would switch on at start
     issues = list(check(config, caps))
@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.check:
         _check(args.config, config)
     logs.configure(config.supervisor.log_format, config.supervisor.log_level)
-    caps = prepare(config.supervisor.tcp_migrate_req)
+    caps = prepare(config.supervisor)
     issues = list(check(config, caps))
     if issues:
         print(ConfigError(str(args.config), issues), file=sys.stderr)

@@ -26,7 +26,7 @@ from supervisor.lifecycle import Watched, WorkerState
 from supervisor.plan import ServicePlan
 from supervisor.spawner import Spawner
 from supervisor.status import ListenerStatus, WorkerStatus
-from supervisor.steering import Group, Role, Steering
+from supervisor.steering import Role, Steering, SteeringGroup
 from supervisor.values import ListenAddress
 from supervisor.worker import SlotSettings, WorkerSlot
 
@@ -49,7 +49,7 @@ class Listener:
     address: ListenAddress
     sock: socket.socket
     cookie: int
-    group: Group
+    group: SteeringGroup
 
     @property
     def tcp(self) -> bool:

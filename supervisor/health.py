@@ -18,7 +18,7 @@ import trio
 from supervisor.config import Health, HealthExec, HealthHttp, HealthNone, HealthTcp
 from supervisor.kernel.notify import NotifyMessage
 from supervisor.plan import substitute
-from supervisor.steering import Group
+from supervisor.steering import SteeringGroup
 from supervisor.values import ListenAddress
 
 _MAX_OUTPUT = 2000
@@ -215,7 +215,7 @@ class ExecProbe(Probe):
         return False
 
 
-def pinned_connector(group: Group, sock: socket.socket) -> Connector:
+def pinned_connector(group: SteeringGroup, sock: socket.socket) -> Connector:
     """Connections to ``sock``'s address that the group steers to ``sock`` itself.
 
     The probe binds its source port first, pins (source address, port) to

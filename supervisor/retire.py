@@ -22,7 +22,7 @@ import trio
 
 from supervisor.capabilities import RetirePath
 from supervisor.generation import Generation, Listener
-from supervisor.steering import Group, Role
+from supervisor.steering import Role, SteeringGroup
 
 log = structlog.get_logger("supervisor.retire")
 
@@ -45,7 +45,7 @@ class Retirement:
 
 def promote(candidate: Generation, old: Generation) -> None:
     """Steer every new connection to ``candidate``; ``old`` gets none from now on."""
-    groups: dict[int, Group] = {}
+    groups: dict[int, SteeringGroup] = {}
     for lst in old.listeners:
         if lst.in_group:
             lst.group.set_role([lst.sock], Role.RETIRING)

@@ -73,7 +73,7 @@ class Service:
         self.config = config
         self._env = env
         self.current: Generation | None = None
-        self.steering = Steering()
+        self.steering = Steering(env.capabilities().steering)
         self.last_generation = 0
         self.last_rollout: RolloutReport | None = None
         self._rolling_out = False
@@ -104,6 +104,17 @@ class Service:
             RolloutAborted: the first generation could not start.
         """
         structlog.contextvars.bind_contextvars(service=self.name)
+        try:
+            await self._run(task_status)
+        finally:
+            self.steering.close()
+        for ticket in self._queue:
+            ticket.finish(self._refused("the service stopped"))
+        self._stopped = True
+        self.stopped.set()
+        log.info("service_stopped")
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             self.last_generation = 1
             plan = plan_service(self.name, self.config, 1)
@@ -122,11 +133,6 @@ class Service:
             nursery.cancel_scope.deadline = trio.current_time() + self.config.stop_timeout + 5
             await self.current.stop()
             nursery.cancel_scope.cancel()
-        for ticket in self._queue:
-            ticket.finish(self._refused("the service stopped"))
-        self._stopped = True
-        self.stopped.set()
-        log.info("service_stopped")
 
     async def _rollout_loop(self, nursery: trio.Nursery) -> None:
         while True:
@@ -204,7 +210,7 @@ class Service:
             generation=0 if current is None else current.number,
             state=self.state().value,
             retire=caps.retire_path(self.config.retire),
-            steering="cbpf",
+            steering=self.steering.backend,
             workers=[] if current is None else current.worker_status(),
             last_rollout=None if last is None else last.to_dict(),
         )

@@ -24,8 +24,9 @@ import ipaddress
 import itertools
 import socket
 from collections.abc import Collection, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
 from supervisor.kernel import cbpf
 from supervisor.kernel.cbpf import Insn
@@ -132,6 +133,9 @@ class Group:
         self._tokens = itertools.count()
         self.attaches = 0
 
+    def close(self) -> None:
+        """Nothing to release: the kernel group holds the program."""
+
     @property
     def members(self) -> list[socket.socket]:
         return list(self._members)
@@ -210,17 +214,61 @@ class Group:
                 self.apply()
 
 
+Backend = Literal["ebpf", "cbpf"]
+
+
+class SteeringGroup(Protocol):
+    """What generations and retirement need of a group's steering, either flavour."""
+
+    address: ListenAddress
+    attaches: int
+
+    @property
+    def members(self) -> list[socket.socket]: ...
+
+    def role(self, sock: socket.socket) -> Role | None: ...
+
+    def index(self, sock: socket.socket) -> int: ...
+
+    def join(self, sock: socket.socket, role: Role) -> None: ...
+
+    def leave(self, sock: socket.socket) -> None: ...
+
+    def set_role(self, socks: Iterable[socket.socket], role: Role) -> None: ...
+
+    def apply(self, exclude: Collection[socket.socket] = ()) -> None: ...
+
+    def shutdown(self, sock: socket.socket) -> None: ...
+
+    def pinned(
+        self, sock: socket.socket, host: str, sport: int
+    ) -> AbstractContextManager[None]: ...
+
+    def close(self) -> None: ...
+
+
 class Steering:
-    """The groups of one service, by address. Created empty; groups appear as
-    listeners join."""
+    """The groups of one service, by address, all of one backend. Groups appear
+    as listeners join; ``close()`` releases what the backend holds."""
 
-    def __init__(self) -> None:
-        self._groups: dict[ListenAddress, Group] = {}
+    def __init__(self, backend: Backend = "cbpf") -> None:
+        self.backend = backend
+        self._groups: dict[ListenAddress, SteeringGroup] = {}
 
-    def group(self, address: ListenAddress) -> Group:
+    def group(self, address: ListenAddress) -> SteeringGroup:
         if address not in self._groups:
-            self._groups[address] = Group(address)
+            if self.backend == "ebpf":
+                from supervisor.steering_ebpf import EbpfGroup  # noqa: PLC0415  (a cycle)
+
+                self._groups[address] = EbpfGroup(address)
+            else:
+                self._groups[address] = Group(address)
         return self._groups[address]
 
-    def groups(self) -> list[Group]:
+    def groups(self) -> list[SteeringGroup]:
         return list(self._groups.values())
+
+    def close(self) -> None:
+        for group in self._groups.values():
+            group.close()
+        self._groups.clear()

@@ -24,6 +24,9 @@ from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+import structlog
+
+from supervisor.errors import KernelFeatureMissing
 from supervisor.kernel import bpf
 from supervisor.kernel.ebpf_asm import (
     MAP_LOOKUP_ELEM,
@@ -40,15 +43,20 @@ from supervisor.kernel.ebpf_asm import (
     SK_SELECT_REUSEPORT,
     Asm,
 )
+from supervisor.kernel.sockets import socket_cookie
 from supervisor.steering import Role
 from supervisor.values import ListenAddress
 
+log = structlog.get_logger("supervisor.steering")
 ObjT = TypeVar("ObjT", bound=bpf.BpfObject)
 SO_ATTACH_REUSEPORT_EBPF = 52
 SLOTS = 1024  # members of one group at once (two generations of up to 512 workers)
 BANK = SLOTS + 1  # one bank: [n, slot_0 .. slot_{n-1}]
-NO_TARGET_SYN = 2 * SLOTS  # counter: a SYN the program left to the kernel's hash
-NO_TARGET_MIGRATION = 2 * SLOTS + 1  # counter: a migration refused (no active slot)
+# Counters: per slot [3*slot + kind], kind 0 = client SYNs, 1 = migrations in,
+# 2 = pinned probe SYNs; then two for the whole group.
+PER_SLOT = 3
+NO_TARGET_SYN = PER_SLOT * SLOTS  # a SYN the program left to the kernel's hash
+NO_TARGET_MIGRATION = PER_SLOT * SLOTS + 1  # a migration refused (no active slot)
 _SK_DROP, _SK_PASS = 0, 1
 # struct sk_reuseport_md offsets
 _MD_DATA, _MD_DATA_END, _MD_HASH, _MD_MIGRATING_SK = 0, 8, 32, 48
@@ -82,7 +90,7 @@ def _count(a: Asm, counters_fd: int, key_reg: int, done: str) -> None:
 def build_program(socks_fd: int, table_fd: int, pins_fd: int, counters_fd: int) -> bytes:
     a = Asm()
     a.mov_reg(R6, R1)  # r6 = ctx
-    a.mov_imm(R8, 0)  # r8 = 1 when migrating (a scalar: pointer math is not allowed)
+    a.mov_imm(R8, 0)  # r8: 0 a SYN, 1 a migration, 2 a pinned SYN (a scalar, unlike the pointer)
     a.ldxdw(R1, R6, _MD_MIGRATING_SK)
     a.jeq_imm(R1, 0, "syn")
     a.mov_imm(R8, 1)
@@ -104,6 +112,7 @@ def _pinned_port(a: Asm, pins_fd: int) -> None:
     a.ldxh(R7, R2, 0)  # the transport header starts with the source port
     _lookup(a, pins_fd, R7, -4, "select")
     a.ldxw(R7, R0, 0)
+    a.mov_imm(R8, 2)
     a.ja("chosen")
 
 
@@ -137,12 +146,12 @@ def _select_and_count(a: Asm, socks_fd: int, counters_fd: int) -> None:
     a.mov_imm(R4, 0)
     a.call(SK_SELECT_REUSEPORT)
     a.jne_imm(R0, 0, "fallback")
-    a.add_reg(R7, R7)
-    a.add_reg(R7, R8)  # counter 2*slot (SYN) or 2*slot+1 (migration)
+    a.mul_imm(R7, PER_SLOT)
+    a.add_reg(R7, R8)  # the slot's SYN, migration or pinned counter
     _count(a, counters_fd, R7, "pass")
     a.ja("pass")
     a.label("no_active")
-    a.jeq_imm(R8, 0, "fallback")
+    a.jne_imm(R8, 1, "fallback")
     a.mov_imm(R7, NO_TARGET_MIGRATION)
     _count(a, counters_fd, R7, "drop")
     a.label("drop")
@@ -156,6 +165,17 @@ def _select_and_count(a: Asm, socks_fd: int, counters_fd: int) -> None:
     a.exit()
 
 
+def available() -> bool:
+    """Can this process load the steering program (CAP_BPF, a kernel with SK_REUSEPORT)?"""
+    try:
+        group = EbpfGroup(ListenAddress("tcp", "127.0.0.1", 1))
+    except (OSError, KernelFeatureMissing) as exc:
+        log.info("ebpf_unavailable", reason=str(exc))
+        return False
+    group.close()
+    return True
+
+
 class EbpfGroup:
     """The eBPF steering of one group; ``close()`` releases its maps and program."""
 
@@ -164,6 +184,7 @@ class EbpfGroup:
         self.attaches = 0
         self._slots: dict[socket.socket, int] = {}
         self._roles: dict[socket.socket, Role] = {}
+        self._retiring_since: dict[socket.socket, tuple[int, int]] = {}  # counts then
         self._bank = 0
         self._attached = False
         self._objects: list[bpf.BpfObject] = []
@@ -173,7 +194,9 @@ class EbpfGroup:
             )
             self._table = self._own(bpf.Map(bpf.MAP_TYPE_ARRAY, 4, 4, 1 + 2 * BANK, "sv_table"))
             self._pins = self._own(bpf.Map(bpf.MAP_TYPE_HASH, 4, 4, 256, "sv_pins"))
-            self._counters = self._own(bpf.Map(bpf.MAP_TYPE_ARRAY, 4, 8, 2 * SLOTS + 2, "sv_count"))
+            self._counters = self._own(
+                bpf.Map(bpf.MAP_TYPE_ARRAY, 4, 8, PER_SLOT * SLOTS + 2, "sv_count")
+            )
             code = build_program(self._socks.fd, self._table.fd, self._pins.fd, self._counters.fd)
             self._program = self._own(
                 bpf.Program(
@@ -207,7 +230,9 @@ class EbpfGroup:
         """Put ``sock`` (listening) in a free slot; attach the program to a new group."""
         slot = min(set(range(SLOTS)) - set(self._slots.values()))
         self._socks.update(_u32(slot), struct.pack("<Q", sock.fileno()))
-        for key in (2 * slot, 2 * slot + 1):  # a reused slot starts counting afresh
+        for key in range(
+            PER_SLOT * slot, PER_SLOT * slot + PER_SLOT
+        ):  # a reused slot starts afresh
             self._counters.update(_u32(key), struct.pack("<Q", 0))
         self._slots[sock] = slot
         self._roles[sock] = role
@@ -219,6 +244,19 @@ class EbpfGroup:
             self.attaches += 1
 
     def leave(self, sock: socket.socket) -> None:
+        syns, migrations, probes = self.counts(sock)
+        since = self._retiring_since.pop(sock, None)
+        log.info(
+            "steering_member_left",
+            address=str(self.address),
+            cookie=socket_cookie(sock) if sock.fileno() >= 0 else None,
+            role=self._roles[sock].value,
+            syns=syns,
+            migrations_in=migrations,
+            probes=probes,
+            syns_while_retiring=None if since is None else syns - since[0],
+            migrations_while_retiring=None if since is None else migrations - since[1],
+        )
         slot = self._slots.pop(sock)
         del self._roles[sock]
         self._socks.delete(_u32(slot))  # already gone after shutdown/close: fine
@@ -243,6 +281,10 @@ class EbpfGroup:
         self._table.update(_u32(base), _u32(len(active)))
         self._table.update(_u32(0), _u32(bank))
         self._bank = bank
+        for sock, role in self._roles.items():  # count from the flip on
+            if role is Role.RETIRING and sock not in self._retiring_since:
+                syns, migrations, _ = self.counts(sock)
+                self._retiring_since[sock] = (syns, migrations)
 
     def shutdown(self, sock: socket.socket) -> None:
         """``shutdown(SHUT_RDWR)``: the program migrates its queue to active slots."""
@@ -263,10 +305,10 @@ class EbpfGroup:
         finally:
             self._pins.delete(port_key(sport))
 
-    def counts(self, sock: socket.socket) -> tuple[int, int]:
-        """(SYNs steered to ``sock``, requests migrated to it) since it joined."""
-        slot = self._slots[sock]
-        return self._counter(2 * slot), self._counter(2 * slot + 1)
+    def counts(self, sock: socket.socket) -> tuple[int, int, int]:
+        """(client SYNs steered to ``sock``, requests migrated to it, probe SYNs)."""
+        base = PER_SLOT * self._slots[sock]
+        return self._counter(base), self._counter(base + 1), self._counter(base + 2)
 
     def _counter(self, key: int) -> int:
         raw = self._counters.lookup(_u32(key))

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -57,7 +58,7 @@ def check_answers(daemon: Daemon, result: LoadResult) -> None:
         assert int(body["listener"]) in cookies[int(body["generation"])], body
 
 
-def reload_many(daemon: Daemon, count: int, path: str) -> list[dict[str, object]]:
+def reload_many(daemon: Daemon, count: int, path: str) -> list[dict[str, Any]]:
     reports = []
     for _ in range(count):
         before = daemon.status()["services"]["web"]
@@ -75,33 +76,64 @@ def reload_many(daemon: Daemon, count: int, path: str) -> list[dict[str, object]
     return reports
 
 
-def test_twenty_reloads_by_migration_lose_nothing(migrating: tuple[Daemon, int]) -> None:
-    daemon, port = migrating
+@pytest.mark.parametrize(
+    ("steering", "sysctl"),
+    [("ebpf", 0), ("cbpf", 1)],
+    ids=["ebpf-program-migrates-sysctl-off", "cbpf-sysctl-on"],
+)
+def test_twenty_reloads_by_migration_lose_nothing(
+    start_daemon: Callable[..., Daemon],
+    migrate_req: Callable[[int], None],
+    steering: str,
+    sysctl: int,
+) -> None:
+    migrate_req(sysctl)
+    port = free_port()
+    daemon = start_daemon(web(port), supervisor_extra=f'steering = "{steering}"')
+    assert daemon.status()["services"]["web"]["steering"] == steering
     with Load(port, threads=CLIENTS, duration=240) as load:
         reports = reload_many(daemon, RELOADS, "migrate")
     result = load.result
     assert result.failed == 0, (result.failures, result.examples)
     assert result.ok > 1000
-    migrated = sum(r["counters"]["TCPMigrateReqSuccess"] for r in reports)  # type: ignore[index]
-    queued = sum(r["queued_at_cutover"] for r in reports)  # type: ignore[misc]
-    print(f"migrate: {result.ok} ok, {queued} queued at cutover, {migrated} migrated")
-    assert queued > 0 and migrated > 0, "the load must leave queues for the kernel to migrate"
-    assert all(r["counters"]["TCPMigrateReqFailure"] == 0 for r in reports)  # type: ignore[index]
+    migrated = sum(r["counters"]["TCPMigrateReqSuccess"] for r in reports)
+    queued = sum(r["queued_at_cutover"] for r in reports)
+    print(f"migrate/{steering}: {result.ok} ok, {queued} queued at cutover, {migrated} migrated")
+    assert queued > 0, "the load must leave queues for the kernel to migrate"
+    assert migrated > 0
+    assert all(r["counters"]["TCPMigrateReqFailure"] == 0 for r in reports)
     check_answers(daemon, result)
+    if steering == "ebpf":
+        assert daemon.terminate() == 0
+        _migrations_only_to_active(daemon)
 
 
+def _migrations_only_to_active(daemon: Daemon) -> None:
+    """Per-listener eBPF counters: migrated requests landed on listeners that
+    were active, never on one while it was retiring."""
+    left = [e for e in daemon.events if e.get("event") == "steering_member_left"]
+    retired = [e for e in left if e["migrations_while_retiring"] is not None]
+    assert len(retired) == 4 * RELOADS, "every old listener was retired"
+    assert sum(e["migrations_in"] for e in left) > 0
+    assert [e for e in retired if e["migrations_while_retiring"]] == []
+    print(f"SYNs while retiring (steered away): {sum(e['syns_while_retiring'] for e in retired)}")
+
+
+@pytest.mark.parametrize("steering", ["ebpf", "cbpf"])
 def test_twenty_reloads_by_drain_lose_nothing(
-    start_daemon: Callable[..., Daemon], migrate_req: Callable[[int], None]
+    start_daemon: Callable[..., Daemon], migrate_req: Callable[[int], None], steering: str
 ) -> None:
-    migrate_req(0)  # no migration: retire = "auto" drains
+    migrate_req(0)
     port = free_port()
-    daemon = start_daemon(web(port))
+    daemon = start_daemon(
+        web(port, extra='retire = "drain"'), supervisor_extra=f'steering = "{steering}"'
+    )
     assert daemon.status()["services"]["web"]["retire"] == "drain"
     with Load(port, threads=CLIENTS, duration=300) as load:
         reports = reload_many(daemon, RELOADS, "drain")
     result = load.result
     assert result.failed == 0, (result.failures, result.examples)
-    assert sum(r["queued_at_cutover"] for r in reports) > 0  # type: ignore[misc]
+    assert sum(r["queued_at_cutover"] for r in reports) > 0
     assert all(r["left_at_shutdown"] == 0 and not r["drain_timed_out"] for r in reports)
     check_answers(daemon, result)
 
@@ -323,13 +355,19 @@ def test_seed_reproducer_listeners_added_one_by_one(
 def test_migrate_without_migration_is_a_config_error(
     start_daemon: Callable[..., Daemon], migrate_req: Callable[[int], None]
 ) -> None:
+    """Classic BPF cannot migrate by itself: without the sysctl, migrate is refused."""
     migrate_req(0)
     port = free_port()
-    daemon = start_daemon(web(port, extra='retire = "migrate"'), wait_ready=False)
+    cbpf = 'steering = "cbpf"'
+    daemon = start_daemon(
+        web(port, extra='retire = "migrate"'), wait_ready=False, supervisor_extra=cbpf
+    )
     assert daemon.proc.wait(60) == 2
-    assert "services.web.retire: migrate needs net.ipv4.tcp_migrate_req=1" in "\n".join(daemon.raw)
+    assert "services.web.retire: migrate needs eBPF steering (CAP_BPF) or net.ipv4." in "\n".join(
+        daemon.raw
+    )
     # A running daemon rejects a reload that asks for it, and keeps serving.
-    running = start_daemon(web(port))
+    running = start_daemon(web(port), supervisor_extra=cbpf)
     running.rewrite(web(port, extra='retire = "migrate"'))
     answer = running.reload()
     assert answer.answer["error"] == "config rejected"
