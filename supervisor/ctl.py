@@ -102,13 +102,19 @@ def describe_report(name: str, report: dict[str, Any]) -> list[str]:
         lines = [
             f"{name}: generation {report['generation']} serving; generation "
             f"{report['previous']} retired by {report['path']} in {report['duration']:.3f} s",
-            f"  accept queue at cutover: {report['queued_at_cutover']}; "
+            f"  why: {report.get('path_reason')} (steering: {report.get('steering')})",
+            f"  accept queue at cutover: {report['queued_at_cutover']}; half-open handshakes: "
+            f"{report.get('handshakes_at_cutover')}; drained: {report.get('drained')}; "
             f"still queued at shutdown: {report['left_at_shutdown']}",
             f"  kernel: {counters}",
         ]
+        if report.get("datagrams_left"):
+            lines.append(f"  datagram bytes unread at drain_timeout: {report['datagrams_left']}")
         if report.get("drain_timed_out"):
             lines.append("  drain_timeout reached before the old queues emptied")
-        lines += [f"  {item}" for item in report.get("unmovable") or []]
+        lines += [
+            f"  {item}" for item in (report.get("unmovable") or []) + (report.get("notes") or [])
+        ]
         return lines
     if outcome in ("started", "stopped"):
         return [f"{name}: {outcome}"]

@@ -97,14 +97,70 @@ class Generation:
     """Handle on a running generation; its resources belong to ``run_generation``."""
 
     def __init__(
-        self, plan: ServicePlan, listeners: list[Listener], slots: list[WorkerSlot]
+        self, plan: ServicePlan, listeners: list[Listener], slots: list[WorkerSlot], role: Role
     ) -> None:
         self.plan = plan
         self.number = plan.generation
         self.listeners = listeners
         self.slots = slots
+        self.role = role  # of the generation; a listener's own role follows its worker
         self.state: Watched[GenerationState] = Watched(GenerationState.STARTING)
         self._stop_requested = trio.Event()
+
+    def admit(self, role: Role) -> dict[int, SteeringGroup]:
+        """Give the generation ``role`` in its groups; return the groups to ``apply()``.
+
+        In an ``ACTIVE`` generation, the listeners of a worker that is not
+        RUNNING (being respawned, or FATAL) stay out of rotation.
+        """
+        self.role = role
+        groups: dict[int, SteeringGroup] = {}
+        for slot in self.slots:
+            groups.update(self._place(slot))
+        return groups
+
+    def _place(self, slot: WorkerSlot) -> dict[int, SteeringGroup]:
+        """Set the roles of ``slot``'s listeners; return the groups that changed."""
+        changed: dict[int, SteeringGroup] = {}
+        for lst in self.listeners:
+            if lst.worker != slot.plan.index or not lst.in_group:
+                continue
+            role = self.role
+            if role is Role.ACTIVE and slot.state.value is not WorkerState.RUNNING:
+                # Out of rotation, unless it is the group's last active member:
+                # with none, the kernel would hash over every member, standby too.
+                others = any(
+                    lst.group.role(s) is Role.ACTIVE for s in lst.group.members if s is not lst.sock
+                )
+                role = Role.STANDBY if others else Role.ACTIVE
+            if lst.group.role(lst.sock) is not role:
+                lst.group.set_role([lst.sock], role)
+                changed[id(lst.group)] = lst.group
+        return changed
+
+    async def follow_worker(self, slot: WorkerSlot) -> None:
+        """Keep ``slot``'s listeners out of rotation while its worker is down."""
+
+        def down(state: WorkerState) -> bool:
+            return state is not WorkerState.RUNNING
+
+        def up(state: WorkerState) -> bool:
+            return state is WorkerState.RUNNING
+
+        running = True
+        while True:
+            await slot.state.wait_for(down if running else up)
+            running = not running
+            groups = self._place(slot)
+            for group in groups.values():
+                group.apply()
+            if groups:
+                log.info(
+                    "worker_steered",
+                    worker=slot.plan.index,
+                    state=slot.state.value.value,
+                    role="in rotation" if running else "out of rotation",
+                )
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -222,7 +278,7 @@ async def run_generation(
         connect = None if first_tcp is None else pinned_connector(first_tcp.group, first_tcp.sock)
         fds = [lst.sock.fileno() for lst in mine]
         slots.append(WorkerSlot(worker, fds, settings, spawner, connect))
-    generation = Generation(plan, listeners, slots)
+    generation = Generation(plan, listeners, slots, role)
     log.info(
         "generation_listening",
         role=role.value,
@@ -248,7 +304,11 @@ async def _serve(
             generation.state.set(GenerationState.SERVING)
             log.info("generation_serving", workers=len(slots))
             task_status.started(generation)
-            await generation._stop_requested.wait()
+            async with trio.open_nursery() as followers:
+                for slot in slots:
+                    followers.start_soon(generation.follow_worker, slot)
+                await generation._stop_requested.wait()
+                followers.cancel_scope.cancel()
             generation.state.set(GenerationState.STOPPING)
             log.info("generation_stopping")
             for slot in slots:

@@ -92,6 +92,28 @@ def plan_service(name: str, service: ServiceConfig, generation: int) -> ServiceP
     return ServicePlan(name=name, generation=generation, config=service, workers=workers)
 
 
+def socket_changes(old: ServiceConfig, new: ServiceConfig) -> list[str]:
+    """Listener settings (backlog aside) that differ between two configs.
+
+    The kernel would migrate a request between such listeners as if they were
+    alike; the application could then see a connection with settings it did
+    not ask for (KERNEL.md section 1, "still lost", item 6). A rollout with
+    changes retires by drain and refuses migrations where it can.
+    """
+    changes = []
+    for key in type(old.socket).model_fields:
+        before, after = getattr(old.socket, key), getattr(new.socket, key)
+        if before != after:
+            changes.append(f"{key} {_setting(key, before)} -> {_setting(key, after)}")
+    return changes
+
+
+def _setting(key: str, value: float | None) -> str:
+    if value is None:
+        return "unset"
+    return format_duration(value) if key == "defer_accept" else str(value)
+
+
 def plan_config(config: Config, generations: Mapping[str, int] | None = None) -> list[ServicePlan]:
     """Plans for every service, at the given generation numbers (default 1)."""
     generations = generations or {}

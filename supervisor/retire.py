@@ -8,13 +8,19 @@ takes the old generation out of service:
   the listener had been steered away 10 ms before), ``shutdown(SHUT_RDWR)``
   of each old listener; the kernel moves its accept queue and half-open
   requests to active listeners of its group. Then the old workers stop.
-- *drain* (no migration): the old workers keep accepting until every old
-  listener's queue is empty and a handshake grace has passed (or
-  ``drain_timeout``); then shutdown, then the old workers stop.
+- *drain* (no migration, or the listeners' settings changed): the old
+  workers keep accepting until every old listener's accept queue is empty
+  and every handshake that was pending on its address at cutover has
+  ended (sock_diag), or ``drain_timeout``; then shutdown, then the old
+  workers stop.
+
+Datagram (UDP) listeners cannot migrate: on either path their old workers
+keep reading until the old sockets' receive queues are empty.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -22,13 +28,16 @@ import trio
 
 from supervisor.capabilities import RetirePath
 from supervisor.generation import Generation, Listener
-from supervisor.steering import Role, SteeringGroup
+from supervisor.kernel import diag
+from supervisor.kernel.sockets import receive_queue
+from supervisor.steering import Role
 
 log = structlog.get_logger("supervisor.retire")
 
 STEER_PAUSE = 0.01  # steered away this long before shutdown: closes the kernel race
-HANDSHAKE_GRACE = 1.2  # drain: a lost SYN-ACK is retransmitted after 1 s
-QUEUE_POLL = 0.01  # the kernel offers no event for "accept queue empty"
+HANDSHAKE_GRACE = 1.2  # drain without sock_diag: a lost SYN-ACK is retransmitted after 1 s
+POLL = 0.01  # the kernel offers no event for "accept queue empty"
+STABLE_POLLS = 2  # a child can be between its request's end and the queue for an instant
 
 
 @dataclass
@@ -36,47 +45,67 @@ class Retirement:
     """What retiring a generation cost, measured at the listeners."""
 
     path: RetirePath
+    why: str
     queued_at_cutover: int = 0
+    handshakes_at_cutover: int = 0  # half-open on the old addresses (all listeners of the port)
     listeners: list[dict[str, object]] = field(default_factory=list)
+    drained: int = 0  # queued at cutover and accepted by the old workers before shutdown
     left_at_shutdown: int = 0  # still queued when shut down: migrated, or lost without a target
+    datagrams_left: int = 0  # bytes still unread in old datagram sockets at the deadline
     unmovable: list[str] = field(default_factory=list)
     drain_timed_out: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 def promote(candidate: Generation, old: Generation) -> None:
     """Steer every new connection to ``candidate``; ``old`` gets none from now on."""
-    groups: dict[int, SteeringGroup] = {}
-    for lst in old.listeners:
-        if lst.in_group:
-            lst.group.set_role([lst.sock], Role.RETIRING)
-            groups[id(lst.group)] = lst.group
-    for lst in candidate.listeners:
-        lst.group.set_role([lst.sock], Role.ACTIVE)
-        groups[id(lst.group)] = lst.group
+    groups = old.admit(Role.RETIRING)
+    groups.update(candidate.admit(Role.ACTIVE))
     for group in groups.values():
         group.apply()
 
 
-async def retire(old: Generation, path: RetirePath, drain_timeout: float) -> Retirement:
-    """Take ``old`` (already steered away) out of service; return once its workers are reaped."""
+async def retire(
+    old: Generation, path: RetirePath, why: str, drain_timeout: float, *, refuse: bool = False
+) -> Retirement:
+    """Take ``old`` (already steered away) out of service; return once its workers are reaped.
+
+    ``refuse``: the new listeners' settings differ, so no request may migrate
+    to them (the program drops such migrations where the backend can).
+    """
+    deadline = trio.current_time() + STEER_PAUSE + drain_timeout
     await trio.sleep(STEER_PAUSE)
     tcp = [lst for lst in old.listeners if lst.tcp and lst.in_group]
-    result = Retirement(path=path)
+    udp = [lst for lst in old.listeners if not lst.tcp and lst.in_group]
+    result = Retirement(path=path, why=why)
     for lst in tcp:
         queued = lst.queued()
         result.queued_at_cutover += queued
         result.listeners.append(
             {"address": str(lst.address), "cookie": lst.cookie, "queued": queued}
         )
+    refused = [lst.group.refuse_migration(lst.sock) for lst in tcp] if refuse else []
+    if not all(refused):
+        result.notes.append(
+            "classic BPF cannot refuse a migration: connections still queued at "
+            "drain_timeout move to the new listeners if tcp_migrate_req=1, else are reset"
+        )
     if path == "drain":
-        result.drain_timed_out = not await _drained(tcp, drain_timeout)
+        result.drain_timed_out = not await _drain_tcp(tcp, deadline, result)
+    result.datagrams_left = await _drain_udp(udp, deadline)
     for lst in tcp:
         _shut_down(lst, result)
+    result.drained = result.queued_at_cutover - min(
+        result.left_at_shutdown, result.queued_at_cutover
+    )
     log.info(
         "generation_retiring",
         path=path,
+        why=why,
         queued_at_cutover=result.queued_at_cutover,
+        handshakes_at_cutover=result.handshakes_at_cutover,
         left_at_shutdown=result.left_at_shutdown,
+        datagrams_left=result.datagrams_left,
     )
     await old.stop()
     return result
@@ -94,13 +123,60 @@ def _shut_down(lst: Listener, result: Retirement) -> None:
     lst.group.shutdown(lst.sock)
 
 
-async def _drained(listeners: list[Listener], limit: float) -> bool:
-    """Wait until every queue is empty and the grace has passed; False after ``limit``."""
-    start = trio.current_time()
-    with trio.move_on_after(limit):
-        while True:
-            grace_over = trio.current_time() - start >= HANDSHAKE_GRACE
-            if grace_over and all(lst.queued() == 0 for lst in listeners):
-                return True
-            await trio.sleep(QUEUE_POLL)
+async def _until_stable(done: Callable[[], bool], deadline: float) -> bool:
+    """Poll ``done`` until it holds STABLE_POLLS times in a row; False at ``deadline``."""
+    stable = 0
+    with trio.move_on_at(deadline):
+        while stable < STABLE_POLLS:
+            stable = stable + 1 if done() else 0
+            if stable < STABLE_POLLS:
+                await trio.sleep(POLL)
+        return True
     return False
+
+
+async def _drain_tcp(listeners: list[Listener], deadline: float, result: Retirement) -> bool:
+    """Wait until the old queues are empty and the handshakes pending at cutover ended.
+
+    No new request can be created for a listener that is steered away; the
+    eBPF counters prove it, and where the kernel's hash fallback did send a
+    SYN to one after all, its handshake is awaited too.
+    """
+    addresses = {lst.address for lst in listeners}
+    try:
+        pending = {address: set(diag.pending_handshakes(address)) for address in addresses}
+    except OSError as exc:
+        log.warning("handshakes_unobservable", error=str(exc), grace=HANDSHAKE_GRACE)
+        grace_over = trio.current_time() + HANDSHAKE_GRACE
+        return await _until_stable(
+            lambda: trio.current_time() >= grace_over and _queues_empty(listeners), deadline
+        )
+    result.handshakes_at_cutover = sum(len(cookies) for cookies in pending.values())
+    syns = {lst.cookie: lst.group.counts(lst.sock) for lst in listeners}
+
+    def drained() -> bool:
+        for lst in listeners:
+            now = lst.group.counts(lst.sock)
+            if now != syns[lst.cookie]:  # steered here after all: wait for it too
+                syns[lst.cookie] = now
+                pending[lst.address] |= diag.pending_handshakes(lst.address)
+        for address in [a for a, cookies in pending.items() if cookies]:
+            pending[address] &= diag.pending_handshakes(address)
+        return not any(pending.values()) and _queues_empty(listeners)
+
+    return await _until_stable(drained, deadline)
+
+
+def _queues_empty(listeners: list[Listener]) -> bool:
+    return all(lst.queued() == 0 for lst in listeners)
+
+
+async def _drain_udp(listeners: list[Listener], deadline: float) -> int:
+    """Wait until the old datagram sockets are read empty; return bytes left at ``deadline``."""
+
+    def unread() -> int:
+        return sum(receive_queue(lst.sock).bytes for lst in listeners)
+
+    if listeners:
+        await _until_stable(lambda: unread() == 0, deadline)
+    return unread() if listeners else 0

@@ -24,7 +24,7 @@ from supervisor.errors import ConfigError, PreflightFailed, RolloutAborted
 from supervisor.generation import Generation, GenerationSpec, run_generation
 from supervisor.kernel import netstat
 from supervisor.kernel.proc import describe_exit
-from supervisor.plan import plan_service, substitute
+from supervisor.plan import plan_service, socket_changes, substitute
 from supervisor.retire import promote, retire
 from supervisor.spawner import Spawner
 from supervisor.steering import Role, Steering
@@ -45,11 +45,17 @@ class RolloutReport:
     previous: int | None
     duration: float = 0.0
     path: str | None = None
+    path_reason: str | None = None
+    steering: str | None = None
     queued_at_cutover: int | None = None
+    handshakes_at_cutover: int | None = None
     listeners_at_cutover: list[dict[str, object]] = field(default_factory=list)
+    drained: int | None = None
     left_at_shutdown: int | None = None
+    datagrams_left: int | None = None
     drain_timed_out: bool = False
     unmovable: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     reason: str | None = None  # why the rollout was asked for (--reason)
@@ -161,22 +167,28 @@ async def _cut_over(
     say: Callable[[str], None],
     finish: Callable[[Outcome], RolloutResult],
 ) -> RolloutResult:
-    path = caps.retire_path(service.retire)
     old = ctx.current
+    changes = socket_changes(old.plan.config, service)
+    path, why = caps.retire_plan(service.retire, changes)
     before = netstat.read()
     promote(candidate, old)
     say(f"cutover: generation {candidate.number} takes every new connection")
-    say(f"retiring generation {old.number} ({path})")
-    retirement = await retire(old, path, service.drain_timeout)
+    say(f"retiring generation {old.number} by {path}: {why}")
+    retirement = await retire(old, path, why, service.drain_timeout, refuse=bool(changes))
     after = netstat.read()
     result = finish("succeeded")
     report = result.report
-    report.path = path
+    report.steering = ctx.steering.backend
+    report.path, report.path_reason = path, why
     report.queued_at_cutover = retirement.queued_at_cutover
+    report.handshakes_at_cutover = retirement.handshakes_at_cutover
     report.listeners_at_cutover = retirement.listeners
+    report.drained = retirement.drained
     report.left_at_shutdown = retirement.left_at_shutdown
+    report.datagrams_left = retirement.datagrams_left
     report.drain_timed_out = retirement.drain_timed_out
     report.unmovable = retirement.unmovable
+    report.notes = retirement.notes
     report.counters = netstat.delta(before, after)
     say(f"generation {old.number} retired")
     result.generation, result.config = candidate, service

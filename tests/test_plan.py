@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from supervisor.loader import parse_config
-from supervisor.plan import describe, plan_config, plan_service, substitute
+from supervisor.plan import describe, plan_config, plan_service, socket_changes, substitute
 
 CONFIG = """
 [services.web]
@@ -58,3 +58,13 @@ def test_describe_names_every_worker_and_fd() -> None:
     assert "fd 3=127.0.0.1:8080, fd 4=udp://[::1]:53" in text
     assert text.count("  worker ") == 3
     assert "user=www-data" in text
+
+
+def test_socket_changes_name_each_setting_but_backlog() -> None:
+    old = parse_config(CONFIG).services["web"]
+    same = old.model_copy(update={"backlog": 16})
+    assert socket_changes(old, same) == []
+    new_socket = old.socket.model_copy(update={"defer_accept": 1.0, "rcvbuf": 262144})
+    changed = old.model_copy(update={"socket": new_socket})
+    assert socket_changes(old, changed) == ["defer_accept unset -> 1s", "rcvbuf unset -> 262144"]
+    assert socket_changes(changed, old) == ["defer_accept 1s -> unset", "rcvbuf 262144 -> unset"]

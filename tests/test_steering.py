@@ -14,7 +14,8 @@ import pytest
 from supervisor.kernel import cbpf
 from supervisor.kernel.sockets import ListenerOptions, open_listener
 from supervisor.kernel.sysctl import MIGRATE_REQ, set_migrate_req
-from supervisor.steering import Group, Role, build_program
+from supervisor.steering import Role
+from supervisor.steering.cbpf import CbpfGroup, build_program
 from supervisor.values import parse_listen
 from tests.conftest import HOST_NETNS_INODE
 from tests.harness import free_port
@@ -60,7 +61,7 @@ class Rounds:
         self.round = 100
 
     def kernel_order(
-        self, port: int, group: Group, live: list[socket.socket]
+        self, port: int, group: CbpfGroup, live: list[socket.socket]
     ) -> list[socket.socket]:
         """Ask the kernel which socket is at each index (then restore our program)."""
         cbpf.attach(group.members[0], INDEX_BY_SPORT)
@@ -77,7 +78,7 @@ class Rounds:
 def test_model_matches_kernel_through_listen_shutdown_close(migrate_req: None) -> None:
     port = free_port()
     address = parse_listen(f"127.0.0.1:{port}")
-    group = Group(address)
+    group = CbpfGroup(address)
     rounds = Rounds()
     live: list[socket.socket] = []
 
@@ -120,7 +121,7 @@ def test_model_matches_kernel_through_listen_shutdown_close(migrate_req: None) -
 def test_standby_gets_nothing_but_its_pinned_probes() -> None:
     port = free_port()
     address = parse_listen(f"127.0.0.1:{port}")
-    group = Group(address)
+    group = CbpfGroup(address)
     socks = []
     for role in (Role.ACTIVE, Role.ACTIVE, Role.STANDBY, Role.ACTIVE, Role.STANDBY):
         sock = open_listener(address, ListenerOptions(backlog=4096))

@@ -191,7 +191,10 @@ class Server:
         answer = self.identity.line(cookie).encode()
         while not self.draining:
             data, peer = await udp.recvfrom(65536)
-            await udp.sendto(data.split(b"\n", 1)[0] + b" " + answer, peer)
+            # A datagram read is answered even if SIGTERM arrives meanwhile:
+            # the supervisor waited for this socket's queue to empty before it.
+            with trio.CancelScope(shield=True):
+                await udp.sendto(data.split(b"\n", 1)[0] + b" " + answer, peer)
 
 
 async def serve(delay: float = 0.0, concurrency: int = 0, work: float = 0.0) -> None:

@@ -12,7 +12,9 @@ import ctypes
 import errno
 import os
 import platform
+import socket
 import struct
+from typing import Self
 
 from supervisor.errors import KernelFeatureMissing
 
@@ -24,6 +26,7 @@ MAP_TYPE_HASH, MAP_TYPE_ARRAY, MAP_TYPE_REUSEPORT_SOCKARRAY = 1, 2, 20
 PROG_TYPE_SK_REUSEPORT = 21
 SK_REUSEPORT_SELECT, SK_REUSEPORT_SELECT_OR_MIGRATE = 39, 40
 ANY = 0
+SO_ATTACH_REUSEPORT_EBPF, SO_DETACH_REUSEPORT_BPF = 52, 68
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -33,7 +36,10 @@ class BpfError(OSError):
     """A bpf() call failed; ``log`` holds the verifier's words for a program load."""
 
     def __init__(self, err: int, what: str, log: str = "") -> None:
-        super().__init__(err, f"bpf {what}: {os.strerror(err)}")
+        # The verifier's verdict is at the end of its log: name it in the message.
+        tail = [line for line in log.strip().splitlines() if line.strip()][-3:]
+        detail = f" (verifier: {' | '.join(tail)})" if tail else ""
+        super().__init__(err, f"bpf {what}: {os.strerror(err)}{detail}")
         self.log = log
 
 
@@ -41,7 +47,8 @@ def _call(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
     result = int(_libc.syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.c_uint(_ATTR_SIZE)))
     if result < 0:
         err = ctypes.get_errno()
-        if err in (errno.EPERM, errno.EACCES):
+        # EPERM is the missing privilege; EACCES is the verifier refusing a program.
+        if err == errno.EPERM:
             raise KernelFeatureMissing("eBPF", f"{what} needs CAP_BPF ({os.strerror(err)})")
         raise BpfError(err, what)
     return result
@@ -58,7 +65,7 @@ class BpfObject:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> BpfObject:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -146,3 +153,23 @@ class Program(BpfObject):
         except BpfError as exc:
             raise BpfError(exc.errno or 0, f"program load {name}", log.value.decode()) from exc
         super().__init__(fd)
+
+
+def attach_reuseport(member: socket.socket, program: Program) -> None:
+    """Make ``program`` the program of ``member``'s reuseport group (replacing any).
+
+    ``member`` must already listen (bound, for UDP): attached before, the
+    socket would get a private group and could not join the existing one.
+    """
+    member.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, struct.pack("<i", program.fd))
+
+
+def detach_reuseport(member: socket.socket) -> bool:
+    """Remove the program of ``member``'s group; False if it had none (ENOENT)."""
+    try:
+        member.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, struct.pack("<i", 0))
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True

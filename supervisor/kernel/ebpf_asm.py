@@ -14,6 +14,7 @@ R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 = range(11)
 
 # Helpers (include/uapi/linux/bpf.h).
 MAP_LOOKUP_ELEM = 1
+GET_SOCKET_COOKIE = 46
 SK_SELECT_REUSEPORT = 82
 
 
@@ -75,6 +76,9 @@ class Asm:
 
     def stxw(self, dst: int, off: int, src: int) -> None:
         self._emit(0x63, dst, src, off)
+
+    def stxdw(self, dst: int, off: int, src: int) -> None:
+        self._emit(0x7B, dst, src, off)
 
     def atomic_add64(self, dst: int, off: int, src: int) -> None:
         self._emit(0xDB, dst, src, off, 0)

@@ -16,6 +16,8 @@ from supervisor.errors import ListenerError
 from supervisor.values import ListenAddress
 
 SO_COOKIE = 57  # include/uapi/asm-generic/socket.h
+SO_MEMINFO = 55
+_MEMINFO = struct.Struct("<9I")  # SK_MEMINFO_RMEM_ALLOC first, SK_MEMINFO_DROPS last
 _TCP_INFO_LEN = 104  # enough for tcpi_unacked (24) and tcpi_sacked (28)
 _TCP_LISTEN = 10
 
@@ -111,3 +113,18 @@ def accept_queue(sock: socket.socket) -> QueueDepth:
     if state != _TCP_LISTEN:
         return QueueDepth(listening=False, queued=0, limit=0)
     return QueueDepth(listening=True, queued=queued, limit=limit)
+
+
+@dataclass(frozen=True)
+class ReceiveQueue:
+    """A datagram socket's receive queue: bytes waiting (with overhead), drops so far."""
+
+    bytes: int
+    drops: int
+
+
+def receive_queue(sock: socket.socket) -> ReceiveQueue:
+    """Read ``sk_rmem_alloc`` and ``sk_drops`` (SO_MEMINFO): 0 bytes once every
+    datagram that arrived has been read (SIOCINQ gives only the next one's size)."""
+    info = _MEMINFO.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size))
+    return ReceiveQueue(bytes=info[0], drops=info[8])

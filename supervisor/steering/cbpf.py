@@ -1,47 +1,46 @@
-"""Steering: which member of a reuseport group gets each new connection.
+"""Classic BPF steering (unprivileged): an exact model of the group's socks[].
 
 The supervisor creates every member of its groups, so it can model the
 kernel's ``socks[]`` listening section exactly (KERNEL.md section 2):
 ``listen()`` appends; leaving (``shutdown()``, or the last ``close()``)
-moves the last member into the hole. From that model and each member's
-role it builds a classic BPF program and attaches it after every change:
+moves the last member into the hole. Members moved to the closed section by
+a migrating shutdown are no longer indexable by a program, so the model
+drops them too. From the model and each member's role it builds a classic
+BPF program and attaches it after every change:
 
 - ``ACTIVE`` members share new connections by a hash of (source address,
   source port);
-- ``STANDBY`` members (a candidate generation) get none, except probes
-  pinned to them by their exact (source address, source port);
+- ``STANDBY`` members get none, except probes pinned to them by their exact
+  (source address, source port);
 - ``RETIRING`` members get none.
 
 A member appended by ``listen()`` is never chosen by the program attached
 before it joined (that program only returns the indices it knew), so a new
 candidate is standby from its first instant.
+
+A classic program cannot drop and is not consulted for migration: with
+``tcp_migrate_req=1`` the kernel migrates by its own hash over the listening
+section, and it cannot refuse a migration.
 """
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import itertools
 import socket
 from collections.abc import Collection, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Protocol
 
 from supervisor.kernel import cbpf
 from supervisor.kernel.cbpf import Insn
+from supervisor.steering.base import ListenerCounts, Role
 from supervisor.values import ListenAddress
 
 _NET = cbpf.SKF_NET_OFF
 _GOLDEN = 0x9E3779B1  # multiplicative hashing constants (Knuth; murmur3's fmix)
 _MIX = 0x85EBCA6B
 KERNEL_HASH = 0xFFFF  # an index past the end: the kernel picks by its own hash
-
-
-class Role(enum.Enum):
-    ACTIVE = "active"
-    STANDBY = "standby"
-    RETIRING = "retiring"
 
 
 @dataclass(frozen=True)
@@ -117,8 +116,8 @@ def build_program(
     return [*program, Insn(cbpf.RET_K, k=active[-1])]
 
 
-class Group:
-    """The model and program of one reuseport group (one address).
+class CbpfGroup:
+    """The model and classic program of one reuseport group (one address).
 
     Every method that changes membership must run right after the kernel
     operation it models, with no await in between: the model is exact only
@@ -135,6 +134,14 @@ class Group:
 
     def close(self) -> None:
         """Nothing to release: the kernel group holds the program."""
+
+    def refuse_migration(self, sock: socket.socket) -> bool:  # noqa: ARG002
+        """A classic program is not asked about migrations: it cannot refuse one."""
+        return False
+
+    def counts(self, sock: socket.socket) -> ListenerCounts | None:  # noqa: ARG002
+        """A classic program keeps no counters."""
+        return None
 
     @property
     def members(self) -> list[socket.socket]:
@@ -212,63 +219,3 @@ class Group:
         finally:
             if self._pins.pop(token, None) is not None:
                 self.apply()
-
-
-Backend = Literal["ebpf", "cbpf"]
-
-
-class SteeringGroup(Protocol):
-    """What generations and retirement need of a group's steering, either flavour."""
-
-    address: ListenAddress
-    attaches: int
-
-    @property
-    def members(self) -> list[socket.socket]: ...
-
-    def role(self, sock: socket.socket) -> Role | None: ...
-
-    def index(self, sock: socket.socket) -> int: ...
-
-    def join(self, sock: socket.socket, role: Role) -> None: ...
-
-    def leave(self, sock: socket.socket) -> None: ...
-
-    def set_role(self, socks: Iterable[socket.socket], role: Role) -> None: ...
-
-    def apply(self, exclude: Collection[socket.socket] = ()) -> None: ...
-
-    def shutdown(self, sock: socket.socket) -> None: ...
-
-    def pinned(
-        self, sock: socket.socket, host: str, sport: int
-    ) -> AbstractContextManager[None]: ...
-
-    def close(self) -> None: ...
-
-
-class Steering:
-    """The groups of one service, by address, all of one backend. Groups appear
-    as listeners join; ``close()`` releases what the backend holds."""
-
-    def __init__(self, backend: Backend = "cbpf") -> None:
-        self.backend = backend
-        self._groups: dict[ListenAddress, SteeringGroup] = {}
-
-    def group(self, address: ListenAddress) -> SteeringGroup:
-        if address not in self._groups:
-            if self.backend == "ebpf":
-                from supervisor.steering_ebpf import EbpfGroup  # noqa: PLC0415  (a cycle)
-
-                self._groups[address] = EbpfGroup(address)
-            else:
-                self._groups[address] = Group(address)
-        return self._groups[address]
-
-    def groups(self) -> list[SteeringGroup]:
-        return list(self._groups.values())
-
-    def close(self) -> None:
-        for group in self._groups.values():
-            group.close()
-        self._groups.clear()

@@ -1,0 +1,216 @@
+"""eBPF steering of one reuseport group (needs CAP_BPF; KERNEL.md section 3).
+
+Members sit in a ``REUSEPORT_SOCKARRAY`` by identity (a slot each), so no
+index model is needed and the program stays attached across membership
+changes. The program (``ebpf_program``) is loaded as ``SELECT_OR_MIGRATE``,
+which enables migration for the group even with ``tcp_migrate_req=0``, and
+sends migrating requests only to active members.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import structlog
+
+from supervisor.errors import KernelFeatureMissing
+from supervisor.kernel import bpf
+from supervisor.kernel.sockets import socket_cookie
+from supervisor.steering.base import ListenerCounts, Role
+from supervisor.steering.ebpf_program import (
+    BANK,
+    COUNTERS,
+    NO_TARGET_MIGRATION,
+    PER_SLOT,
+    REFUSED_MIGRATION,
+    SLOTS,
+    build_program,
+    port_key,
+    u32,
+    u64,
+)
+from supervisor.values import ListenAddress
+
+log = structlog.get_logger("supervisor.steering")
+ObjT = TypeVar("ObjT", bound=bpf.BpfObject)
+
+
+def available() -> bool:
+    """Can this process load the steering program (CAP_BPF, a kernel with SK_REUSEPORT)?"""
+    try:
+        group = EbpfGroup(ListenAddress("tcp", "127.0.0.1", 1))
+    except (OSError, KernelFeatureMissing) as exc:
+        log.info("ebpf_unavailable", reason=str(exc))
+        return False
+    group.close()
+    return True
+
+
+class EbpfGroup:
+    """The eBPF steering of one group; ``close()`` releases its maps and program."""
+
+    def __init__(self, address: ListenAddress) -> None:
+        self.address = address
+        self.attaches = 0
+        self._slots: dict[socket.socket, int] = {}
+        self._roles: dict[socket.socket, Role] = {}
+        self._retiring_since: dict[socket.socket, ListenerCounts] = {}  # counts at the flip
+        self._refused: dict[socket.socket, int] = {}  # cookie, while in the refuse map
+        self._bank = 0
+        self._attached = False
+        self._objects: list[bpf.BpfObject] = []
+        try:
+            self._socks = self._own(
+                bpf.Map(bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, SLOTS, "sv_socks")
+            )
+            self._table = self._own(bpf.Map(bpf.MAP_TYPE_ARRAY, 4, 4, 1 + 2 * BANK, "sv_table"))
+            self._pins = self._own(bpf.Map(bpf.MAP_TYPE_HASH, 4, 4, 256, "sv_pins"))
+            self._refuse = self._own(bpf.Map(bpf.MAP_TYPE_HASH, 8, 4, SLOTS, "sv_refuse"))
+            self._counters = self._own(bpf.Map(bpf.MAP_TYPE_ARRAY, 4, 8, COUNTERS, "sv_count"))
+            maps = {
+                "socks": self._socks.fd,
+                "table": self._table.fd,
+                "pins": self._pins.fd,
+                "refuse": self._refuse.fd,
+                "counters": self._counters.fd,
+            }
+            code = build_program(maps)
+            self._program = self._own(
+                bpf.Program(
+                    code, bpf.PROG_TYPE_SK_REUSEPORT, bpf.SK_REUSEPORT_SELECT_OR_MIGRATE, "sv_steer"
+                )
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def _own(self, obj: ObjT) -> ObjT:
+        self._objects.append(obj)
+        return obj
+
+    def close(self) -> None:
+        """Release the maps and the program. A member that is still listening
+        (none should be) gets the kernel's plain hashing back: the group would
+        otherwise keep running the program on tables nobody updates."""
+        live = [sock for sock in self._slots if sock.fileno() >= 0]
+        if live:
+            try:
+                bpf.detach_reuseport(live[0])
+            except OSError as exc:
+                log.warning("steering_detach_failed", address=str(self.address), error=str(exc))
+        for obj in self._objects:
+            obj.close()
+        self._objects.clear()
+
+    @property
+    def members(self) -> list[socket.socket]:
+        return sorted(self._slots, key=self._slots.__getitem__)
+
+    def role(self, sock: socket.socket) -> Role | None:
+        return self._roles.get(sock)
+
+    def index(self, sock: socket.socket) -> int:
+        return self._slots[sock]
+
+    def join(self, sock: socket.socket, role: Role) -> None:
+        """Put ``sock`` (listening) in a free slot; attach the program to a new group."""
+        slot = min(set(range(SLOTS)) - set(self._slots.values()))
+        self._socks.update(u32(slot), u64(sock.fileno()))
+        for key in range(PER_SLOT * slot, PER_SLOT * (slot + 1)):  # a reused slot starts afresh
+            self._counters.update(u32(key), u64(0))
+        self._slots[sock] = slot
+        self._roles[sock] = role
+        if not self._attached:
+            bpf.attach_reuseport(sock, self._program)
+            self._attached = True
+            self.attaches += 1
+
+    def leave(self, sock: socket.socket) -> None:
+        """Free ``sock``'s slot; log what the program counted for it."""
+        now = self.counts(sock)
+        since = self._retiring_since.pop(sock, None)
+        log.info(
+            "steering_member_left",
+            address=str(self.address),
+            cookie=socket_cookie(sock) if sock.fileno() >= 0 else None,
+            role=self._roles[sock].value,
+            syns=now.syns,
+            migrations_in=now.migrated_in,
+            probes=now.probes,
+            syns_while_retiring=None if since is None else now.syns - since.syns,
+            migrations_while_retiring=None
+            if since is None
+            else now.migrated_in - since.migrated_in,
+        )
+        slot = self._slots.pop(sock)
+        del self._roles[sock]
+        self._socks.delete(u32(slot))  # already gone after shutdown/close: fine
+        cookie = self._refused.pop(sock, None)
+        if cookie is not None:
+            self._refuse.delete(u64(cookie))
+        if not self._slots:
+            self._attached = False  # the kernel group dies with its last member
+
+    def set_role(self, socks: Iterable[socket.socket], role: Role) -> None:
+        for sock in socks:
+            self._roles[sock] = role
+
+    def apply(self, exclude: Collection[socket.socket] = ()) -> None:
+        """Publish the active table: write the idle bank, then flip to it."""
+        active = [
+            slot
+            for sock, slot in sorted(self._slots.items(), key=lambda item: item[1])
+            if self._roles[sock] is Role.ACTIVE and sock not in exclude
+        ]
+        bank = 1 - self._bank
+        base = 1 + bank * BANK
+        for i, slot in enumerate(active):
+            self._table.update(u32(base + 1 + i), u32(slot))
+        self._table.update(u32(base), u32(len(active)))
+        self._table.update(u32(0), u32(bank))
+        self._bank = bank
+        for sock, role in self._roles.items():  # count from the flip on
+            if role is Role.RETIRING and sock not in self._retiring_since:
+                self._retiring_since[sock] = self.counts(sock)
+
+    def shutdown(self, sock: socket.socket) -> None:
+        """``shutdown(SHUT_RDWR)``: the program migrates its queue to active slots."""
+        sock.shutdown(socket.SHUT_RDWR)
+        self.leave(sock)
+
+    @contextmanager
+    def pinned(self, sock: socket.socket, host: str, sport: int) -> Iterator[None]:  # noqa: ARG002
+        """While inside, SYNs from source port ``sport`` go to ``sock``.
+
+        Matched on the port alone: with migration always on for this group, a
+        stranger's connection caught by a pin is moved, not lost, if the
+        pinned listener closes.
+        """
+        self._pins.update(port_key(sport), u32(self._slots[sock]))
+        try:
+            yield
+        finally:
+            self._pins.delete(port_key(sport))
+
+    def refuse_migration(self, sock: socket.socket) -> bool:
+        """From now on the program drops requests migrating away from ``sock``."""
+        cookie = socket_cookie(sock)
+        self._refuse.update(u64(cookie), u32(1))
+        self._refused[sock] = cookie
+        return True
+
+    def counts(self, sock: socket.socket) -> ListenerCounts:
+        base = PER_SLOT * self._slots[sock]
+        return ListenerCounts(self._counter(base), self._counter(base + 1), self._counter(base + 2))
+
+    def dropped_migrations(self) -> tuple[int, int]:
+        """Migrations the program dropped: (no active member, refused by settings)."""
+        return self._counter(NO_TARGET_MIGRATION), self._counter(REFUSED_MIGRATION)
+
+    def _counter(self, key: int) -> int:
+        raw = self._counters.lookup(u32(key))
+        return 0 if raw is None else int(struct.unpack("<Q", raw)[0])
