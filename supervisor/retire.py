@@ -91,8 +91,8 @@ async def retire(
             "drain_timeout move to the new listeners if tcp_migrate_req=1, else are reset"
         )
     if path == "drain":
-        result.drain_timed_out = not await _drain_tcp(tcp, deadline, result)
-    result.datagrams_left = await _drain_udp(udp, deadline)
+        result.drain_timed_out = not await drain_tcp(tcp, deadline, result)
+    result.datagrams_left = await drain_udp(udp, deadline)
     for lst in tcp:
         _shut_down(lst, result)
     result.drained = result.queued_at_cutover - min(
@@ -135,7 +135,7 @@ async def _until_stable(done: Callable[[], bool], deadline: float) -> bool:
     return False
 
 
-async def _drain_tcp(listeners: list[Listener], deadline: float, result: Retirement) -> bool:
+async def drain_tcp(listeners: list[Listener], deadline: float, result: Retirement) -> bool:
     """Wait until the old queues are empty and the handshakes pending at cutover ended.
 
     No new request can be created for a listener that is steered away; the
@@ -171,7 +171,7 @@ def _queues_empty(listeners: list[Listener]) -> bool:
     return all(lst.queued() == 0 for lst in listeners)
 
 
-async def _drain_udp(listeners: list[Listener], deadline: float) -> int:
+async def drain_udp(listeners: list[Listener], deadline: float) -> int:
     """Wait until the old datagram sockets are read empty; return bytes left at ``deadline``."""
 
     def unread() -> int:
