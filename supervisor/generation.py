@@ -223,7 +223,7 @@ def release_listeners(listeners: list[Listener]) -> None:
     TCP members are shut down (the kernel unhashes them even if a worker's
     child still holds a copy), last index first, so that leaving moves no
     other member. UDP members leave when our close drops the last reference,
-    which holds once their workers are reaped.
+    which holds once their workers are reaped: the group closes them itself.
     """
     members = [lst for lst in listeners if lst.in_group]
     members.sort(key=lambda lst: lst.group.index(lst.sock), reverse=True)
@@ -232,8 +232,7 @@ def release_listeners(listeners: list[Listener]) -> None:
             if lst.tcp:
                 lst.group.shutdown(lst.sock)
             else:
-                lst.group.leave(lst.sock)
-                lst.group.apply()
+                lst.group.discard(lst.sock)
         except OSError as exc:
             log.error("listener_release_failed", address=str(lst.address), error=str(exc))
     for lst in listeners:

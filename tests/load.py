@@ -210,3 +210,83 @@ class ConnectLoad:
             thread.join(60)
         for part in self._results:
             self.result.merge(part)
+
+
+@dataclass
+class DatagramResult:
+    sent: int = 0
+    answered: int = 0
+    lost: list[str] = field(default_factory=list)  # "thread:seq" never answered
+    duplicates: int = 0
+    generations: Counter[str] = field(default_factory=Counter)
+
+
+def _datagram_loop(
+    port: int, name: str, stop: threading.Event, deadline: float, budget: int
+) -> DatagramResult:
+    """Send numbered datagrams one at a time; each must be answered exactly once."""
+    result = DatagramResult()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        for seq in range(budget):
+            if stop.is_set() or time.monotonic() > deadline:
+                break
+            tag = f"{name}:{seq}"
+            sock.sendto(f"{tag}\n".encode(), ("127.0.0.1", port))
+            result.sent += 1
+            try:
+                answer = sock.recv(65536).decode()
+            except TimeoutError:
+                result.lost.append(tag)
+                continue
+            words = answer.split()
+            if words[0] != tag:  # a late or repeated answer to an earlier datagram
+                result.duplicates += 1
+                continue
+            result.answered += 1
+            result.generations[parse_body(answer.encode()).get("generation", "?")] += 1
+        sock.setblocking(False)
+        while True:  # anything still arriving is an answer given twice
+            try:
+                sock.recv(65536)
+            except BlockingIOError:
+                break
+            result.duplicates += 1
+    return result
+
+
+class DatagramLoad:
+    """Background senders of numbered datagrams: ``with DatagramLoad(port) as load:``."""
+
+    def __init__(
+        self, port: int, *, threads: int = 4, duration: float = 60.0, max_datagrams: int = 400_000
+    ) -> None:
+        self.stop = threading.Event()
+        deadline = time.monotonic() + duration
+        self._parts: list[DatagramResult] = []
+        self.result = DatagramResult()
+        self._threads = [
+            threading.Thread(
+                target=lambda i=i: self._parts.append(
+                    _datagram_loop(port, f"t{i}", self.stop, deadline, max_datagrams // threads)
+                ),
+                daemon=True,
+            )
+            for i in range(threads)
+        ]
+
+    def __enter__(self) -> DatagramLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        for part in self._parts:
+            self.result.sent += part.sent
+            self.result.answered += part.answered
+            self.result.lost += part.lost
+            self.result.duplicates += part.duplicates
+            self.result.generations.update(part.generations)

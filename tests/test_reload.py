@@ -29,7 +29,7 @@ from tests.harness import (
     process_gone,
     service_toml,
 )
-from tests.load import ConnectLoad, Load, LoadResult
+from tests.load import ConnectLoad, DatagramLoad, Load, LoadResult
 
 pytestmark = pytest.mark.kernel
 SYNC_DEMO = [*DEMO, "--concurrency", "1", "--work", "0.002"]
@@ -89,7 +89,9 @@ def test_twenty_reloads_by_migration_lose_nothing(
 ) -> None:
     migrate_req(sysctl)
     port = free_port()
-    daemon = start_daemon(web(port), supervisor_extra=f'steering = "{steering}"')
+    # An http gate: its probes are pinned to each candidate listener while standby.
+    service = web(port, health='kind = "http"')
+    daemon = start_daemon(service, supervisor_extra=f'steering = "{steering}"')
     assert daemon.status()["services"]["web"]["steering"] == steering
     with Load(port, threads=CLIENTS, duration=240) as load:
         reports = reload_many(daemon, RELOADS, "migrate")
@@ -116,6 +118,8 @@ def _migrations_only_to_active(daemon: Daemon) -> None:
     assert len(retired) == 4 * RELOADS, "every old listener was retired"
     assert sum(e["migrations_in"] for e in left) > 0
     assert [e for e in retired if e["migrations_while_retiring"]] == []
+    # Every listener of every generation passed its gate by a probe pinned to it.
+    assert sum(1 for e in left if e["probes"] > 0) == 4 * (RELOADS + 1)
     print(f"SYNs while retiring (steered away): {sum(e['syns_while_retiring'] for e in retired)}")
 
 
@@ -136,6 +140,25 @@ def test_twenty_reloads_by_drain_lose_nothing(
     assert sum(r["queued_at_cutover"] for r in reports) > 0
     assert all(r["left_at_shutdown"] == 0 and not r["drain_timed_out"] for r in reports)
     check_answers(daemon, result)
+
+
+@pytest.mark.parametrize("steering", ["ebpf", "cbpf"])
+def test_twenty_reloads_of_a_udp_service_answer_every_datagram_once(
+    start_daemon: Callable[..., Daemon], steering: str
+) -> None:
+    port = free_port()
+    service = web(port).replace(f'"127.0.0.1:{port}"', f'"udp://127.0.0.1:{port}"')
+    daemon = start_daemon(service, supervisor_extra=f'steering = "{steering}"')
+    with DatagramLoad(port, threads=CLIENTS, duration=240) as load:
+        for _ in range(RELOADS):
+            reloaded = daemon.reload()
+            assert reloaded.ok, reloaded.answer
+            assert reloaded.report()["datagrams_left"] == 0
+    result = load.result
+    print(f"udp/{steering}: {result.sent} sent, {result.answered} answered")
+    assert result.lost == [] and result.duplicates == 0, (result.lost[:10], result.duplicates)
+    assert result.answered == result.sent > 1000
+    assert len(result.generations) > RELOADS / 2, "the load crossed the reloads"
 
 
 async def test_negative_control_a_naive_restart_loses_connections(
@@ -238,10 +261,13 @@ def test_rollbacks_keep_the_old_generation_serving(migrating: tuple[Daemon, int]
     assert daemon.reload().report()["generation"] == 4
 
 
+@pytest.mark.parametrize("steering", ["ebpf", "cbpf"])
 def test_a_candidate_failing_its_gate_never_gets_a_connection(
-    migrating: tuple[Daemon, int],
+    start_daemon: Callable[..., Daemon], migrate_req: Callable[[int], None], steering: str
 ) -> None:
-    daemon, port = migrating
+    migrate_req(1)
+    port = free_port()
+    daemon = start_daemon(web(port), supervisor_extra=f'steering = "{steering}"')
     # Candidates that never accept: any connection steered to them would sit
     # in their accept queue, which the status of their listeners would show.
     daemon.rewrite(
@@ -261,6 +287,16 @@ def test_a_candidate_failing_its_gate_never_gets_a_connection(
     assert queued, "the candidate's listeners were observed"
     assert max(queued) == 0, "no connection was steered to a standby candidate"
     assert load.result.failed == 0, load.result.failures
+    assert answer[0].report()["outcome"] == "rolled_back"  # type: ignore[attr-defined]
+    if steering == "ebpf":
+        # The program's own counters: no client SYN reached a candidate listener.
+        left = [
+            e
+            for e in daemon.events[mark:]
+            if e.get("event") == "steering_member_left" and e["cookie"] in candidate
+        ]
+        assert len(left) == 4
+        assert all(e["syns"] == 0 and e["migrations_in"] == 0 for e in left), left
 
 
 def _queued_on(port: int, cookies: set[int]) -> list[int]:
@@ -275,6 +311,33 @@ def _queued_on(port: int, cookies: set[int]) -> list[int]:
         if cookie in cookies:
             found.append(int(fields[1]))
     return found
+
+
+@pytest.mark.parametrize("steering", ["ebpf", "cbpf"])
+def test_changed_listener_settings_retire_by_drain(
+    start_daemon: Callable[..., Daemon], migrate_req: Callable[[int], None], steering: str
+) -> None:
+    """Migration between listeners with different settings is refused: such a
+    reload drains, says why, and still loses nothing."""
+    migrate_req(1)
+    port = free_port()
+    daemon = start_daemon(web(port), supervisor_extra=f'steering = "{steering}"')
+    bigger = web(port, extra='socket = { rcvbuf = 262144, defer_accept = "1s" }')
+    paths = []
+    with Load(port, threads=CLIENTS, duration=120) as load:
+        for services in (bigger, bigger, web(port)):
+            daemon.rewrite(services)
+            reloaded = daemon.reload()
+            assert reloaded.ok, reloaded.answer
+            report = reloaded.report()
+            paths.append((report["path"], report["path_reason"]))
+            if report["path"] == "drain":
+                assert report["left_at_shutdown"] == 0 and not report["drain_timed_out"], report
+    assert load.result.failed == 0, (load.result.failures, load.result.examples)
+    assert [path for path, _ in paths] == ["drain", "migrate", "drain"]
+    assert "rcvbuf unset -> 262144" in paths[0][1] and "defer_accept unset -> 1s" in paths[0][1]
+    assert "rcvbuf 262144 -> unset" in paths[2][1]
+    check_answers(daemon, load.result)
 
 
 def test_concurrent_requests_coalesce(migrating: tuple[Daemon, int]) -> None:

@@ -7,7 +7,7 @@ import os
 import select
 import socket
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -38,6 +38,9 @@ def migrate_req() -> Iterator[None]:
     MIGRATE_REQ.write_text(original)
 
 
+Who = Callable[[int, list[socket.socket], int], socket.socket | None]
+
+
 def who_accepts(port: int, socks: list[socket.socket], sport: int) -> socket.socket | None:
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -56,19 +59,30 @@ def who_accepts(port: int, socks: list[socket.socket], sport: int) -> socket.soc
     return None
 
 
+def who_receives(port: int, socks: list[socket.socket], sport: int) -> socket.socket | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        client.bind(("127.0.0.1", sport))
+        client.sendto(b"which", ("127.0.0.1", port))
+    ready, _, _ = select.select(socks, [], [], 2)
+    for sock in ready:
+        sock.recv(16)
+    return ready[0] if len(ready) == 1 else None
+
+
 class Rounds:
     def __init__(self) -> None:
         self.round = 100
 
     def kernel_order(
-        self, port: int, group: CbpfGroup, live: list[socket.socket]
+        self, port: int, group: CbpfGroup, live: list[socket.socket], who: Who = who_accepts
     ) -> list[socket.socket]:
         """Ask the kernel which socket is at each index (then restore our program)."""
         cbpf.attach(group.members[0], INDEX_BY_SPORT)
         self.round += 1
         order = []
         for k in range(len(group.members)):
-            sock = who_accepts(port, live, 256 * self.round + k)
+            sock = who(port, live, 256 * self.round + k)
             assert sock is not None
             order.append(sock)
         group.apply()
@@ -114,6 +128,36 @@ def test_model_matches_kernel_through_listen_shutdown_close(migrate_req: None) -
     live[:] = [s for s in live if s.fileno() >= 0]
     check()
     assert group.members == [l5, l3]
+    for sock in live:
+        sock.close()
+
+
+def test_model_matches_kernel_for_datagram_members() -> None:
+    """A UDP member leaves its group only when its last reference closes."""
+    port = free_port()
+    address = parse_listen(f"udp://127.0.0.1:{port}")
+    group = CbpfGroup(address)
+    rounds = Rounds()
+    live: list[socket.socket] = []
+
+    def bind() -> socket.socket:
+        sock = open_listener(address, ListenerOptions())
+        group.join(sock, Role.ACTIVE)
+        live.append(sock)
+        return sock
+
+    def check() -> None:
+        open_ones = [s for s in live if s.fileno() >= 0]
+        assert rounds.kernel_order(port, group, open_ones, who_receives) == group.members
+
+    l0, l1, _l2, _l3 = (bind() for _ in range(4))
+    check()
+    group.discard(l1)
+    check()
+    bind()
+    group.discard(l0)
+    check()
+    assert len(group.members) == 3
     for sock in live:
         sock.close()
 

@@ -73,6 +73,9 @@ class SteeringGroup(Protocol):
         """``shutdown(SHUT_RDWR)`` a TCP member: it leaves, its queue migrates
         where migration is on, and its holders' ``accept()`` fails with EINVAL."""
 
+    def discard(self, sock: socket.socket) -> None:
+        """Close a member nobody else holds (a UDP member leaves only then)."""
+
     def pinned(self, sock: socket.socket, host: str, sport: int) -> AbstractContextManager[None]:
         """While inside, connections from (host, sport) go to ``sock``."""
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import socket
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -192,11 +192,20 @@ class CbpfGroup:
     def shutdown(self, sock: socket.socket) -> None:
         """``shutdown(SHUT_RDWR)`` a TCP member: it leaves the group (its queue
         migrates where migration is on), and its holders' ``accept()`` fails
-        with EINVAL.
+        with EINVAL."""
+        self._leave_by(sock, lambda: sock.shutdown(socket.SHUT_RDWR))
+
+    def discard(self, sock: socket.socket) -> None:
+        """Close a member whose last other holder is gone: a datagram socket
+        leaves the group only when its last reference closes."""
+        self._leave_by(sock, sock.close)
+
+    def _leave_by(self, sock: socket.socket, operation: Callable[[], None]) -> None:
+        """Run ``operation`` (which takes ``sock`` out of the kernel's group).
 
         The last member will move into ``sock``'s index: a program excluding
-        both is attached first, so no connection is steered by a stale index
-        while the kernel and the model disagree.
+        both is attached first, so nothing is steered by a stale index while
+        the kernel and the model disagree.
         """
         last = self._members[-1]
         keeps_one = any(
@@ -204,7 +213,7 @@ class CbpfGroup:
         )
         if keeps_one:
             self.apply(exclude=(sock, last))
-        sock.shutdown(socket.SHUT_RDWR)
+        operation()
         self.leave(sock)
         self.apply()
 

@@ -182,6 +182,11 @@ class EbpfGroup:
         sock.shutdown(socket.SHUT_RDWR)
         self.leave(sock)
 
+    def discard(self, sock: socket.socket) -> None:
+        """Free ``sock``'s slot, then close it (its last reference)."""
+        self.leave(sock)
+        sock.close()
+
     @contextmanager
     def pinned(self, sock: socket.socket, host: str, sport: int) -> Iterator[None]:  # noqa: ARG002
         """While inside, SYNs from source port ``sport`` go to ``sock``.
