@@ -79,6 +79,13 @@ def test_killed_worker_respawns_on_same_listener_and_serves_its_queue(
         died = daemon.wait_event("worker_died", after=mark, worker=0)
         assert died["exit"] == "killed by SIGKILL"
         spawned = daemon.wait_event("worker_spawned", after=mark, worker=0)
+        # Its listener leaves rotation while the new process starts (the demo
+        # sleeps 1 s before READY=1): it keeps its queue and takes no new SYNs.
+        out = daemon.wait_event("worker_steered", after=mark, worker=0)
+        assert out["role"] == "out of rotation"
+        down = daemon.status()["services"]["web"]["workers"][0]
+        assert down["state"] != "RUNNING", "the respawn outran the test; raise --delay"
+        assert down["listeners"][0]["role"] == "standby"
         # While the new process sleeps, its listener (the same socket) queues.
         wait_until(
             lambda: (
@@ -89,6 +96,8 @@ def test_killed_worker_respawns_on_same_listener_and_serves_its_queue(
             what="connections queued on worker 0's listener while it is down",
         )
         daemon.wait_event("worker_running", after=mark, worker=0)
+        back = daemon.wait_event("worker_steered", after=mark, role="in rotation", worker=0)
+        assert back["state"] == "RUNNING"
         after = daemon.status()["services"]["web"]["workers"][0]
         wait_until(lambda: load.served_by(spawned["pid"]), 15, "the respawned worker to serve")
     result = load.result
@@ -96,6 +105,7 @@ def test_killed_worker_respawns_on_same_listener_and_serves_its_queue(
     assert after["pid"] == spawned["pid"] != victim
     assert after["restarts"] == 1
     assert after["listeners"][0]["cookie"] == cookie, "respawned on the same listener"
+    assert after["listeners"][0]["role"] == "active", "back in rotation"
     # Only the victim's own accepted connections may fail (RST, or FIN when it
     # had already read the request); nothing queued may.
     assert set(result.failures) <= {"reset", "short"}, (result.failures, result.examples)
