@@ -28,11 +28,12 @@ from supervisor.errors import ConfigError, SupervisorError, leaves
 from supervisor.kernel import sysctl
 from supervisor.loader import environment_for_workers, load_config
 from supervisor.plan import describe, plan_config
-from supervisor.reloads import ServiceDirectory, handle_reload
+from supervisor.reloads import ServiceDirectory, handle_reload, reload_summary
 from supervisor.requests import Reload, Request, Shutdown
 from supervisor.service import Service, ServiceEnv
 from supervisor.spawner import ProcessSpawner, Spawner
 from supervisor.status import DaemonStatus, Status
+from supervisor.systemd import SystemdNotifier
 
 log = structlog.get_logger("supervisor.daemon")
 
@@ -43,9 +44,16 @@ class Daemon:
     """The running daemon: its services and the channel that drives them."""
 
     def __init__(
-        self, config: Config, config_path: Path, spawner: Spawner, caps: Capabilities
+        self,
+        config: Config,
+        config_path: Path,
+        spawner: Spawner,
+        caps: Capabilities,
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         self.config = config
+        self.notifier = notifier or SystemdNotifier(None)
+        self._last_reload: str | None = None
         self.config_path = config_path
         self._caps = caps
         self._env = ServiceEnv(spawner, self.load_checked, self.capabilities)
@@ -138,6 +146,7 @@ class Daemon:
         async with trio.open_nursery() as root:
             startup = trio.CancelScope()
             root.start_soon(self._forward_signals, startup)
+            root.start_soon(self.notifier.keep_watchdog)
             control = ControlServer(self._send, self.status)
             await root.start(self._serve_control, control, sock, root.cancel_scope)
             log.info("control_socket_ready", path=str(section.control_socket))
@@ -172,7 +181,9 @@ class Daemon:
             else:
                 self._ready = True
                 log.info("daemon_ready", services=list(self.services))
+                self.notifier.ready(self.summary())
                 shutdown = await self._request_loop(root)
+            self.notifier.stopping()
             root.start_soon(self._escalate, services.cancel_scope)
             for service in list(self.services.values()):
                 service.request_stop()
@@ -189,9 +200,28 @@ class Daemon:
         async for request in self._receive:
             if isinstance(request, Shutdown):
                 log.info("shutdown_requested", source=request.source)
+                self.notifier.stopping()
                 return request
-            root.start_soon(handle_reload, self.directory(), request)
+            root.start_soon(self._reload, request)
         raise AssertionError("the request channel never closes while the daemon runs")
+
+    async def _reload(self, request: Reload) -> None:
+        self.notifier.reload_started()
+        answer: dict[str, object] = {"ok": False, "message": "the reload was cut short"}
+        try:
+            answer = await handle_reload(self.directory(), request)
+        finally:
+            self._last_reload = reload_summary(answer)
+            self.notifier.reload_finished(self.summary())
+
+    def summary(self) -> str:
+        """One line for systemd's ``STATUS=``: generations, then the last reload."""
+        services = ", ".join(
+            f"{name} generation {svc.current.number if svc.current else 0} {svc.state().value}"
+            for name, svc in self.services.items()
+        )
+        last = f"; last reload {self._last_reload}" if self._last_reload else ""
+        return f"{services}{last}"
 
     async def _forward_signals(self, startup: trio.CancelScope) -> None:
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -201,6 +231,7 @@ class Daemon:
                 if signum in _SHUTDOWN_SIGNALS and not self._ready:
                     # A stop during start-up must not wait for ready_timeout.
                     log.info("shutdown_requested", source=name)
+                    self.notifier.stopping()
                     startup.cancel()
                 elif signum in _SHUTDOWN_SIGNALS:
                     await self._send.send(Shutdown(source=name))
@@ -266,17 +297,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     if issues:
         print(ConfigError(str(args.config), issues), file=sys.stderr)
         sys.exit(2)
+    notifier = SystemdNotifier.from_environment(os.environ)
     spawner = ProcessSpawner(environment_for_workers(os.environ))
     try:
-        trio.run(_run, config, args.config.resolve(), spawner, caps)
+        trio.run(_run, config, args.config.resolve(), spawner, caps, notifier)
     except SupervisorError as exc:
         print(f"supervisord: {exc}", file=sys.stderr)
         sys.exit(1)
     sys.exit(0)
 
 
-async def _run(config: Config, config_path: Path, spawner: Spawner, caps: Capabilities) -> None:
-    await Daemon(config, config_path, spawner, caps).run()
+async def _run(
+    config: Config,
+    config_path: Path,
+    spawner: Spawner,
+    caps: Capabilities,
+    notifier: SystemdNotifier,
+) -> None:
+    await Daemon(config, config_path, spawner, caps, notifier).run()
 
 
 if __name__ == "__main__":

@@ -38,8 +38,11 @@ class ServiceDirectory:
     stop: Callable[[str], Awaitable[None]]
 
 
-async def handle_reload(directory: ServiceDirectory, request: Reload) -> None:
-    """Carry out ``request``; answer on its reply channel (if any) and close it."""
+async def handle_reload(directory: ServiceDirectory, request: Reload) -> dict[str, Any]:
+    """Carry out ``request``; answer on its reply channel (if any) and close it.
+
+    Returns the answer.
+    """
     reply = request.reply
     log.info(
         "reload_requested", source=request.source, target=request.service, reason=request.reason
@@ -55,6 +58,7 @@ async def handle_reload(directory: ServiceDirectory, request: Reload) -> None:
     if reply is not None:
         async with reply:
             await reply.send(answer)
+    return answer
 
 
 async def _reload(
@@ -123,6 +127,19 @@ async def _forward(ticket: Ticket, reply: Reply | None) -> None:
 def _why(report: Mapping[str, Any]) -> str:
     reasons = "; ".join(report.get("reasons") or []) or "no reason given"
     return f"{report.get('outcome')}: {reasons}"
+
+
+def reload_summary(answer: Mapping[str, Any]) -> str:
+    """``succeeded (web: generation 3 by migrate in 0.74 s)`` or ``failed: reasons``."""
+    if not answer.get("ok"):
+        reasons = "; ".join(answer.get("reasons") or []) or answer.get("message", "")
+        return f"failed: {reasons}"[:300]
+    done = [
+        f"{name}: generation {r.get('generation')}"
+        + (f" by {r['path']} in {r['duration']:.2f} s" if r.get("path") else f" {r['outcome']}")
+        for name, r in (answer.get("services") or {}).items()
+    ]
+    return f"succeeded ({', '.join(done)})"
 
 
 def _summary(answer: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -75,7 +76,9 @@ class Reloaded:
 class Daemon:
     """A ``supervisord`` child process whose JSON log lines tests can wait on."""
 
-    def __init__(self, config: Path, control: Path, header: str = "") -> None:
+    def __init__(
+        self, config: Path, control: Path, header: str = "", env: dict[str, str] | None = None
+    ) -> None:
         self.config = config
         self.control = control
         self.header = header
@@ -87,6 +90,7 @@ class Daemon:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env=None if env is None else {**os.environ, **env},
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -225,14 +229,20 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Factory: ``start_daemon(services_toml)`` -> a running, ready ``Daemon``."""
     started: list[Daemon] = []
 
-    def start(services: str, *, wait_ready: bool = True, supervisor_extra: str = "") -> Daemon:
+    def start(
+        services: str,
+        *,
+        wait_ready: bool = True,
+        supervisor_extra: str = "",
+        env: dict[str, str] | None = None,
+    ) -> Daemon:
         control = tmp_path / f"control-{len(started)}.sock"
         config = tmp_path / f"supervisor-{len(started)}.toml"
         header = (
             f'[supervisor]\ncontrol_socket = "{control}"\nlog_level = "debug"\n{supervisor_extra}\n'
         )
         config.write_text(header + services)
-        daemon = Daemon(config, control, header)
+        daemon = Daemon(config, control, header, env)
         started.append(daemon)
         if wait_ready:
             daemon.wait_event("daemon_ready")

@@ -1,0 +1,152 @@
+"""systemd's side of the notify protocol, played by a real datagram socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisor.kernel.notify import parse
+from supervisor.systemd import monotonic_usec
+from tests.harness import Daemon, free_port, service_toml
+
+pytestmark = pytest.mark.kernel
+
+
+class FakeSystemd:
+    """The NOTIFY_SOCKET end of systemd: collects the daemon's messages in order."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[dict[str, str]] = []
+
+    def next(self, timeout: float = 30.0) -> dict[str, str]:
+        self.sock.settimeout(timeout)
+        message = parse(self.sock.recv(4096))
+        self.messages.append(message)
+        return message
+
+    def next_without_watchdog(self, timeout: float = 30.0) -> dict[str, str]:
+        while True:
+            message = self.next(timeout)
+            if message != {"WATCHDOG": "1"}:
+                return message
+
+    def nothing_more(self, wait: float) -> bool:
+        self.sock.settimeout(wait)
+        try:
+            extra = parse(self.sock.recv(4096))
+        except TimeoutError:
+            return True
+        self.messages.append(extra)
+        return False
+
+
+@pytest.fixture
+def systemd(tmp_path: Path) -> Iterator[FakeSystemd]:
+    fake = FakeSystemd(tmp_path / "notify.sock")
+    yield fake
+    fake.sock.close()
+
+
+def test_start_reload_failed_reload_and_stop_in_systemd_order(
+    start_daemon: Callable[..., Daemon], systemd: FakeSystemd
+) -> None:
+    port = free_port()
+    services = service_toml("web", port=port, workers=2)
+    daemon = start_daemon(services, env={"NOTIFY_SOCKET": str(systemd.path)})
+
+    ready = systemd.next()
+    assert ready["READY"] == "1"
+    assert ready["MAINPID"] == str(daemon.proc.pid)
+    assert ready["STATUS"] == "web generation 1 RUNNING"
+
+    before = monotonic_usec()
+    assert daemon.reload().ok
+    reloading = systemd.next()
+    assert set(reloading) == {"RELOADING", "MONOTONIC_USEC"}
+    assert reloading["RELOADING"] == "1"
+    # The daemon's clock reading, taken when the reload began, as systemd wants it.
+    assert before <= int(reloading["MONOTONIC_USEC"]) <= monotonic_usec()
+    done = systemd.next()
+    assert done["READY"] == "1"
+    assert done["STATUS"].startswith("web generation 2 RUNNING; last reload succeeded (web:")
+
+    daemon.rewrite(services.replace("workers = 2", "workers = 0"))
+    assert not daemon.reload().ok
+    assert systemd.next()["RELOADING"] == "1"
+    failed = systemd.next()
+    assert failed["READY"] == "1", "systemd leaves the reloading state on READY=1 only"
+    assert "last reload failed" in failed["STATUS"]
+    assert "services.web.workers" in failed["STATUS"]
+
+    assert daemon.terminate() == 0
+    assert systemd.next() == {"STOPPING": "1", "STATUS": "stopping"}
+    assert systemd.nothing_more(0.2), systemd.messages[-1]
+
+
+def test_sighup_reload_is_announced_like_a_control_reload(
+    start_daemon: Callable[..., Daemon], systemd: FakeSystemd
+) -> None:
+    # Type=notify-reload: systemd sends SIGHUP and waits for RELOADING=1 then READY=1.
+    daemon = start_daemon(
+        service_toml("web", port=free_port(), workers=1), env={"NOTIFY_SOCKET": str(systemd.path)}
+    )
+    assert systemd.next()["READY"] == "1"
+    mark = daemon.mark()
+    daemon.proc.send_signal(1)
+    assert systemd.next()["RELOADING"] == "1"
+    assert systemd.next()["STATUS"].startswith("web generation 2 RUNNING; last reload succeeded")
+    daemon.wait_event("reload_answered", after=mark)
+
+
+def test_watchdog_is_fed_at_half_the_interval(
+    start_daemon: Callable[..., Daemon], systemd: FakeSystemd
+) -> None:
+    env = {
+        "NOTIFY_SOCKET": str(systemd.path),
+        "WATCHDOG_USEC": "400000",
+        "WATCHDOG_PID": "",  # systemd sets it to the main pid; empty means "any"
+    }
+    daemon = start_daemon(service_toml("web", port=free_port(), workers=1), env=env)
+    while "READY" not in systemd.next():  # beats queued during start-up: timing unknown
+        pass
+    start = time.monotonic()
+    beats = []
+    while time.monotonic() - start < 1.5:
+        if systemd.next(5) == {"WATCHDOG": "1"}:
+            beats.append(time.monotonic())
+    gaps = [b - a for a, b in zip(beats[1:], beats[2:], strict=False)]
+    assert len(beats) >= 5, beats
+    assert all(0.1 < gap < 0.35 for gap in gaps), gaps
+    # Workers never see systemd's variables: they could notify in the daemon's name.
+    pid = daemon.worker_pids()[0]
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert not [v for v in environ if v.startswith((b"WATCHDOG_", b"NOTIFY_SOCKET=/"))]
+
+
+def test_watchdog_meant_for_another_pid_is_not_fed(
+    start_daemon: Callable[..., Daemon], systemd: FakeSystemd
+) -> None:
+    env = {
+        "NOTIFY_SOCKET": str(systemd.path),
+        "WATCHDOG_USEC": "200000",
+        "WATCHDOG_PID": str(os.getpid()),  # this test's pid, not the daemon's
+    }
+    start_daemon(service_toml("web", port=free_port(), workers=1), env=env)
+    assert systemd.next()["READY"] == "1"
+    assert systemd.nothing_more(0.5), systemd.messages[-1]
+
+
+def test_without_notify_socket_nothing_is_sent(
+    start_daemon: Callable[..., Daemon], systemd: FakeSystemd
+) -> None:
+    daemon = start_daemon(service_toml("web", port=free_port(), workers=1))
+    assert daemon.reload().ok
+    assert systemd.nothing_more(0.3)
