@@ -1,0 +1,95 @@
+"""The files in systemd/: what systemd itself says of them, and that they fit the daemon."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from supervisor.config import DEFAULT_CONTROL_SOCKET
+from supervisor.kernel import sysctl
+
+SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
+UNIT = SYSTEMD / "supervisor.service"
+NOTIFY_RELOAD = SYSTEMD / "supervisor.service.d" / "notify-reload.conf"
+SYSCTL = SYSTEMD / "sysctl.d" / "60-supervisor-migrate.conf"
+
+needs_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here"
+)
+
+
+def systemd_version() -> int:
+    out = subprocess.run(["systemctl", "--version"], capture_output=True, text=True).stdout
+    match = re.match(r"systemd (\d+)", out)
+    return int(match.group(1)) if match else 0
+
+
+def installed_copy(tmp_path: Path, text: str) -> Path:
+    """The unit as `pip install` into this venv would need it: its commands exist."""
+    unit = tmp_path / "supervisor.service"
+    unit.write_text(text.replace("/usr/local/bin/", f"{Path(sys.executable).parent}/"))
+    return unit
+
+
+def verify(unit: Path) -> str:
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True
+    )
+    # verify exits 0 on unknown keys and bad values: its warnings are the findings.
+    return (done.stdout + done.stderr).strip() + ("" if done.returncode == 0 else " (failed)")
+
+
+@needs_analyze
+def test_unit_verifies_without_a_warning(tmp_path: Path) -> None:
+    assert verify(installed_copy(tmp_path, UNIT.read_text())) == ""
+
+
+@needs_analyze
+def test_verify_catches_what_it_should(tmp_path: Path) -> None:
+    # Negative control: the check above would see a typo or a missing program.
+    bad = UNIT.read_text().replace("NotifyAccess=main", "NotifyAccess=main\nNotfyAccess=all")
+    assert "Unknown key" in verify(installed_copy(tmp_path, bad))
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    assert "not executable" in verify(
+        installed_copy(
+            missing,
+            UNIT.read_text().replace("/usr/local/bin/supervisord", "/nonexistent/supervisord"),
+        )
+    )
+
+
+@needs_analyze
+@pytest.mark.skipif(systemd_version() < 253, reason="Type=notify-reload needs systemd 253+")
+def test_notify_reload_variant_verifies(tmp_path: Path) -> None:
+    assert verify(installed_copy(tmp_path, UNIT.read_text() + NOTIFY_RELOAD.read_text())) == ""
+
+
+def test_unit_matches_the_daemon() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string(UNIT.read_text())
+    service = unit["Service"]
+    assert service["Type"] == "notify"
+    # The control socket's default directory is the unit's RuntimeDirectory.
+    assert DEFAULT_CONTROL_SOCKET.parent == Path("/run") / service["RuntimeDirectory"]
+    assert f"-s {DEFAULT_CONTROL_SOCKET} reload" in service["ExecReload"]
+    caps = set(service["CapabilityBoundingSet"].split())
+    assert {"CAP_NET_BIND_SERVICE", "CAP_BPF", "CAP_SETUID", "CAP_SETGID", "CAP_KILL"} <= caps
+    assert "CAP_SYS_ADMIN" not in caps
+
+
+@pytest.mark.kernel
+def test_sysctl_drop_in_enables_migration(migrate_req: Callable[[int], None]) -> None:
+    if shutil.which("sysctl") is None:
+        pytest.skip("procps' sysctl is not installed here")
+    migrate_req(0)  # in the test's own network namespace; restored afterwards
+    subprocess.run(["sysctl", "-q", "-p", str(SYSCTL)], check=True)
+    assert sysctl.migrate_req() == 1
