@@ -134,8 +134,18 @@ class HealthExec(Model):
     interval: Duration = 0.5
 
 
+class HealthTls(Model):
+    """Healthy once a TLS handshake with the worker's own listener presents the
+    certificate in the service's ``tls.cert`` file."""
+
+    kind: Literal["tls"]
+    server_name: str | None = None  # SNI; default: none sent
+    timeout: Duration = 5.0
+    interval: Duration = 0.1
+
+
 Health = Annotated[
-    HealthNone | HealthNotify | HealthTcp | HealthHttp | HealthExec,
+    HealthNone | HealthNotify | HealthTcp | HealthHttp | HealthTls | HealthExec,
     Field(discriminator="kind"),
 ]
 
@@ -147,6 +157,18 @@ class SocketOptions(Model):
     fastopen: int | None = Field(default=None, ge=1, le=65535)
     rcvbuf: int | None = Field(default=None, ge=1024)
     sndbuf: int | None = Field(default=None, ge=1024)
+
+
+class TlsFiles(Model):
+    """``tls = { cert = ..., key = ... }``: what the service serves (PEM; chain after leaf)."""
+
+    cert: Path
+    key: Path
+
+    @field_validator("cert", "key")
+    @classmethod
+    def _paths(cls, value: Path, info: ValidationInfo) -> Path:
+        return _resolve(value, info)
 
 
 class ServiceConfig(Model):
@@ -168,6 +190,23 @@ class ServiceConfig(Model):
     preflight: list[str] | None = Field(default=None, min_length=1)
     socket: SocketOptions = SocketOptions()
     health: Health = HealthNone()
+    tls: TlsFiles | None = None
+    watch: list[Path] = Field(default_factory=list)
+    watch_debounce: Duration = 1.0
+
+    @field_validator("watch")
+    @classmethod
+    def _watch(cls, value: list[Path], info: ValidationInfo) -> list[Path]:
+        return [_resolve(path, info) for path in value]
+
+    @model_validator(mode="after")
+    def _tls_check_needs_files(self) -> ServiceConfig:
+        if self.health.kind == "tls" and self.tls is None:
+            raise ValueError(
+                'health kind "tls" compares the served certificate with tls.cert: '
+                "set tls = { cert = ..., key = ... }"
+            )
+        return self
 
     @field_validator("command")
     @classmethod

@@ -34,6 +34,7 @@ from supervisor.service import Service, ServiceEnv
 from supervisor.spawner import ProcessSpawner, Spawner
 from supervisor.status import DaemonStatus, Status
 from supervisor.systemd import SystemdNotifier
+from supervisor.watch import WatchSpec, watch_services
 
 log = structlog.get_logger("supervisor.daemon")
 
@@ -54,6 +55,7 @@ class Daemon:
         self.config = config
         self.notifier = notifier or SystemdNotifier(None)
         self._last_reload: str | None = None
+        self._reloaded = trio.Event()  # set (and replaced) after every reload
         self.config_path = config_path
         self._caps = caps
         self._env = ServiceEnv(spawner, self.load_checked, self.capabilities)
@@ -182,6 +184,7 @@ class Daemon:
                 self._ready = True
                 log.info("daemon_ready", services=list(self.services))
                 self.notifier.ready(self.summary())
+                root.start_soon(self._keep_watching)
                 shutdown = await self._request_loop(root)
             self.notifier.stopping()
             root.start_soon(self._escalate, services.cancel_scope)
@@ -213,6 +216,32 @@ class Daemon:
         finally:
             self._last_reload = reload_summary(answer)
             self.notifier.reload_finished(self.summary())
+            self._reloaded.set()
+            self._reloaded = trio.Event()
+
+    def watch_specs(self) -> dict[str, WatchSpec]:
+        return {
+            name: WatchSpec(tuple(svc.config.watch), svc.config.watch_debounce)
+            for name, svc in self.services.items()
+            if svc.config.watch
+        }
+
+    async def _keep_watching(self) -> None:
+        """Watch the services' ``watch`` paths; re-arm when a reload changed them."""
+        while True:
+            specs = self.watch_specs()
+            async with trio.open_nursery() as nursery:
+                if specs:
+                    await nursery.start(watch_services, specs, self._reload_on_change)
+                while self.watch_specs() == specs:
+                    await self._reloaded.wait()
+                nursery.cancel_scope.cancel()
+
+    async def _reload_on_change(self, service: str, paths: Sequence[Path]) -> None:
+        names = ", ".join(str(path) for path in paths)
+        await self._send.send(
+            Reload(source="watch", service=service, reason=f"watched files changed: {names}")
+        )
 
     def summary(self) -> str:
         """One line for systemd's ``STATUS=``: generations, then the last reload."""

@@ -98,6 +98,10 @@ class HealthCheckFailed(SupervisorError):
         super().__init__(f"{worker}: health check {check} failed: {detail}")
 
 
+class TlsError(SupervisorError):
+    """A certificate or key cannot be served: unreadable, mismatched, expired, misordered."""
+
+
 class PreflightFailed(SupervisorError):
     """The configured preflight command did not exit 0."""
 

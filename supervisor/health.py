@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
-from supervisor.config import Health, HealthExec, HealthHttp, HealthNone, HealthTcp
+from supervisor import tls
+from supervisor.config import Health, HealthExec, HealthHttp, HealthNone, HealthTcp, HealthTls
+from supervisor.errors import TlsError
 from supervisor.kernel.notify import NotifyMessage
 from supervisor.plan import substitute
 from supervisor.steering import SteeringGroup
@@ -42,6 +48,7 @@ class ProbeTarget:
     address: ListenAddress | None
     connect: Connector | None = None
     notifications: Callable[[], Awaitable[NotifyMessage]] | None = None
+    certificate: Path | None = None  # the service's tls.cert: what a tls probe must be served
 
 
 def connect_address(address: ListenAddress) -> tuple[str, int]:
@@ -111,7 +118,7 @@ class TcpProbe(Probe):
 
     name = "tcp"
 
-    def __init__(self, target: ProbeTarget, check: HealthTcp | HealthHttp) -> None:
+    def __init__(self, target: ProbeTarget, check: HealthTcp | HealthHttp | HealthTls) -> None:
         super().__init__(target)
         self.timeout = check.timeout
         self.interval = check.interval
@@ -166,6 +173,62 @@ class HttpProbe(TcpProbe):
             return True
         self.last_error = f"GET {self.path}: {head or 'no response'}"
         return False
+
+
+class TlsProbe(TcpProbe):
+    """``tls``: healthy once a handshake presents the certificate of ``tls.cert``.
+
+    So a cutover happens only once the new certificate is really served.
+    The chain is not verified (a self-signed or private CA is fine): the
+    served leaf must be byte for byte the file's.
+    """
+
+    name = "tls"
+
+    def __init__(self, target: ProbeTarget, check: HealthTls) -> None:
+        super().__init__(target, check)
+        self.server_name = check.server_name
+        self.context = ssl.create_default_context()
+        self.context.check_hostname = False
+        self.context.verify_mode = ssl.CERT_NONE
+
+    async def attempt(self) -> bool:
+        if self.target.certificate is None:
+            self.last_error = "the service has no tls.cert to compare with"
+            return False
+        try:
+            expected = tls.load_certificates(self.target.certificate)[0]
+        except TlsError as exc:
+            self.last_error = str(exc)
+            return False
+        stream = await self._connect()
+        if stream is None:
+            return False
+        secure = trio.SSLStream(stream, self.context, server_hostname=self.server_name)
+        try:
+            with trio.fail_after(self.timeout):
+                await secure.do_handshake()
+            served = secure.getpeercert(binary_form=True)
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            cause = exc.__cause__ or exc
+            self.last_error = f"TLS handshake: {cause or 'timed out'}"
+            return False
+        finally:
+            await trio.aclose_forcefully(secure)
+        if served == expected.public_bytes(Encoding.DER):
+            return True
+        self.last_error = (
+            f"served certificate {_describe(served)} is not {self.target.certificate} "
+            f"({expected.subject.rfc4514_string()}, serial {expected.serial_number:x})"
+        )
+        return False
+
+
+def _describe(der: bytes | None) -> str:
+    if not der:
+        return "(none)"
+    cert = x509.load_der_x509_certificate(der)
+    return f"({cert.subject.rfc4514_string()}, serial {cert.serial_number:x})"
 
 
 async def _read_status_line(stream: trio.SocketStream) -> str:
@@ -244,6 +307,8 @@ def make_probe(check: Health, target: ProbeTarget) -> Probe:
         return SettleProbe(target, check)
     if isinstance(check, HealthHttp):
         return HttpProbe(target, check)
+    if isinstance(check, HealthTls):
+        return TlsProbe(target, check)
     if isinstance(check, HealthTcp):
         return TcpProbe(target, check)
     if isinstance(check, HealthExec):

@@ -17,10 +17,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from supervisor import tls
 from supervisor.config import Config, ServiceConfig
 from supervisor.errors import ConfigError, ConfigIssue
 
-_HEALTH_KINDS = frozenset({"none", "notify", "tcp", "http", "exec"})
+_HEALTH_KINDS = frozenset({"none", "notify", "tcp", "http", "tls", "exec"})
 _MESSAGE_REWRITES = {
     "Extra inputs are not permitted": "unknown key",
     "Field required": "required",
@@ -85,6 +86,7 @@ def check_host(config: Config) -> Iterable[ConfigIssue]:
     """Yield what this host cannot do of ``config``: missing programs, users, dirs."""
     for name, service in config.services.items():
         yield from _check_service(f"services.{name}", service)
+    yield from tls.check_config(config)
 
 
 def _check_service(where: str, service: ServiceConfig) -> Iterable[ConfigIssue]:
@@ -99,6 +101,11 @@ def _check_service(where: str, service: ServiceConfig) -> Iterable[ConfigIssue]:
         yield from _check_program(
             f"{where}.health.command", service.health.command[0], path_var, cwd
         )
+    for index, path in enumerate(service.watch):
+        if not path.parent.is_dir():
+            yield ConfigIssue(
+                f"{where}.watch.{index}", f"{path.parent} is not a directory: nothing to watch"
+            )
     if service.user is not None:
         try:
             pwd.getpwnam(service.user)

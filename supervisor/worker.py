@@ -16,6 +16,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 import trio
@@ -42,6 +43,7 @@ class SlotSettings:
     stop_signal: int = signal.SIGTERM
     stop_timeout: float = 30.0
     policy: RestartPolicy = field(default_factory=RestartPolicy)
+    certificate: Path | None = None  # tls.cert, for the tls health check
 
 
 @dataclass
@@ -183,6 +185,7 @@ class WorkerSlot:
             address=_first_tcp(self.plan.listen),
             connect=self._connect,
             notifications=None if self._notify is None else self._notify.receive,
+            certificate=self.settings.certificate,
         )
         probe = make_probe(self.settings.health, target)
         with trio.move_on_after(self.settings.ready_timeout) as scope:

@@ -9,7 +9,9 @@ or ``duration`` seconds, whichever comes first, or when ``stop`` is set.
 
 from __future__ import annotations
 
+import hashlib
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -42,14 +44,28 @@ def parse_body(body: bytes) -> dict[str, str]:
     return {key: value for key, sep, value in pairs if sep}
 
 
-def one_request(host: str, port: int, timeout: float = 10.0) -> dict[str, str]:
-    """Do one request; return the parsed body. Raises ``LoadFailure`` by cause."""
+def one_request(
+    host: str, port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None
+) -> dict[str, str]:
+    """Do one request; return the parsed body. Raises ``LoadFailure`` by cause.
+
+    With ``tls`` the request goes over a TLS handshake first; the body then
+    also carries ``_cert`` (SHA-256 of the served certificate) and ``_at``
+    (``time.monotonic()`` when the connection began).
+    """
+    began = time.monotonic()
+    served = ""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            sock = raw if tls is None else tls.wrap_socket(raw)
+            if isinstance(sock, ssl.SSLSocket):
+                served = hashlib.sha256(sock.getpeercert(binary_form=True) or b"").hexdigest()
             sock.sendall(REQUEST)
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
+    except ssl.SSLError as exc:
+        raise LoadFailure("tls", str(exc)) from exc
     except ConnectionResetError as exc:
         raise LoadFailure("reset", str(exc)) from exc
     except ConnectionRefusedError as exc:
@@ -70,7 +86,10 @@ def one_request(host: str, port: int, timeout: float = 10.0) -> dict[str, str]:
     )
     if length is None or len(body) != length:
         raise LoadFailure("short", f"body {len(body)} bytes, expected {length}")
-    return parse_body(body)
+    parsed = parse_body(body)
+    if tls is not None:
+        parsed.update(_cert=served, _at=str(began))
+    return parsed
 
 
 class LoadFailure(Exception):
@@ -86,13 +105,14 @@ def _loop(  # noqa: PLR0917  (a thread target: positional by nature)
     deadline: float,
     budget: int,
     seen: Callable[[dict[str, str]], None],
+    tls: ssl.SSLContext | None = None,
 ) -> LoadResult:
     result = LoadResult()
     for _ in range(budget):
         if stop.is_set() or time.monotonic() > deadline:
             break
         try:
-            body = one_request(host, port)
+            body = one_request(host, port, tls=tls)
             result.bodies.append(body)
             result.ok += 1
             seen(body)
@@ -114,6 +134,7 @@ class Load:
         threads: int = 4,
         duration: float = 60.0,
         max_connections: int = 200_000,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.stop = threading.Event()
         self.result = LoadResult()
@@ -125,7 +146,7 @@ class Load:
         self._threads = [
             threading.Thread(
                 target=lambda: self._results.append(
-                    _loop(host, port, self.stop, deadline, budget, self._seen)
+                    _loop(host, port, self.stop, deadline, budget, self._seen, tls)
                 ),
                 daemon=True,
             )

@@ -1,14 +1,18 @@
-"""``python -m supervisor.demo [--delay S] [--concurrency N] [--work S]``: the demo worker."""
+"""The demo worker's command line.
+
+``python -m supervisor.demo [--delay S] [--concurrency N] [--work S] [--tls-cert F --tls-key F]``
+"""
 
 from __future__ import annotations
 
 import argparse
+import ssl
 import sys
 
 import trio
 
 from supervisor import logs
-from supervisor.demo.server import ListenFdsError, serve
+from supervisor.demo.server import ListenFdsError, serve, tls_context
 
 
 def main() -> None:
@@ -28,10 +32,21 @@ def main() -> None:
     parser.add_argument(
         "--work", type=float, default=0.0, help="seconds of simulated work per request"
     )
+    parser.add_argument(
+        "--tls-cert", help="serve TLS with this certificate (PEM, chain after leaf)"
+    )
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
     args = parser.parse_args()
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
     logs.configure("auto", "warning")
     try:
-        trio.run(serve, args.delay, args.concurrency, args.work)
+        tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    except (OSError, ssl.SSLError) as exc:
+        print(f"demo: cannot load {args.tls_cert} / {args.tls_key}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        trio.run(serve, args.delay, args.concurrency, args.work, tls)
     except ListenFdsError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -16,6 +16,7 @@ import errno
 import os
 import signal
 import socket
+import ssl
 from dataclasses import dataclass
 
 import h11
@@ -32,6 +33,7 @@ MAX_REQUEST = 64 * 1024
 IDLE_TIMEOUT = 30.0  # a keep-alive connection with no request
 REQUEST_TIMEOUT = 30.0  # from a request's first byte to its end
 DRAIN_TIMEOUT = 25.0
+FIRST_REQUEST_GRACE = 5.0  # after SIGTERM, for a connection whose first request is on its way
 
 
 @dataclass(frozen=True)
@@ -68,20 +70,35 @@ def inherited_sockets() -> list[socket.socket]:
 
 
 class Server:
-    def __init__(self, identity: Identity, concurrency: int = 0, work: float = 0.0) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        concurrency: int = 0,
+        work: float = 0.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.identity = identity
+        self._tls = tls
         self.draining = False
-        self._idle: set[trio.CancelScope] = set()
+        self._idle: set[trio.CancelScope] = set()  # keep-alive, between requests
+        self._fresh: set[trio.CancelScope] = set()  # accepted, first request not read yet
         # Like a sync worker: with a limit, the next accept() waits for a free
         # slot, so connections queue in the kernel under load.
         self._slots = trio.CapacityLimiter(concurrency) if concurrency > 0 else None
         self._work = work
 
     def drain(self) -> None:
-        """Stop taking new requests: close idle connections now, busy ones after."""
+        """Stop taking new requests: close idle connections now, busy ones after.
+
+        A connection accepted before the stop still gets its first request
+        answered (its client sent it, or is in the TLS handshake), within a grace.
+        """
         self.draining = True
         for scope in list(self._idle):
             scope.cancel()
+        grace = trio.current_time() + FIRST_REQUEST_GRACE
+        for scope in list(self._fresh):
+            scope.deadline = min(scope.deadline, grace)
 
     async def accept_loop(self, sock: socket.socket, handlers: trio.Nursery) -> None:
         cookie = socket_cookie(sock)
@@ -107,17 +124,25 @@ class Server:
 
     async def _serve_slot(self, stream: trio.SocketStream, cookie: int, owner: object) -> None:
         try:
-            await self.serve_connection(stream, cookie)
+            if self._tls is None:
+                await self.serve_connection(stream, cookie)
+            else:
+                # The handshake happens on the first read, under the idle deadline.
+                await self.serve_connection(
+                    trio.SSLStream(stream, self._tls, server_side=True), cookie
+                )
         finally:
             if self._slots is not None:
                 self._slots.release_on_behalf_of(owner)
 
-    async def serve_connection(self, stream: trio.SocketStream, cookie: int) -> None:
+    async def serve_connection(self, stream: trio.abc.Stream, cookie: int) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
         try:
             async with stream:
-                while not self.draining or conn.their_state is not h11.IDLE:
-                    request = await self._next_request(stream, conn)
+                first = True
+                while first or not self.draining or conn.their_state is not h11.IDLE:
+                    request = await self._next_request(stream, conn, first)
+                    first = False
                     if request is None:
                         return
                     await self._respond(stream, conn, request, cookie)
@@ -128,24 +153,28 @@ class Server:
             return
 
     async def _next_request(
-        self, stream: trio.SocketStream, conn: h11.Connection
+        self, stream: trio.abc.Stream, conn: h11.Connection, first: bool
     ) -> h11.Request | None:
         """Read one whole request. While no byte of it has arrived the connection
-        is idle: ``drain`` may close it, and it times out after IDLE_TIMEOUT."""
+        is idle: ``drain`` may close it (the first request of a connection gets
+        a grace instead), and it times out after IDLE_TIMEOUT."""
         request: h11.Request | None = None
         idle = conn.their_state is h11.IDLE and not conn.trailing_data[0]
+        waiting = self._fresh if first else self._idle
         with trio.CancelScope() as scope:
             scope.deadline = trio.current_time() + (IDLE_TIMEOUT if idle else REQUEST_TIMEOUT)
+            if first and self.draining:
+                scope.deadline = min(scope.deadline, trio.current_time() + FIRST_REQUEST_GRACE)
             if idle:
-                self._idle.add(scope)
+                waiting.add(scope)
             try:
                 while True:
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
-                        data = await stream.receive_some(65536)
+                        data = bytes(await stream.receive_some(65536))
                         if data and idle:
                             idle = False
-                            self._idle.discard(scope)
+                            waiting.discard(scope)
                             scope.deadline = trio.current_time() + REQUEST_TIMEOUT
                         conn.receive_data(data)
                     elif isinstance(event, h11.Request):
@@ -155,11 +184,11 @@ class Server:
                     elif isinstance(event, h11.ConnectionClosed):
                         return None
             finally:
-                self._idle.discard(scope)
+                waiting.discard(scope)
         return None
 
     async def _respond(
-        self, stream: trio.SocketStream, conn: h11.Connection, request: h11.Request, cookie: int
+        self, stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request, cookie: int
     ) -> None:
         target = request.target.decode(errors="replace").split("?", 1)[0]
         if request.method not in (b"GET", b"HEAD"):
@@ -197,7 +226,19 @@ class Server:
                 await udp.sendto(data.split(b"\n", 1)[0] + b" " + answer, peer)
 
 
-async def serve(delay: float = 0.0, concurrency: int = 0, work: float = 0.0) -> None:
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server context for ``cert`` (leaf first, then its chain) and ``key``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def serve(
+    delay: float = 0.0,
+    concurrency: int = 0,
+    work: float = 0.0,
+    tls: ssl.SSLContext | None = None,
+) -> None:
     """Serve the inherited listeners until SIGTERM/SIGINT; then drain and return."""
     socks = inherited_sockets()
     identity = Identity(
@@ -209,7 +250,7 @@ async def serve(delay: float = 0.0, concurrency: int = 0, work: float = 0.0) -> 
     structlog.contextvars.bind_contextvars(
         service=identity.service, generation=identity.generation, worker=identity.worker
     )
-    server = Server(identity, concurrency, work)
+    server = Server(identity, concurrency, work, tls)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         if delay:
             await trio.sleep(delay)

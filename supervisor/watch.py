@@ -1,0 +1,123 @@
+"""File watches that trigger reloads: the TLS certificate rotation trigger.
+
+A service's ``watch`` paths are watched through their directories (so a
+file replaced by rename, or a symlink switched to a new target, is seen as
+well as one written in place). Events are debounced: a certificate and its
+key written one after the other give one reload. A reload is requested only
+when a watched file's content really changed (SHA-256 over what the path
+resolves to), so touching a file or rewriting it identically does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import trio
+
+from supervisor.kernel.inotify import Inotify
+
+log = structlog.get_logger("supervisor.watch")
+
+Fingerprints = dict[Path, str | None]
+
+
+@dataclass(frozen=True)
+class WatchSpec:
+    """What one service watches."""
+
+    paths: tuple[Path, ...]
+    debounce: float
+
+
+def fingerprints(paths: Iterable[Path]) -> Fingerprints:
+    """The content hash of each path (through symlinks); None if it cannot be read."""
+    out: Fingerprints = {}
+    for path in paths:
+        try:
+            out[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            out[path] = None
+    return out
+
+
+def directories(paths: Iterable[Path]) -> set[Path]:
+    """Where changes to ``paths`` show up: their directories and their targets'."""
+    dirs = set()
+    for path in paths:
+        dirs.add(path.parent)
+        target = path.resolve().parent
+        if target.is_dir():
+            dirs.add(target)
+    return dirs
+
+
+async def watch_files(
+    spec: WatchSpec,
+    on_change: Callable[[list[Path]], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Call ``on_change(changed paths)`` after each quiet spell that changed content.
+
+    ``started()`` once the watches are in place.
+
+    Raises:
+        OSError: a directory cannot be watched.
+    """
+    with Inotify() as inotify:
+        watched = directories(spec.paths)
+        for directory in watched:
+            inotify.watch_directory(directory)
+        seen = fingerprints(spec.paths)
+        task_status.started()
+        while True:
+            await inotify.changes()
+            await _quiet(inotify, spec.debounce)
+            now = fingerprints(spec.paths)
+            changed = [path for path in spec.paths if now[path] != seen[path]]
+            seen = now
+            for directory in directories(spec.paths) - watched:  # a symlink's new target
+                inotify.watch_directory(directory)
+                watched.add(directory)
+            if changed:
+                await on_change(changed)
+
+
+async def _quiet(inotify: Inotify, debounce: float) -> None:
+    """Return once no event came for ``debounce`` seconds."""
+    while True:
+        with trio.move_on_after(debounce) as quiet:
+            await inotify.changes()
+        if quiet.cancelled_caught:
+            return
+
+
+async def watch_services(
+    specs: Mapping[str, WatchSpec],
+    request_reload: Callable[[str, Sequence[Path]], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Watch every service's paths; ``started()`` once all watches are in place.
+
+    A service whose directory cannot be watched is logged and left out: the
+    daemon serves on, and reloads by hand still work.
+    """
+    async with trio.open_nursery() as nursery:
+        for name, spec in specs.items():
+
+            async def changed(paths: list[Path], name: str = name) -> None:
+                log.info("watch_changed", service=name, paths=[str(p) for p in paths])
+                await request_reload(name, paths)
+
+            try:
+                await nursery.start(watch_files, spec, changed)
+            except OSError as exc:
+                log.error("watch_failed", service=name, error=str(exc))
+            else:
+                log.info("watching", service=name, paths=[str(p) for p in spec.paths])
+        task_status.started()
