@@ -203,10 +203,12 @@ async def run_preflight(name: str, service: ServiceConfig, generation: int) -> N
     """
     assert service.preflight is not None
     argv = [substitute(a, worker=0, generation=generation) for a in service.preflight]
+    cwd = service.working_directory
     try:
         with trio.fail_after(service.ready_timeout):
             done = await trio.run_process(
                 argv,
+                cwd=None if cwd is None else substitute(str(cwd), worker=0, generation=generation),
                 check=False,
                 capture_stdout=True,
                 stderr=subprocess.STDOUT,

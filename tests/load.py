@@ -157,6 +157,11 @@ class Load:
         with self._lock:
             self._live.add((body.get("pid", ""), body.get("listener", "")))
 
+    def answered(self) -> bool:
+        """Has any request of this load been answered yet?"""
+        with self._lock:
+            return bool(self._live)
+
     def served_by(self, pid: int) -> bool:
         """Has a process with this pid answered a request of this load yet?"""
         with self._lock:

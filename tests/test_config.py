@@ -236,3 +236,12 @@ def test_check_exits_2_with_every_error(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert f"{path}: services.web.workers:" in done.stderr
     assert f"{path}: services.web.stop_timeout:" in done.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.toml")), ids=lambda p: p.name)
+def test_every_example_config_loads(path: Path) -> None:
+    config = load_config(path, check_host_facts=False)
+    assert config.services
+    for service in config.services.values():
+        if service.working_directory is not None:
+            assert service.working_directory.is_dir(), service.working_directory
