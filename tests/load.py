@@ -17,7 +17,9 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
+Part = TypeVar("Part")
 REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
 
 
@@ -123,6 +125,33 @@ def _loop(  # noqa: PLR0917  (a thread target: positional by nature)
     return result
 
 
+class Loops(Generic[Part]):
+    """``threads`` loops in the background, each returning a part when it ends.
+
+    A loop gets its index and the shared ``stop`` event; ``join`` stops
+    them all and returns their parts (once; later calls return nothing).
+    """
+
+    def __init__(self, threads: int, loop: Callable[[int, threading.Event], Part]) -> None:
+        self.stop = threading.Event()
+        self._parts: list[Part] = []
+        self._threads = [
+            threading.Thread(target=lambda i=i: self._parts.append(loop(i, self.stop)), daemon=True)
+            for i in range(threads)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def join(self) -> list[Part]:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        parts, self._parts = self._parts, []
+        return parts
+
+
 class Load:
     """Run ``threads`` request loops in the background: ``with Load(...) as load:``."""
 
@@ -136,22 +165,15 @@ class Load:
         max_connections: int = 200_000,
         tls: ssl.SSLContext | None = None,
     ) -> None:
-        self.stop = threading.Event()
         self.result = LoadResult()
         deadline = time.monotonic() + duration
         budget = max_connections // threads
-        self._results: list[LoadResult] = []
         self._lock = threading.Lock()
         self._live: set[tuple[str, str]] = set()
-        self._threads = [
-            threading.Thread(
-                target=lambda: self._results.append(
-                    _loop(host, port, self.stop, deadline, budget, self._seen, tls)
-                ),
-                daemon=True,
-            )
-            for _ in range(threads)
-        ]
+        self._loops = Loops(
+            threads, lambda _, stop: _loop(host, port, stop, deadline, budget, self._seen, tls)
+        )
+        self.stop = self._loops.stop
 
     def _seen(self, body: dict[str, str]) -> None:
         with self._lock:
@@ -168,8 +190,7 @@ class Load:
             return any(p == str(pid) for p, _ in self._live)
 
     def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
+        self._loops.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -179,13 +200,8 @@ class Load:
         """Stop the loops and return the merged result (idempotent)."""
         if self.stop.is_set():
             return self.result
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(60)
-        self.result = LoadResult()
-        for part in self._results:
+        for part in self._loops.join():
             self.result.merge(part)
-        self._results.clear()
         return self.result
 
 
@@ -211,30 +227,19 @@ class ConnectLoad:
     """Background connect-only loops: ``with ConnectLoad(port) as load: ...``."""
 
     def __init__(self, port: int, *, threads: int = 4, duration: float = 60.0) -> None:
-        self.stop = threading.Event()
         deadline = time.monotonic() + duration
-        self._results: list[LoadResult] = []
         self.result = LoadResult()
-        self._threads = [
-            threading.Thread(
-                target=lambda: self._results.append(
-                    _connect_loop("127.0.0.1", port, self.stop, deadline)
-                ),
-                daemon=True,
-            )
-            for _ in range(threads)
-        ]
+        self._loops = Loops(
+            threads, lambda _, stop: _connect_loop("127.0.0.1", port, stop, deadline)
+        )
+        self.stop = self._loops.stop
 
     def __enter__(self) -> ConnectLoad:
-        for thread in self._threads:
-            thread.start()
+        self._loops.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(60)
-        for part in self._results:
+        for part in self._loops.join():
             self.result.merge(part)
 
 
@@ -287,30 +292,20 @@ class DatagramLoad:
     def __init__(
         self, port: int, *, threads: int = 4, duration: float = 60.0, max_datagrams: int = 400_000
     ) -> None:
-        self.stop = threading.Event()
         deadline = time.monotonic() + duration
-        self._parts: list[DatagramResult] = []
+        budget = max_datagrams // threads
         self.result = DatagramResult()
-        self._threads = [
-            threading.Thread(
-                target=lambda i=i: self._parts.append(
-                    _datagram_loop(port, f"t{i}", self.stop, deadline, max_datagrams // threads)
-                ),
-                daemon=True,
-            )
-            for i in range(threads)
-        ]
+        self._loops = Loops(
+            threads, lambda i, stop: _datagram_loop(port, f"t{i}", stop, deadline, budget)
+        )
+        self.stop = self._loops.stop
 
     def __enter__(self) -> DatagramLoad:
-        for thread in self._threads:
-            thread.start()
+        self._loops.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(60)
-        for part in self._parts:
+        for part in self._loops.join():
             self.result.sent += part.sent
             self.result.answered += part.answered
             self.result.lost += part.lost

@@ -65,7 +65,8 @@ def test_rotation_under_tls_load_loses_no_handshake(
     daemon = start_daemon(tls_service(port, cert, key))
     daemon.wait_event("watching", service="web")
     context = client_context(ca, tmp_path)
-    windows: list[tuple[float, float]] = []  # (from, to): after rotation i was answered, before the next began
+    # (from, to): after rotation n was answered, before rotation n + 1 began
+    windows: list[tuple[float, float]] = []
 
     with Load(port, threads=4, duration=120, max_connections=50_000, tls=context) as load:
         wait_until(lambda: load.served_by(daemon.worker_pids()[0]), 15, "TLS load to be served")
