@@ -82,33 +82,28 @@ def test_garbage_and_missing_files(tmp_path: Path) -> None:
         check_pair(files)
 
 
-def test_check_names_the_field_and_exits_2(tmp_path: Path) -> None:
-    cert, _ = write_pair(tmp_path, issue("web.test", not_after=NOW - DAY))
+def check(tmp_path: Path, tls: str) -> subprocess.CompletedProcess[str]:
+    """``supervisord --check`` on a service with ``tls`` (a TOML line) and a tls check."""
     config = tmp_path / "s.toml"
     config.write_text(
         f"[services.web]\ncommand = [{sys.executable!r}]\nlisten = ['127.0.0.1:8443']\n"
-        f"tls = {{ cert = 'cert.pem', key = 'key.pem' }}\n"
-        "[services.web.health]\nkind = 'tls'\n"
+        f"{tls}\n[services.web.health]\nkind = 'tls'\n"
     )
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "supervisor.daemon", "--check", "-c", str(config)],
         capture_output=True,
         text=True,
     )
+
+
+def test_check_names_the_field_and_exits_2(tmp_path: Path) -> None:
+    cert, _ = write_pair(tmp_path, issue("web.test", not_after=NOW - DAY))
+    done = check(tmp_path, "tls = { cert = 'cert.pem', key = 'key.pem' }")
     assert done.returncode == 2
     assert f"services.web.tls: certificate {cert}: expired on" in done.stderr
 
 
 def test_tls_health_check_needs_the_files(tmp_path: Path) -> None:
-    config = tmp_path / "s.toml"
-    config.write_text(
-        f"[services.web]\ncommand = [{sys.executable!r}]\nlisten = ['127.0.0.1:8443']\n"
-        "[services.web.health]\nkind = 'tls'\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "supervisor.daemon", "--check", "-c", str(config)],
-        capture_output=True,
-        text=True,
-    )
+    done = check(tmp_path, "")
     assert done.returncode == 2
     assert 'services.web: health kind "tls" compares the served certificate' in done.stderr
