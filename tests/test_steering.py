@@ -89,21 +89,37 @@ class Rounds:
         return order
 
 
-def test_model_matches_kernel_through_listen_shutdown_close(migrate_req: None) -> None:
-    port = free_port()
-    address = parse_listen(f"127.0.0.1:{port}")
-    group = CbpfGroup(address)
-    rounds = Rounds()
-    live: list[socket.socket] = []
+class Scripted:
+    """A group on a free port whose members a test adds, removes and checks."""
 
-    def listen() -> socket.socket:
-        sock = open_listener(address, ListenerOptions())
-        group.join(sock, Role.ACTIVE)
-        live.append(sock)
+    def __init__(self, scheme: str, who: Who) -> None:
+        self.port = free_port()
+        self.address = parse_listen(f"{scheme}127.0.0.1:{self.port}")
+        self.group = CbpfGroup(self.address)
+        self.rounds = Rounds()
+        self.live: list[socket.socket] = []
+        self.who = who
+
+    def add(self) -> socket.socket:
+        sock = open_listener(self.address, ListenerOptions())
+        self.group.join(sock, Role.ACTIVE)
+        self.live.append(sock)
         return sock
 
-    def check() -> None:
-        assert rounds.kernel_order(port, group, live) == group.members
+    def check(self) -> None:
+        """The model's order is the kernel's (closed sockets left out)."""
+        self.live[:] = [s for s in self.live if s.fileno() >= 0]
+        order = self.rounds.kernel_order(self.port, self.group, self.live, self.who)
+        assert order == self.group.members
+
+    def close(self) -> None:
+        for sock in self.live:
+            sock.close()
+
+
+def test_model_matches_kernel_through_listen_shutdown_close(migrate_req: None) -> None:
+    script = Scripted("", who_accepts)
+    group, listen, check = script.group, script.add, script.check
 
     set_migrate_req(0)
     l0, l1, l2, l3 = (listen() for _ in range(4))
@@ -117,7 +133,6 @@ def test_model_matches_kernel_through_listen_shutdown_close(migrate_req: None) -
     check()
     l1.close()
     l0.close()  # closing closed-section members changes nothing we model
-    live[:] = [s for s in live if s.fileno() >= 0]
     check()
     l5 = listen()
     group.shutdown(l4)
@@ -125,31 +140,15 @@ def test_model_matches_kernel_through_listen_shutdown_close(migrate_req: None) -
     # a close() that drops the last reference also leaves: the model is told
     group.leave(l2)
     l2.close()
-    live[:] = [s for s in live if s.fileno() >= 0]
     check()
     assert group.members == [l5, l3]
-    for sock in live:
-        sock.close()
+    script.close()
 
 
 def test_model_matches_kernel_for_datagram_members() -> None:
     """A UDP member leaves its group only when its last reference closes."""
-    port = free_port()
-    address = parse_listen(f"udp://127.0.0.1:{port}")
-    group = CbpfGroup(address)
-    rounds = Rounds()
-    live: list[socket.socket] = []
-
-    def bind() -> socket.socket:
-        sock = open_listener(address, ListenerOptions())
-        group.join(sock, Role.ACTIVE)
-        live.append(sock)
-        return sock
-
-    def check() -> None:
-        open_ones = [s for s in live if s.fileno() >= 0]
-        assert rounds.kernel_order(port, group, open_ones, who_receives) == group.members
-
+    script = Scripted("udp://", who_receives)
+    group, bind, check = script.group, script.add, script.check
     l0, l1, _l2, _l3 = (bind() for _ in range(4))
     check()
     group.discard(l1)
@@ -158,8 +157,7 @@ def test_model_matches_kernel_for_datagram_members() -> None:
     group.discard(l0)
     check()
     assert len(group.members) == 3
-    for sock in live:
-        sock.close()
+    script.close()
 
 
 def test_standby_gets_nothing_but_its_pinned_probes() -> None:
