@@ -59,6 +59,9 @@ class SupervisorSection(Model):
 
     control_socket: Path = DEFAULT_CONTROL_SOCKET
     control_socket_mode: int = Field(default=0o600, ge=0, le=0o777)
+    control_socket_group: str | None = None  # the socket file's group; its members may connect
+    control_allow_users: list[str] = Field(default_factory=list)
+    control_allow_groups: list[str] = Field(default_factory=list)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # "enable": switch net.ipv4.tcp_migrate_req on at start when we may. It is

@@ -23,6 +23,7 @@ from supervisor import __version__, logs
 from supervisor.capabilities import Capabilities, check, detect, prepare
 from supervisor.config import Config
 from supervisor.control import protocol
+from supervisor.control.access import Access
 from supervisor.control.server import ControlServer, bound_control_socket
 from supervisor.errors import ConfigError, SupervisorError, leaves
 from supervisor.kernel import sysctl
@@ -133,7 +134,9 @@ class Daemon:
             ControlError: the control socket could not be set up.
         """
         section = self.config.supervisor
-        with bound_control_socket(section.control_socket, section.control_socket_mode) as sock:
+        with bound_control_socket(
+            section.control_socket, section.control_socket_mode, section.control_socket_group
+        ) as sock:
             try:
                 await self._run_with(sock)
             except* SupervisorError as group:
@@ -149,7 +152,7 @@ class Daemon:
             startup = trio.CancelScope()
             root.start_soon(self._forward_signals, startup)
             root.start_soon(self.notifier.keep_watchdog)
-            control = ControlServer(self._send, self.status)
+            control = ControlServer(self._send, self.status, Access.from_config(section))
             await root.start(self._serve_control, control, sock, root.cancel_scope)
             log.info("control_socket_ready", path=str(section.control_socket))
             shutdown = await self._serve_services(startup, root)

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from supervisor import tls
 from supervisor.config import Config, ServiceConfig
+from supervisor.control import access
 from supervisor.errors import ConfigError, ConfigIssue
 
 _HEALTH_KINDS = frozenset({"none", "notify", "tcp", "http", "tls", "exec"})
@@ -87,6 +88,7 @@ def check_host(config: Config) -> Iterable[ConfigIssue]:
     for name, service in config.services.items():
         yield from _check_service(f"services.{name}", service)
     yield from tls.check_config(config)
+    yield from access.check_names(config.supervisor)
 
 
 def _check_service(where: str, service: ServiceConfig) -> Iterable[ConfigIssue]:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import os
 import socket
-import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import structlog
 import trio
 
 from supervisor.control import protocol
+from supervisor.control.access import Access, Peer, peer_of
 from supervisor.errors import AlreadyRunning, ControlError
 from supervisor.requests import Reload, Request, Shutdown
 from supervisor.status import Status
@@ -30,20 +30,6 @@ log = structlog.get_logger("supervisor.control")
 REQUEST_TIMEOUT = 5.0  # a client has this long to send its request line
 LINGER = 1.0  # after an error reply, how long we read and discard the rest
 CLOSE_GRACE = 5.0  # at exit, connected clients have this long to get their answers
-_UCRED = struct.Struct("iII")
-
-
-@dataclass(frozen=True)
-class Peer:
-    pid: int
-    uid: int
-    gid: int
-
-
-def peer_of(sock: socket.socket) -> Peer:
-    """The connecting process, from the kernel (SO_PEERCRED), not from the client."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    return Peer(*_UCRED.unpack(raw))
 
 
 def _live_daemon_at(path: Path) -> bool:
@@ -59,8 +45,10 @@ def _live_daemon_at(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def bound_control_socket(path: Path, mode: int) -> Iterator[socket.socket]:
-    """Bind and listen on ``path`` with ``mode``; unlink it on exit.
+def bound_control_socket(
+    path: Path, mode: int, group: str | None = None
+) -> Iterator[socket.socket]:
+    """Bind and listen on ``path`` with ``mode`` (and ``group``); unlink it on exit.
 
     A socket file left by a daemon that died is removed; one a live daemon
     answers on is not touched.
@@ -87,6 +75,8 @@ def bound_control_socket(path: Path, mode: int) -> Iterator[socket.socket]:
             sock.bind(str(path))
         finally:
             os.umask(old_umask)
+        if group is not None:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
         os.chmod(path, mode)
         sock.listen(64)
     except OSError as exc:
@@ -107,9 +97,11 @@ class ControlServer:
         self,
         requests: trio.MemorySendChannel[Request],
         status: Callable[[], Status],
+        access: Access | None = None,
     ) -> None:
         self._requests = requests
         self._status = status
+        self._access = access or Access(frozenset(), frozenset())
         self._accepting = trio.CancelScope()
 
     async def serve(
@@ -149,9 +141,13 @@ class ControlServer:
 
     async def _serve_client(self, stream: trio.SocketStream) -> None:
         peer = peer_of(stream.socket)  # type: ignore[arg-type]
-        if peer.uid not in (0, os.geteuid()):
-            log.warning("control_refused", peer_pid=peer.pid, peer_uid=peer.uid)
-            await _refuse(stream, f"uid {peer.uid} may not control this daemon")
+        if not self._access.allows(peer):
+            log.warning("control_refused", peer_pid=peer.pid, peer_uid=peer.uid, peer_gid=peer.gid)
+            await _refuse(
+                stream,
+                f"uid {peer.uid} (pid {peer.pid}) may not control this daemon: allow it with "
+                "[supervisor] control_allow_users or control_allow_groups",
+            )
             return
         try:
             request = protocol.parse_request(await _read_line(stream))
