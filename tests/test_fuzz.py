@@ -1,0 +1,184 @@
+"""Hostile input never crashes the daemon: config files and control requests (hypothesis).
+
+Config: random text and random values put at every known key (and unknown
+ones) either load or are rejected with ConfigIssues that name their field.
+Control: malformed, oversized, partial and slow requests each get an error
+line, and the daemon serves a normal request right after.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from supervisor.errors import ConfigError
+from supervisor.loader import load_config, parse_config
+from tests.harness import Daemon, free_port, service_toml
+
+SERVICE_KEYS = [
+    "command", "workers", "listen", "backlog", "retire", "stop_signal", "stop_timeout",
+    "drain_timeout", "ready_timeout", "environment", "user", "group", "working_directory",
+    "preflight", "socket", "health", "tls", "watch", "watch_debounce", "bogus",
+]  # fmt: skip
+SUPERVISOR_KEYS = [
+    "control_socket", "control_socket_mode", "control_socket_group", "control_allow_users",
+    "control_allow_groups", "log_format", "log_level", "tcp_migrate_req", "steering", "x",
+]  # fmt: skip
+
+
+def toml_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a valid TOML basic string
+
+
+scalars = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(
+        lambda f: {"nan": "nan", "inf": "inf", "-inf": "-inf"}.get(str(f), repr(f))
+    ),
+    st.booleans().map(lambda b: "true" if b else "false"),
+    st.text(max_size=40).map(toml_string),
+    st.sampled_from(['"1s"', '"500ms"', '"-1s"', '"1e9m"', '"SIGKILL"', '"0o777"', '"::1"']),
+    st.sampled_from(['"127.0.0.1:0"', '"[::1]:65536"', '"udp://0.0.0.0:53"', '"tcp://x:1"']),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4).map(lambda items: "[" + ", ".join(items) + "]"),
+        st.dictionaries(
+            st.sampled_from(["kind", "cert", "path", "x", "rcvbuf"]), inner, max_size=3
+        ).map(lambda d: "{ " + ", ".join(f"{k} = {v}" for k, v in d.items()) + " }"),
+    ),
+    max_leaves=8,
+)
+
+
+def assert_named(exc: ConfigError) -> None:
+    """Every issue names its field, or is about the whole file (syntax, encoding)."""
+    assert exc.issues
+    for issue in exc.issues:
+        assert issue.location or issue.message.startswith(("TOML syntax", "not UTF-8")), issue
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_random_text_loads_or_is_rejected_with_reasons(text: str) -> None:
+    try:
+        parse_config(text)
+    except ConfigError as exc:
+        assert_named(exc)
+
+
+@given(
+    service=st.dictionaries(st.sampled_from(SERVICE_KEYS), values, max_size=6),
+    supervisor=st.dictionaries(st.sampled_from(SUPERVISOR_KEYS), values, max_size=3),
+)
+@settings(max_examples=400, deadline=None)
+def test_hostile_values_at_every_key_are_named(
+    service: dict[str, str], supervisor: dict[str, str]
+) -> None:
+    lines = ["[supervisor]", *(f"{k} = {v}" for k, v in supervisor.items()), "[services.web]"]
+    base = {"command": '["python3"]', "listen": '["127.0.0.1:8080"]'}
+    lines += [f"{k} = {v}" for k, v in {**base, **service}.items()]
+    text = "\n".join(lines) + "\n"
+    try:
+        config = parse_config(text)
+    except ConfigError as exc:
+        assert_named(exc)
+        for issue in exc.issues:
+            key = issue.location.split(".")
+            if issue.location and key[0] == "services":
+                assert key[:2] == ["services", "web"], issue
+    else:
+        assert config.services["web"].command
+
+
+@given(data=st.binary(max_size=200))
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_check_command_never_crashes(data: bytes, tmp_path_factory: Any) -> None:
+    path = Path(tmp_path_factory.mktemp("fuzz")) / "f.toml"
+    path.write_bytes(b'[services.web]\ncommand = ["true"]\nlisten = ["127.0.0.1:1"]\n' + data)
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor.daemon", "--check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode in (0, 2), done.stderr
+    assert "Traceback" not in done.stderr
+    if done.returncode == 2:
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert_named(info.value)
+
+
+def exchange(path: Path, payload: bytes, *, pause: float = 0.0) -> list[dict[str, Any]]:
+    """Send ``payload`` (in two halves ``pause`` apart), half-close, read every reply line."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(20)
+        sock.connect(str(path))
+        middle = len(payload) // 2
+        sock.sendall(payload[:middle])
+        time.sleep(pause)
+        sock.sendall(payload[middle:])
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return [json.loads(line) for line in data.splitlines()]
+
+
+requests = st.one_of(
+    st.binary(max_size=300),
+    st.text(max_size=200).map(lambda t: t.encode() + b"\n"),
+    st.dictionaries(
+        st.sampled_from(["command", "service", "reason", "extra"]),
+        st.one_of(st.none(), st.integers(), st.text(max_size=20), st.sampled_from(["nope", ""])),
+        max_size=4,
+    ).map(lambda d: json.dumps(d).encode() + b"\n"),
+)
+
+
+@pytest.mark.kernel
+def test_control_socket_answers_hostile_requests_and_keeps_serving(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = start_daemon(service_toml("web", port=free_port(), workers=1))
+    seen: list[str] = []
+
+    @given(payload=requests, pause=st.sampled_from([0.0, 0.0, 0.05]))
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    def hostile(payload: bytes, pause: float) -> None:
+        if b'"shutdown"' in payload or b'"reload"' in payload:
+            return  # valid commands that change state; not what this test is about
+        replies = exchange(daemon.control, payload, pause=pause)
+        assert len(replies) == 1, replies
+        reply = replies[0]
+        assert reply["type"] in ("result", "error"), reply
+        if reply["type"] == "error":
+            assert reply["error"], reply
+            seen.append(reply["error"].split(":")[0])
+
+    hostile()
+    assert daemon.proc.poll() is None
+    assert daemon.status()["services"]["web"]["state"] == "RUNNING"
+    assert seen, "hypothesis sent nothing the daemon refused"
+    # Oversized and silent clients: an error each, within the request timeout.
+    assert "longer than" in exchange(daemon.control, b"{" * 100_000)[0]["error"]
+    with socket.socket(socket.AF_UNIX) as silent:
+        silent.settimeout(20)
+        silent.connect(str(daemon.control))
+        started = time.monotonic()
+        answer = json.loads(silent.recv(65536).splitlines()[0])
+        assert answer["error"] == "no request received in time"
+        assert time.monotonic() - started < 15
+    assert daemon.status()["services"]["web"]["state"] == "RUNNING"
