@@ -39,7 +39,7 @@ def load_config(path: Path, *, check_host_facts: bool = True) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(source, [ConfigIssue("", f"cannot read: {exc.strerror}")]) from exc
+        raise ConfigError(source, [ConfigIssue("", f"cannot read {path}: {exc.strerror}")]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(source, [ConfigIssue("", f"not UTF-8 text: {exc}")]) from exc
     config = parse_config(text, source=source, base_dir=path.resolve().parent)

@@ -102,7 +102,14 @@ class WorkerSlot:
         structlog.contextvars.bind_contextvars(
             service=self.plan.service, generation=self.plan.generation, worker=self.plan.index
         )
-        with NotifyReceiver(self.label) as notify:
+        try:
+            receiver = NotifyReceiver(self.label)
+        except OSError as exc:
+            self._set(WorkerState.FATAL)
+            raise SpawnError(
+                self.label, f"cannot create its NOTIFY_SOCKET: {exc.strerror}"
+            ) from exc
+        with receiver as notify:
             self._notify = notify
             first = await self._run_process(task_status.started)
             if self._stop_requested.is_set():

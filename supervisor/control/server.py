@@ -30,6 +30,8 @@ log = structlog.get_logger("supervisor.control")
 REQUEST_TIMEOUT = 5.0  # a client has this long to send its request line
 LINGER = 1.0  # after an error reply, how long we read and discard the rest
 CLOSE_GRACE = 5.0  # at exit, connected clients have this long to get their answers
+RETRY = 0.1  # after accept() failed for want of fds or memory
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 def _live_daemon_at(path: Path) -> bool:
@@ -120,7 +122,15 @@ class ControlServer:
             with self._accepting:
                 task_status.started()
                 while True:
-                    stream = await listener.accept()
+                    try:
+                        stream = await listener.accept()
+                    except OSError as exc:
+                        if exc.errno not in _OUT_OF_RESOURCES:
+                            raise
+                        # The client waits in the backlog; the daemon must not die.
+                        log.warning("control_accept_failed", error=str(exc), retry_in=RETRY)
+                        await trio.sleep(RETRY)
+                        continue
                     handlers.start_soon(self._handle, stream)
             handlers.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE
 
