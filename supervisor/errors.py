@@ -58,12 +58,14 @@ _BIND_HINTS = {
 class ListenerError(SupervisorError):
     """A listener could not be created, bound or set to listen."""
 
-    def __init__(self, address: str, err: OSError, step: str) -> None:
+    def __init__(self, address: str, err: OSError, step: str, detail: str | None = None) -> None:
         self.address = address
         self.errno = err.errno or 0
         self.step = step
         name = errno_mod.errorcode.get(self.errno, str(self.errno))
-        hint = _BIND_HINTS.get(self.errno, os.strerror(self.errno) if self.errno else str(err))
+        hint = detail or _BIND_HINTS.get(
+            self.errno, os.strerror(self.errno) if self.errno else str(err)
+        )
         super().__init__(f"cannot {step} {address}: {name}: {hint}")
 
 

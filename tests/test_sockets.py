@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import errno
+import os
+import pwd
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -71,7 +75,47 @@ def test_port_held_by_another_program_is_named() -> None:
     finally:
         other.close()
     assert info.value.errno == errno.EADDRINUSE
-    assert str(info.value).startswith(f"cannot bind 127.0.0.1:{port}: EADDRINUSE: address already")
+    assert str(info.value) == (
+        f"cannot bind 127.0.0.1:{port}: EADDRINUSE: held by a socket of this user "
+        f"(uid {os.geteuid()}) without SO_REUSEPORT: another program (or another "
+        "supervisord) already serves this address"
+    )
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_port_held_by_another_user_names_the_owner(proto: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a listener as another user")
+    port = free_port()
+    kind = "SOCK_STREAM" if proto == "tcp" else "SOCK_DGRAM"
+    listen = "s.listen()" if proto == "tcp" else "pass"
+    # A program of user nobody holds the port in its own SO_REUSEPORT group.
+    holder = subprocess.Popen(
+        [
+            "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
+            "-c",
+            f"import socket, sys; s = socket.socket(socket.AF_INET, socket.{kind}); "
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1); "
+            f"s.bind(('127.0.0.1', {port})); {listen}; print('ready', flush=True); "
+            "sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        with pytest.raises(ListenerError) as info:
+            open_listener(parse_listen(f"{proto}://127.0.0.1:{port}"), ListenerOptions())
+    finally:
+        holder.kill()
+        holder.wait(10)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    assert str(info.value) == (
+        f"cannot bind {'udp://' if proto == 'udp' else ''}127.0.0.1:{port}: EADDRINUSE: "
+        f"held by a socket of uid {nobody} (nobody); a SO_REUSEPORT group has one owner, "
+        "and the supervisor runs as uid 0 (root): stop that program or run as its user"
+    )
 
 
 def test_address_not_local_is_named() -> None:

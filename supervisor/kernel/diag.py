@@ -26,13 +26,18 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 TCP_SYN_RECV = 3
 _NLMSG = struct.Struct("<IHHII")  # len, type, flags, seq, pid
 _REQ = struct.Struct("<BBBxI48x")  # family, protocol, ext, pad, states, sockid (zero)
-_MSG_SPORT, _MSG_SRC, _MSG_COOKIE = 4, 8, 44  # offsets in struct inet_diag_msg
+_MSG_SPORT, _MSG_SRC, _MSG_COOKIE, _MSG_UID = 4, 8, 44, 64  # offsets in struct inet_diag_msg
+ALL_STATES = 0xFFFFFFFF
+_TCP_LISTEN, _UDP_CLOSE, _UDP_CONNECTED = 10, 7, 1  # what a bound socket's state reads
+_BOUND_STATES = {"tcp": {_TCP_LISTEN}, "udp": {_UDP_CLOSE, _UDP_CONNECTED}}
 _TIMEOUT = 2.0
 
 
-def _dump(family: socket.AddressFamily, states: int) -> list[bytes]:
-    """Every ``inet_diag_msg`` of TCP sockets in ``states`` (a bit mask) of ``family``."""
-    request = _REQ.pack(family, socket.IPPROTO_TCP, 0, states)
+def _dump(
+    family: socket.AddressFamily, states: int, protocol: int = socket.IPPROTO_TCP
+) -> list[bytes]:
+    """Every ``inet_diag_msg`` of ``protocol`` sockets in ``states`` (a bit mask) of ``family``."""
+    request = _REQ.pack(family, protocol, 0, states)
     header = _NLMSG.pack(
         _NLMSG.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
     )
@@ -75,3 +80,27 @@ def pending_handshakes(address: ListenAddress) -> frozenset[int]:
         (cookie,) = struct.unpack_from("<Q", msg, _MSG_COOKIE)
         cookies.add(cookie)
     return frozenset(cookies)
+
+
+def port_owners(address: ListenAddress) -> frozenset[int]:
+    """The uids owning sockets bound to ``address``'s port that overlap it.
+
+    For the message of a bind that failed with EADDRINUSE: a wildcard on
+    either side overlaps every local address.
+
+    Raises:
+        OSError: sock_diag is unavailable.
+    """
+    ip = ipaddress.ip_address(address.host)
+    width = 4 if ip.version == 4 else 16
+    protocol = socket.IPPROTO_TCP if address.proto == "tcp" else socket.IPPROTO_UDP
+    owners = set()
+    for msg in _dump(address.family, ALL_STATES, protocol):
+        (sport,) = struct.unpack_from(">H", msg, _MSG_SPORT)
+        source = msg[_MSG_SRC : _MSG_SRC + width]
+        if sport != address.port or msg[1] not in _BOUND_STATES[address.proto]:
+            continue
+        if ip.is_unspecified or source in (ip.packed, bytes(width)):
+            (uid,) = struct.unpack_from("<I", msg, _MSG_UID)
+            owners.add(uid)
+    return frozenset(owners)

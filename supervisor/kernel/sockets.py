@@ -8,11 +8,15 @@ the worker decides how it wants to accept.
 
 from __future__ import annotations
 
+import errno
+import os
+import pwd
 import socket
 import struct
 from dataclasses import dataclass
 
 from supervisor.errors import ListenerError
+from supervisor.kernel import diag
 from supervisor.values import ListenAddress
 
 SO_COOKIE = 57  # include/uapi/asm-generic/socket.h
@@ -83,7 +87,37 @@ def _bind(sock: socket.socket, address: ListenAddress) -> None:
     try:
         sock.bind(address.sockaddr)
     except OSError as exc:
-        raise ListenerError(str(address), exc, "bind") from exc
+        detail = _in_use_by(address) if exc.errno == errno.EADDRINUSE else None
+        raise ListenerError(str(address), exc, "bind", detail) from exc
+
+
+def _in_use_by(address: ListenAddress) -> str | None:
+    """Who holds ``address`` (from sock_diag), in words; None if unknown."""
+    try:
+        owners = diag.port_owners(address)
+    except OSError:
+        return None
+    me = os.geteuid()
+    others = sorted(owners - {me})
+    if others:
+        names = ", ".join(f"uid {uid} ({_user(uid)})" for uid in others)
+        return (
+            f"held by a socket of {names}; a SO_REUSEPORT group has one owner, and the "
+            f"supervisor runs as uid {me} ({_user(me)}): stop that program or run as its user"
+        )
+    if owners:
+        return (
+            f"held by a socket of this user (uid {me}) without SO_REUSEPORT: another "
+            "program (or another supervisord) already serves this address"
+        )
+    return None
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "no such user"
 
 
 def socket_cookie(sock: socket.socket) -> int:
