@@ -144,13 +144,13 @@ class Generation:
         def down(state: WorkerState) -> bool:
             return state is not WorkerState.RUNNING
 
-        def up(state: WorkerState) -> bool:
-            return state is WorkerState.RUNNING
+        def up_or_fatal(state: WorkerState) -> bool:
+            return state in (WorkerState.RUNNING, WorkerState.FATAL)
 
         running = True
         while True:
-            await slot.state.wait_for(down if running else up)
-            running = not running
+            await slot.state.wait_for(down if running else up_or_fatal)
+            running = slot.state.value is WorkerState.RUNNING
             groups = self._place(slot)
             for group in groups.values():
                 group.apply()
@@ -161,6 +161,27 @@ class Generation:
                     state=slot.state.value.value,
                     role="in rotation" if running else "out of rotation",
                 )
+            if slot.state.value is WorkerState.FATAL:
+                self._release_fatal(slot)
+                return
+
+    def _release_fatal(self, slot: WorkerSlot) -> None:
+        """A FATAL worker never accepts again: shut its TCP listeners down so the
+        kernel moves their queued connections to the active listeners (where
+        migration is possible; elsewhere they are reset instead of hanging)."""
+        for lst in self.listeners:
+            if lst.worker != slot.plan.index or not lst.tcp or not lst.in_group:
+                continue
+            if lst.group.role(lst.sock) is Role.ACTIVE:
+                continue  # the address's last active listener: keep it for the next reload
+            queued = lst.queued()
+            lst.group.shutdown(lst.sock)
+            log.warning(
+                "fatal_worker_listener_shut_down",
+                worker=slot.plan.index,
+                address=str(lst.address),
+                queued=queued,
+            )
 
     def request_stop(self) -> None:
         self._stop_requested.set()
