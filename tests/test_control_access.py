@@ -127,3 +127,20 @@ def test_unknown_user_or_group_is_a_config_error(open_dir: Path) -> None:
     assert done.returncode == 2
     assert "supervisor.control_allow_users.0: no user 'no-such-user-x'" in done.stderr
     assert "supervisor.control_socket_group: no group 'no-such-group-x'" in done.stderr
+
+
+def test_the_daemon_listens_on_no_tcp_port_but_its_services(open_dir: Path) -> None:
+    daemon = start(open_dir, "")
+    try:
+        service_ports = {
+            int(lst["address"].rsplit(":", 1)[1])
+            for worker in daemon.status()["services"]["web"]["workers"]
+            for lst in worker["listeners"]
+        }
+        out = subprocess.run(["ss", "-Htlnp"], capture_output=True, text=True, check=True).stdout
+        mine = [line for line in out.splitlines() if f"pid={daemon.proc.pid}," in line]
+        ports = {int(line.split()[3].rsplit(":", 1)[1]) for line in mine}
+        assert mine, "ss shows the daemon's own listeners"
+        assert ports == service_ports, (ports, service_ports)
+    finally:
+        assert daemon.terminate() == 0

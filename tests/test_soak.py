@@ -1,0 +1,67 @@
+"""1,000 reloads under load: nothing lost, nothing leaked. ``make soak`` (not ``make test``).
+
+Marked ``soak`` and deselected by default: it takes several minutes. CI
+runs it after ``make test``. ``SOAK_RELOADS`` changes the count.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Daemon, free_port, service_toml, wait_until
+from tests.load import Load
+
+pytestmark = [pytest.mark.kernel, pytest.mark.soak]
+
+RELOADS = int(os.environ.get("SOAK_RELOADS", "1000"))
+WARM_UP = 20
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def zombies(pid: int) -> list[str]:
+    out = subprocess.run(
+        ["ps", "-o", "pid=,stat=", "--ppid", str(pid)], capture_output=True, text=True
+    ).stdout
+    return [line for line in out.splitlines() if line.split()[1].startswith("Z")]
+
+
+def test_thousand_reloads_lose_and_leak_nothing(
+    start_daemon: Callable[..., Daemon], migrate_req: Callable[[int], None]
+) -> None:
+    migrate_req(0)  # eBPF steering migrates regardless; the sysctl stays off
+    port = free_port()
+    daemon = start_daemon(service_toml("web", port=port, workers=2))
+    pid = daemon.proc.pid
+    with Load(port, threads=4, duration=3600, max_connections=5_000_000) as load:
+        wait_until(load.answered, 15, "the load to be answered")
+        for _ in range(WARM_UP):
+            assert daemon.reload().ok
+        before = fds(pid), rss_kib(pid)
+        for n in range(RELOADS - WARM_UP):
+            reloaded = daemon.reload()
+            assert reloaded.ok, (n, reloaded.answer)
+        after = fds(pid), rss_kib(pid)
+        left = zombies(pid)
+    result = load.result
+    print(f"soak: {RELOADS} reloads, {result.ok} requests, fds {before[0]}->{after[0]}, "
+          f"rss {before[1]}->{after[1]} KiB")  # fmt: skip
+    assert result.failed == 0, (result.failures, result.examples)
+    assert daemon.status()["services"]["web"]["generation"] == RELOADS + 1
+    assert after[0] <= before[0], f"fd count grew: {before[0]} -> {after[0]}"
+    assert after[1] - before[1] < max(4096, before[1] // 10), f"RSS grew: {before} -> {after}"
+    assert not left, left
