@@ -55,6 +55,7 @@ class Retirement:
     unmovable: list[str] = field(default_factory=list)
     drain_timed_out: bool = False
     notes: list[str] = field(default_factory=list)
+    drain_seconds: float = 0.0  # waiting for the old workers to empty their queues
 
 
 def promote(candidate: Generation, old: Generation) -> None:
@@ -90,9 +91,11 @@ async def retire(
             "classic BPF cannot refuse a migration: connections still queued at "
             "drain_timeout move to the new listeners if tcp_migrate_req=1, else are reset"
         )
+    drain_start = trio.current_time()
     if path == "drain":
         result.drain_timed_out = not await drain_tcp(tcp, deadline, result)
     result.datagrams_left = await drain_udp(udp, deadline)
+    result.drain_seconds = trio.current_time() - drain_start
     for lst in tcp:
         _shut_down(lst, result)
     result.drained = result.queued_at_cutover - min(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -59,6 +59,7 @@ class RolloutReport:
     counters: dict[str, int] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     reason: str | None = None  # why the rollout was asked for (--reason)
+    timings: dict[str, float] = field(default_factory=dict)  # see Timer
 
     @property
     def ok(self) -> bool:
@@ -112,13 +113,14 @@ class RolloutResult:
 
 async def run_rollout(ctx: RolloutContext, say: Callable[[str], None]) -> RolloutResult:
     """Carry out one rollout of ``ctx.name``; never raises for an operating failure."""
-    start = trio.current_time()
+    timer = Timer()
     report = RolloutReport(ctx.name, "rejected", None, ctx.current.number)
 
     def finish(outcome: Outcome, reasons: list[str] | None = None) -> RolloutResult:
         report.outcome = outcome
         report.reasons = reasons or []
-        report.duration = round(trio.current_time() - start, 4)
+        report.duration = round(timer.elapsed(), 4)
+        report.timings = timer.timings(report.duration)
         return RolloutResult(report)
 
     say("validating config")
@@ -133,12 +135,14 @@ async def run_rollout(ctx: RolloutContext, say: Callable[[str], None]) -> Rollou
     issues = [str(i) for i in check(config, caps) if i.location.startswith(f"services.{ctx.name}.")]
     if issues:
         return finish("rejected", issues)
+    timer.lap("validate")
     if service.preflight:
         say(f"running preflight {service.preflight}")
         try:
             await run_preflight(ctx.name, service, ctx.generation)
         except PreflightFailed as exc:
             return finish("rejected", [str(exc)])
+        timer.lap("preflight")
     report.generation = ctx.generation
     plan = plan_service(ctx.name, service, ctx.generation)
     say(f"starting generation {ctx.generation} ({service.workers} workers, standby)")
@@ -155,7 +159,11 @@ async def run_rollout(ctx: RolloutContext, say: Callable[[str], None]) -> Rollou
     except RolloutAborted as exc:
         say(f"generation {ctx.generation} failed its health gate: rolled back")
         return finish("rolled_back", list(exc.reasons))
-    return await _cut_over(ctx, candidate, service=service, caps=caps, say=say, finish=finish)
+    timer.lap("start")
+    timer.workers("workers_start", [s.start_seconds for s in candidate.slots])
+    return await _cut_over(
+        ctx, candidate, service=service, caps=caps, say=say, finish=finish, timer=timer
+    )
 
 
 async def _cut_over(
@@ -166,15 +174,20 @@ async def _cut_over(
     caps: Capabilities,
     say: Callable[[str], None],
     finish: Callable[[Outcome], RolloutResult],
+    timer: Timer,
 ) -> RolloutResult:
     old = ctx.current
     changes = socket_changes(old.plan.config, service)
     path, why = caps.retire_plan(service.retire, changes)
     before = netstat.read()
     promote(candidate, old)
+    timer.lap("cutover")
     say(f"cutover: generation {candidate.number} takes every new connection")
     say(f"retiring generation {old.number} by {path}: {why}")
     retirement = await retire(old, path, why, service.drain_timeout, refuse=bool(changes))
+    timer.lap("retire")
+    timer.workers("drain", [retirement.drain_seconds])
+    timer.workers("workers_stop", [s.stop_seconds for s in old.slots])
     after = netstat.read()
     result = finish("succeeded")
     report = result.report
@@ -193,6 +206,44 @@ async def _cut_over(
     say(f"generation {old.number} retired")
     result.generation, result.config = candidate, service
     return result
+
+
+class Timer:
+    """Where a rollout's time went, for its report (seconds).
+
+    Laps: ``validate`` (config read and checked), ``preflight``, ``start``
+    (spawning the candidate until its last worker passed its check),
+    ``cutover`` and ``retire`` (steer-away pause, drain, stop, reap). Within
+    them, time that belongs to the workers, not to the supervisor: the
+    preflight command, ``workers_start`` (the slowest new worker's spawn to
+    health check passed), ``drain`` (old workers emptying their queues) and
+    ``workers_stop`` (the slowest old worker's stop signal to exit).
+    ``overhead`` is the duration less those: the supervisor's own share.
+    """
+
+    _WORKERS = ("preflight", "workers_start", "drain", "workers_stop")
+
+    def __init__(self) -> None:
+        self._start = self._last = trio.current_time()
+        self._laps: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return trio.current_time() - self._start
+
+    def lap(self, name: str) -> None:
+        now = trio.current_time()
+        self._laps[name] = now - self._last
+        self._last = now
+
+    def workers(self, name: str, seconds: Sequence[float | None]) -> None:
+        self._laps[name] = max((s for s in seconds if s is not None), default=0.0)
+
+    def timings(self, duration: float) -> dict[str, float]:
+        out = {name: round(value, 4) for name, value in self._laps.items()}
+        if "start" in out:
+            own = sum(self._laps.get(name, 0.0) for name in self._WORKERS)
+            out["overhead"] = round(max(0.0, duration - own), 4)
+        return out
 
 
 async def run_preflight(name: str, service: ServiceConfig, generation: int) -> None:

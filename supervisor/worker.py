@@ -76,6 +76,10 @@ class WorkerSlot:
         self.pid: int | None = None
         self.restarts = 0
         self.last_exit: str | None = None
+        # The process's own times: spawn to health check passed, stop signal to exit.
+        self.start_seconds: float | None = None
+        self.stop_seconds: float | None = None
+        self._stop_sent_at: float | None = None
         self._stop_requested = trio.Event()
         self._notify: NotifyReceiver | None = None
 
@@ -157,19 +161,22 @@ class WorkerSlot:
             log.error("worker_spawn_failed", reason=str(failure))
             return _Run(returncode=-1, lifetime=0.0, reached_running=False, failure=failure)
         self.pid = proc.pid
+        self._stop_sent_at = None
         structlog.contextvars.bind_contextvars(pid=proc.pid)
         log.info("worker_spawned", argv=list(self.plan.argv))
         spawned_at = trio.current_time()
         outcome = _Run(returncode=0, lifetime=0.0, reached_running=False, failure=None)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._gate, proc, outcome, on_first_ready)
+                nursery.start_soon(self._gate, proc, outcome, on_first_ready, spawned_at)
                 nursery.start_soon(self._stop_when_asked, proc)
                 outcome.returncode = await proc.wait()
                 nursery.cancel_scope.cancel()
         finally:
             proc.close()
         outcome.lifetime = trio.current_time() - spawned_at
+        if self._stop_sent_at is not None:
+            self.stop_seconds = trio.current_time() - self._stop_sent_at
         self.last_exit = describe_exit(outcome.returncode)
         if outcome.failure is None and not outcome.reached_running:
             outcome.failure = SpawnError(self.label, f"{self.last_exit} before it was ready")
@@ -182,7 +189,11 @@ class WorkerSlot:
         return None if self._notify is None else self._notify.address
 
     async def _gate(
-        self, proc: ProcessHandle, outcome: _Run, on_first_ready: Callable[[], None]
+        self,
+        proc: ProcessHandle,
+        outcome: _Run,
+        on_first_ready: Callable[[], None],
+        spawned_at: float,
     ) -> None:
         target = ProbeTarget(
             label=self.label,
@@ -208,6 +219,7 @@ class WorkerSlot:
             return
         if self.state.value is WorkerState.STARTING:
             outcome.reached_running = True
+            self.start_seconds = trio.current_time() - spawned_at
             self._set(WorkerState.RUNNING)
             log.info("worker_running", check=self.settings.health.kind)
             on_first_ready()
@@ -217,6 +229,7 @@ class WorkerSlot:
         if self.state.value is not WorkerState.STOPPING:
             self._set(WorkerState.STOPPING)
         proc.send_signal(self.settings.stop_signal)
+        self._stop_sent_at = trio.current_time()
         await trio.sleep(self.settings.stop_timeout)
         log.warning("worker_stop_timeout", timeout=self.settings.stop_timeout, action="SIGKILL")
         proc.send_signal(signal.SIGKILL)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.harness import (
+    DEMO,
     Daemon,
     established_owned_by,
     free_port,
@@ -165,3 +166,36 @@ def test_supervisorctl_status_and_shutdown(start_daemon: Callable[..., Daemon]) 
     assert down.returncode == 0, down.stderr
     assert "all services stopped" in down.stdout
     assert daemon.proc.wait(30) == 0
+
+
+def test_reload_report_splits_the_workers_time_from_the_supervisors(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """Workers that take 0.4 s to start and ignore their stop signal (killed
+    after 0.5 s): the report puts that time in workers_start and workers_stop,
+    not in the supervisor's overhead, and its laps add up to the duration."""
+    port = free_port()
+    daemon = start_daemon(
+        service_toml(
+            "web",
+            port=port,
+            workers=2,
+            command=[*DEMO, "--delay", "0.4"],
+            extra='stop_signal = "SIGWINCH"\nstop_timeout = "0.5s"',
+        ).replace('stop_timeout = "10s"\n', "")
+    )
+    reloaded = daemon.reload()
+    assert reloaded.ok, reloaded.answer
+    report = reloaded.report()
+    timings, duration = report["timings"], report["duration"]
+    assert set(timings) == {
+        "validate", "start", "workers_start", "cutover", "retire", "drain", "workers_stop",
+        "overhead",
+    }  # fmt: skip
+    assert timings["workers_start"] >= 0.4
+    assert timings["start"] >= timings["workers_start"]
+    assert timings["workers_stop"] >= 0.5
+    assert timings["retire"] >= timings["workers_stop"]
+    laps = sum(timings[k] for k in ("validate", "start", "cutover", "retire"))
+    assert abs(laps - duration) < 0.01, (laps, duration)
+    assert timings["overhead"] <= duration - 0.9
