@@ -39,6 +39,28 @@ def test_reuseport_listeners_share_a_port_and_report_their_queue() -> None:
             sock.close()
 
 
+def test_port_is_free_for_others_while_its_served_connections_sit_in_time_wait() -> None:
+    """After the supervisor stops, a server that binds without SO_REUSEPORT (nginx
+    with a plain ``listen``) can take the port at once: the connections our
+    listener's workers closed first linger in TIME_WAIT for 60 s, and only
+    SO_REUSEADDR on our listener lets a new bind pass them."""
+    address = parse_listen(f"127.0.0.1:{free_port()}")
+    listener = open_listener(address, ListenerOptions(backlog=16))
+    client = socket.create_connection(address.sockaddr, timeout=5)
+    served, _ = listener.accept()
+    served.close()  # the server closes first: its side goes to TIME_WAIT
+    assert client.recv(1) == b""
+    client.close()
+    listener.close()
+    other = socket.socket()
+    try:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind(address.sockaddr)
+        other.listen(1)
+    finally:
+        other.close()
+
+
 def test_ipv6_and_udp() -> None:
     port = free_port("::1")
     tcp6 = open_listener(parse_listen(f"[::1]:{port}"), ListenerOptions())

@@ -67,6 +67,11 @@ def open_listener(address: ListenAddress, options: ListenerOptions) -> socket.so
 def _configure(sock: socket.socket, address: ListenAddress, options: ListenerOptions) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if address.proto == "tcp":
+            # Connections our workers closed first sit in TIME_WAIT for 60 s
+            # and inherit this: without it they keep any server that binds
+            # without SO_REUSEPORT (the next owner of the port) from binding.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if address.family == socket.AF_INET6:
             # [::]:80 must not swallow 0.0.0.0:80: each is its own group.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
