@@ -37,15 +37,22 @@ test: lint typecheck
 soak: $(VENV)/.installed-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m soak -s
 
-# Benchmarks: as root, in a private network namespace; wrk from Debian.
-bench-deps: $(VENV)/.installed-run
-	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+# Benchmarks: as root, in a private network namespace. Debian's wrk, nginx
+# and haproxy; matplotlib and gunicorn from the `bench` extra.
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $@ $(VENV)/.installed-run
 
+bench-deps: $(VENV)/.installed-bench
+	.ci/apt-install wrk=wrk nginx=nginx haproxy=haproxy
+
+# About 15 minutes: writes bench/RESULTS.md and bench/*.png (README shows them).
 bench: bench-deps
-	$(BIN)/python bench/reload_bench.py --seconds 30
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/run.py
 
+# Under 2 minutes, short phases: writes bench/quick/ (not committed).
 bench-quick: bench-deps
-	$(BIN)/python bench/reload_bench.py --seconds 8 --out bench/RESULTS-quick.md
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/run.py --quick --out bench/quick
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info

@@ -185,10 +185,10 @@ async def _cut_over(
     say(f"cutover: generation {candidate.number} takes every new connection")
     say(f"retiring generation {old.number} by {path}: {why}")
     retirement = await retire(old, path, why, service.drain_timeout, refuse=bool(changes))
+    after = netstat.read()
     timer.lap("retire")
     timer.workers("drain", [retirement.drain_seconds])
     timer.workers("workers_stop", [s.stop_seconds for s in old.slots])
-    after = netstat.read()
     result = finish("succeeded")
     report = result.report
     report.steering = ctx.steering.backend

@@ -1,0 +1,141 @@
+"""Processes for the benchmark: children of a pid, waiting for pids to end,
+and READY=1 notifications from workers the benchmark starts itself."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEMO = [sys.executable, "-m", "supervisor.demo"]
+POLL = 0.005  # the benchmark's own waits; the supervisor does not poll like this
+
+
+def children(pid: int) -> set[int]:
+    """The live (non-zombie) children of ``pid``."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[1] == str(pid) and fields[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(done: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(POLL)
+
+
+def wait_gone(pids: Iterable[int], timeout: float = 60) -> None:
+    left = set(pids)
+    wait_for(lambda: not {p for p in left if alive(p)}, timeout, f"pids {sorted(left)} to exit")
+
+
+def listening(port: int) -> bool:
+    """Whether any TCP socket of this namespace listens on ``port``."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise ValueError(f"no VmRSS for {pid}")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def zombies(pid: int) -> int:
+    out = subprocess.run(
+        ["ps", "-o", "stat=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    ).stdout
+    return sum(1 for line in out.split() if line.startswith("Z"))
+
+
+class ReadyWatch:
+    """An abstract-namespace NOTIFY_SOCKET; ``wait(n)`` for n READY=1 datagrams."""
+
+    def __init__(self, name: str) -> None:
+        self.address = f"@bench-{os.getpid()}-{name}"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind("\0" + self.address[1:])
+
+    def wait(self, count: int, timeout: float = 60) -> None:
+        self._sock.settimeout(timeout)
+        seen = 0
+        while seen < count:
+            if b"READY=1" in self._sock.recv(4096).split(b"\n"):
+                seen += 1
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class SelfBound:
+    """Workers that each bind their own SO_REUSEPORT listener (or share one fd)."""
+
+    def __init__(self, port: int, workers: int, name: str, share_fd: int | None = None) -> None:
+        self.port, self.workers, self.share_fd = port, workers, share_fd
+        self.ready = ReadyWatch(name)
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> list[subprocess.Popen[bytes]]:
+        where = (
+            ["--fd", str(self.share_fd)] if self.share_fd else ["--bind", f"127.0.0.1:{self.port}"]
+        )
+        env = {**os.environ, "NOTIFY_SOCKET": self.ready.address, "PYTHONPATH": str(ROOT)}
+        fresh = [
+            subprocess.Popen(
+                [sys.executable, str(HERE / "selfbind.py"), *where, "--", *DEMO],
+                env=env,
+                pass_fds=(self.share_fd,) if self.share_fd else (),
+            )
+            for _ in range(self.workers)
+        ]
+        self.ready.wait(self.workers)
+        return fresh
+
+    @staticmethod
+    def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(60)
+
+    def close(self) -> None:
+        self.stop(self.procs)
+        self.ready.close()
