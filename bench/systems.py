@@ -175,6 +175,7 @@ class Mastered:
 
     argv: list[str]
     workers = 4
+    stop_signal = signal.SIGTERM
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -205,7 +206,7 @@ class Mastered:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGQUIT if "nginx" in self.argv[0] else signal.SIGTERM)
+            self.proc.send_signal(self.stop_signal)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -215,6 +216,8 @@ class Mastered:
 
 class Nginx(Mastered):
     """nginx with 4 workers; ``nginx -s reload`` (SIGHUP to the master)."""
+
+    stop_signal = signal.SIGQUIT  # graceful
 
     def __init__(self, workdir: Path, port: int, reuseport: bool) -> None:
         super().__init__(workdir)
