@@ -250,6 +250,11 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 
     yield start
     for daemon in started:
+        # Gracefully first: SIGKILL kills the workers by their parent-death
+        # signal, and a worker with children of its own (nginx's master)
+        # would leave those behind.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            daemon.terminate(timeout=30)
         daemon.kill()
 
 
