@@ -75,15 +75,22 @@ def rss_kib(pid: int) -> int:
     raise ValueError(f"no VmRSS for {pid}")
 
 
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def settled_fd_count(pid: int) -> int:
+    """The fewest fds of ``pid`` over 0.5 s: a reload's answer reaches us a moment
+    before the daemon closes that control connection, so one reading may count it."""
+    counts = []
+    for _ in range(10):
+        counts.append(len(os.listdir(f"/proc/{pid}/fd")))
+        time.sleep(0.05)
+    return min(counts)
 
 
-def zombies(pid: int) -> int:
+def zombies(pid: int) -> list[str]:
+    """``pid stat`` of each zombie child of ``pid``."""
     out = subprocess.run(
-        ["ps", "-o", "stat=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+        ["ps", "-o", "pid=,stat=", "--ppid", str(pid)], capture_output=True, text=True, check=False
     ).stdout
-    return sum(1 for line in out.split() if line.startswith("Z"))
+    return [line.strip() for line in out.splitlines() if line.split()[1].startswith("Z")]
 
 
 class ReadyWatch:

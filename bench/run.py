@@ -37,9 +37,9 @@ from bench.procs import (  # noqa: E402
     HERE,
     SelfBound,
     cpu_seconds,
-    fd_count,
     listening,
     rss_kib,
+    settled_fd_count,
     wait_for,
     zombies,
 )
@@ -200,16 +200,6 @@ def scale(counts: list[int], reloads: int) -> list[dict[str, Any]]:
     return rows
 
 
-def settled_fds(pid: int) -> int:
-    """The fewest fds over 0.5 s: a reload's answer reaches us a moment before
-    the daemon closes that control connection, so one reading may count it."""
-    counts = []
-    for _ in range(10):
-        counts.append(fd_count(pid))
-        time.sleep(0.05)
-    return min(counts)
-
-
 def soak(reloads: int, warm_up: int = 20) -> dict[str, Any]:
     set_migrate_req(0)
     tiny = [sys.executable, "-I", "-S", str(HERE / "tiny_worker.py")]
@@ -219,13 +209,13 @@ def soak(reloads: int, warm_up: int = 20) -> dict[str, Any]:
         try:
             client = wrk.Wrk(PORT, 3600, connections=8)
             failed = sum(not sup.reload().ok for _ in range(warm_up))
-            before = {"fds": settled_fds(sup.pid), "rss_kib": rss_kib(sup.pid)}
+            before = {"fds": settled_fd_count(sup.pid), "rss_kib": rss_kib(sup.pid)}
             start = time.monotonic()
             failed += sum(not sup.reload().ok for _ in range(reloads - warm_up))
             took = time.monotonic() - start
-            after = {"fds": settled_fds(sup.pid), "rss_kib": rss_kib(sup.pid)}
+            after = {"fds": settled_fd_count(sup.pid), "rss_kib": rss_kib(sup.pid)}
             result = client.result(stop=True)
-            left = zombies(sup.pid)
+            left = len(zombies(sup.pid))
         finally:
             sup.stop()
     print(f"soak: {reloads} reloads, {result.failed} failed connections", flush=True)

@@ -7,13 +7,11 @@ runs it after ``make test``. ``SOAK_RELOADS`` changes the count.
 from __future__ import annotations
 
 import os
-import subprocess
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
+from bench.procs import rss_kib, settled_fd_count, zombies
 from tests.harness import Daemon, free_port, service_toml, wait_until
 from tests.load import Load
 
@@ -21,30 +19,6 @@ pytestmark = [pytest.mark.kernel, pytest.mark.soak]
 
 RELOADS = int(os.environ.get("SOAK_RELOADS", "1000"))
 WARM_UP = 20
-
-
-def fds(pid: int) -> int:
-    """The fewest fds over 0.5 s: a reload's answer reaches us a moment before
-    the daemon closes that control connection, so one reading may count it."""
-    counts = []
-    for _ in range(10):
-        counts.append(len(os.listdir(f"/proc/{pid}/fd")))
-        time.sleep(0.05)
-    return min(counts)
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def zombies(pid: int) -> list[str]:
-    out = subprocess.run(
-        ["ps", "-o", "pid=,stat=", "--ppid", str(pid)], capture_output=True, text=True
-    ).stdout
-    return [line for line in out.splitlines() if line.split()[1].startswith("Z")]
 
 
 def test_thousand_reloads_lose_and_leak_nothing(
@@ -58,11 +32,11 @@ def test_thousand_reloads_lose_and_leak_nothing(
         wait_until(load.answered, 15, "the load to be answered")
         for _ in range(WARM_UP):
             assert daemon.reload().ok
-        before = fds(pid), rss_kib(pid)
+        before = settled_fd_count(pid), rss_kib(pid)
         for n in range(RELOADS - WARM_UP):
             reloaded = daemon.reload()
             assert reloaded.ok, (n, reloaded.answer)
-        after = fds(pid), rss_kib(pid)
+        after = settled_fd_count(pid), rss_kib(pid)
         left = zombies(pid)
     result = load.result
     print(f"soak: {RELOADS} reloads, {result.ok} requests, fds {before[0]}->{after[0]}, "
