@@ -17,6 +17,11 @@ DEMO = [sys.executable, "-m", "supervisor.demo"]
 POLL = 0.005  # the benchmark's own waits; the supervisor does not poll like this
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name: state, ppid, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def children(pid: int) -> set[int]:
     """The live (non-zombie) children of ``pid``."""
     found = set()
@@ -24,10 +29,9 @@ def children(pid: int) -> set[int]:
         if not entry.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
+            fields = _stat(entry)
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[1].split()
         if fields[1] == str(pid) and fields[0] != "Z":
             found.add(int(entry))
     return found
@@ -35,7 +39,7 @@ def children(pid: int) -> set[int]:
 
 def alive(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return _stat(pid)[0] != "Z"
     except OSError:
         return False
 
@@ -53,18 +57,8 @@ def wait_gone(pids: Iterable[int], timeout: float = 60) -> None:
     wait_for(lambda: not {p for p in left if alive(p)}, timeout, f"pids {sorted(left)} to exit")
 
 
-def listening(port: int) -> bool:
-    """Whether any TCP socket of this namespace listens on ``port``."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                return True
-    return False
-
-
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -37,7 +37,6 @@ from bench.procs import (  # noqa: E402
     HERE,
     SelfBound,
     cpu_seconds,
-    listening,
     rss_kib,
     settled_fd_count,
     wait_for,
@@ -54,6 +53,8 @@ from bench.systems import (  # noqa: E402
     System,
     nginx_workers,
 )
+from supervisor.kernel import diag  # noqa: E402
+from supervisor.values import parse_listen  # noqa: E402
 
 PORT = 8080
 WORKERS = 4
@@ -117,7 +118,8 @@ def compare(c: Contender, seconds: float, steady: float, interval: float, warm: 
         row.error = f"{c.needs} is not installed"
         return row
     set_migrate_req(c.migrate_req)
-    wait_for(lambda: not listening(PORT), 30, f"port {PORT} to be free")
+    address = parse_listen(f"127.0.0.1:{PORT}")
+    wait_for(lambda: not diag.port_owners(address), 30, f"port {PORT} to be free")
     with tempfile.TemporaryDirectory() as tmp:
         system = c.make(Path(tmp))
         try:
