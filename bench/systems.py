@@ -40,7 +40,7 @@ class System(Protocol):
 
 
 class Supervised:
-    """supervisord with ``workers`` demo workers."""
+    """supervisord with ``workers`` workers of ``command`` (the demo worker by default)."""
 
     def __init__(
         self,
@@ -117,10 +117,7 @@ def nginx_workers(workdir: Path, port: int, workers: int, steering: str) -> Supe
     conf = workdir / "nginx-worker.conf"
     conf.write_text(
         "daemon off; master_process on; worker_processes 1; error_log stderr warn;\n"
-        "events { worker_connections 4096; }\n"
-        f"http {{ access_log off; {_temp_paths(workdir)}\n"
-        f"  server {{ listen 127.0.0.1:{port};\n"
-        f'    location / {{ default_type text/plain; return 200 "{BODY}\\n"; }} }} }}\n'
+        + _nginx_http(workdir, f"127.0.0.1:{port}")
     )
     command = [
         "nginx",
@@ -135,9 +132,16 @@ def nginx_workers(workdir: Path, port: int, workers: int, steering: str) -> Supe
     )
 
 
-def _temp_paths(workdir: Path) -> str:
+def _nginx_http(workdir: Path, listen: str) -> str:
+    """nginx's events and http blocks: one server answering ``BODY`` on ``listen``."""
     kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    return " ".join(f"{kind}_temp_path {workdir}/{kind};" for kind in kinds)
+    temp = " ".join(f"{kind}_temp_path {workdir}/{kind};" for kind in kinds)
+    return (
+        "events { worker_connections 4096; }\n"
+        f"http {{ access_log off; {temp}\n"
+        f"  server {{ listen {listen};\n"
+        f'    location / {{ default_type text/plain; return 200 "{BODY}\\n"; }} }} }}\n'
+    )
 
 
 class Naive:
@@ -176,6 +180,7 @@ class Mastered:
     argv: list[str]
     workers = 4
     stop_signal = signal.SIGTERM
+    reload_signal = signal.SIGHUP
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -194,7 +199,8 @@ class Mastered:
         return children(self.proc.pid)
 
     def signal_reload(self) -> None:
-        raise NotImplementedError
+        assert self.proc is not None
+        self.proc.send_signal(self.reload_signal)
 
     def reload(self) -> Reload:
         old = self._workers()
@@ -221,15 +227,11 @@ class Nginx(Mastered):
 
     def __init__(self, workdir: Path, port: int, reuseport: bool) -> None:
         super().__init__(workdir)
-        temp = _temp_paths(workdir)
         self.conf = workdir / "nginx.conf"
         self.conf.write_text(
             f"daemon off; master_process on; worker_processes {self.workers};\n"
             f"pid {workdir}/nginx.pid; error_log {workdir}/error.log notice;\n"
-            "events { worker_connections 4096; }\n"
-            f"http {{ access_log off; {temp}\n"
-            f"  server {{ listen 127.0.0.1:{port}{' reuseport' * reuseport} backlog=1024;\n"
-            f'    location / {{ default_type text/plain; return 200 "{BODY}\\n"; }} }} }}\n'
+            + _nginx_http(workdir, f"127.0.0.1:{port}{' reuseport' * reuseport} backlog=1024")
         )
         self.argv = ["nginx", "-c", str(self.conf)]
 
@@ -251,10 +253,6 @@ class Gunicorn(Mastered):
             "--chdir", str(ROOT / "config" / "apps"), "hello:wsgi",
         ]  # fmt: skip
 
-    def signal_reload(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGHUP)
-
 
 class HAProxy(Mastered):
     """HAProxy in master-worker mode, answering itself; SIGUSR2 to the master.
@@ -264,6 +262,7 @@ class HAProxy(Mastered):
     """
 
     workers = 1  # one worker process (with a thread per core)
+    reload_signal = signal.SIGUSR2
 
     def __init__(self, workdir: Path, port: int) -> None:
         super().__init__(workdir)
@@ -277,7 +276,3 @@ class HAProxy(Mastered):
             f'  http-request return status 200 content-type text/plain string "{BODY}"\n'
         )
         self.argv = ["haproxy", "-W", "-db", "-f", str(self.conf)]
-
-    def signal_reload(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGUSR2)
