@@ -53,6 +53,16 @@ def _failed(result: dict[str, Any]) -> int:
     return sum(result["errors"].values())
 
 
+def _p99_ratio(row: dict[str, Any]) -> float:
+    """p99 while reloading over p99 steady."""
+    return ratio(row["reloading"]["latency"].get("99%", 0), row["steady"]["latency"].get("99%", 0))
+
+
+def _spread(counts: dict[str, int]) -> float:
+    """Most answers per worker over fewest."""
+    return ratio(max(counts.values()), min(counts.values()))
+
+
 def compare_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| system | conn/s steady | conn/s reloading | failed steady | failed reloading "
@@ -74,7 +84,7 @@ def compare_table(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {r['name']} | {s['rps']:,.0f} | {g['rps']:,.0f} | {_failed(s):,} | "
             f"{_failed(g):,}{f' ({causes})' if causes else ''} | {lat('50%')} | {lat('99%')} | "
-            f"{ratio(g['latency'].get('99%', 0), s['latency'].get('99%', 0)):.2f}x | "
+            f"{_p99_ratio(r):.2f}x | "
             f"{lat('max')} | "
             f"{len(r['reloads']) - r['failed_reloads']}/{len(r['reloads'])} | "
             f"{pct(r['reloads'], 0.5) * 1000:.0f} / {pct(r['reloads'], 0.99) * 1000:.0f} ms | "
@@ -89,9 +99,8 @@ def spread_lines(spread: dict[str, dict[str, int]]) -> list[str]:
         "|---|---|---|---|",
     ]
     for name, counts in spread.items():
-        values = list(counts.values())
-        spread_ratio = f"{ratio(max(values), min(values)):.2f}" if values else "n/a"
-        lines.append(f"| {name} | {len(values)} | {sum(values):,} | {spread_ratio} |")
+        spread_ratio = f"{_spread(counts):.2f}" if counts else "n/a"
+        lines.append(f"| {name} | {len(counts)} | {sum(counts.values()):,} | {spread_ratio} |")
     return lines
 
 
@@ -126,7 +135,7 @@ def targets(results: dict[str, Any]) -> list[str]:
             out.append(f"- {r['name']}: **did not run**: {r['error']}")
             continue
         failed = _failed(r["steady"]) + _failed(r["reloading"])
-        p99 = ratio(r["reloading"]["latency"].get("99%", 0), r["steady"]["latency"].get("99%", 0))
+        p99 = _p99_ratio(r)
         out.append(
             f"- {r['name']}: zero failed connections: {verdict(failed == 0, f'{failed} failed')}; "
             f"p99 during reloads within 1.2x of steady: {verdict(p99 <= 1.2, f'{p99:.2f}x')}."
@@ -141,7 +150,7 @@ def targets(results: dict[str, Any]) -> list[str]:
             )
     per_worker = next(iter(results["spread"].values()), {})
     if per_worker:
-        worst = ratio(max(per_worker.values()), min(per_worker.values()))
+        worst = _spread(per_worker)
         out.append(f"- load spread at most 1.15 with per-worker listeners: "
                    f"{verdict(worst <= 1.15, f'{worst:.2f}')}.")  # fmt: skip
     soak = results["soak"]
@@ -180,8 +189,7 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     files.append("failed.png")
 
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.2))
-    p99 = [ratio(r["reloading"]["latency"].get("99%", 0), r["steady"]["latency"].get("99%", 0))
-           for r in rows]  # fmt: skip
+    p99 = [_p99_ratio(r) for r in rows]
     ax.barh(names, p99, color=colors)
     ax.axvline(1.2, color="tab:red", linestyle="--", label="target 1.2x")
     ax.invert_yaxis()

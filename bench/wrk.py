@@ -33,9 +33,6 @@ class WrkResult:
     def failed(self) -> int:
         return sum(self.errors.values())
 
-    def p(self, key: str) -> float:
-        return self.latency.get(key, float("nan"))
-
 
 def _ms(text: str) -> float:
     number = re.match(r"[0-9.]+", text)
