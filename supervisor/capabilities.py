@@ -48,23 +48,6 @@ class Capabilities:
             return "drain"
         return "migrate"
 
-    def retire_plan(self, retire: str, socket_changes: list[str]) -> tuple[RetirePath, str]:
-        """The path a reload takes, and why, given what it changes in listener settings."""
-        path = self.retire_path(retire)
-        if path == "migrate" and socket_changes:
-            return "drain", (
-                f"listener settings changed ({', '.join(socket_changes)}): "
-                "no migration between listeners whose settings differ"
-            )
-        if path == "drain":
-            if retire == "drain":
-                return "drain", 'retire = "drain" in the config'
-            sysctl = "missing (kernel < 5.14)" if self.migrate_req is None else self.migrate_req
-            return "drain", f"no migration here: classic BPF steering and tcp_migrate_req={sysctl}"
-        if self.steering == "ebpf":
-            return "migrate", "the eBPF SELECT_OR_MIGRATE program migrates to active listeners"
-        return "migrate", "net.ipv4.tcp_migrate_req=1: the kernel migrates by its own hash"
-
     def describe(self) -> dict[str, object]:
         return {
             "steering": self.steering,

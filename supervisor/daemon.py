@@ -28,7 +28,7 @@ from supervisor.control.server import ControlServer, bound_control_socket
 from supervisor.errors import ConfigError, SupervisorError, leaves
 from supervisor.kernel import sysctl
 from supervisor.loader import environment_for_workers, load_config
-from supervisor.plan import describe, plan_config
+from supervisor.plan import describe, plan_config, plan_rollout
 from supervisor.reloads import ServiceDirectory, handle_reload, reload_summary
 from supervisor.requests import Reload, Request, Shutdown
 from supervisor.service import Service, ServiceEnv
@@ -59,7 +59,7 @@ class Daemon:
         self._reloaded = trio.Event()  # set (and replaced) after every reload
         self.config_path = config_path
         self._caps = caps
-        self._env = ServiceEnv(spawner, self.load_checked, self.capabilities)
+        self._env = ServiceEnv(spawner, self.capabilities)
         self.services = {
             name: Service(name, service, self._env) for name, service in config.services.items()
         }
@@ -69,8 +69,15 @@ class Daemon:
         self._services_nursery: trio.Nursery | None = None
 
     def capabilities(self) -> Capabilities:
-        """Cached detection, with the migration sysctl re-read (someone may set it)."""
-        self._caps = replace(self._caps, migrate_req=sysctl.migrate_req())
+        """Cached detection, with the migration sysctl re-read (someone may set it).
+
+        A read that fails (out of fds, say) keeps the last value: no caller
+        (status among them) may fail for it.
+        """
+        try:
+            self._caps = replace(self._caps, migrate_req=sysctl.migrate_req())
+        except SupervisorError as exc:
+            log.warning("sysctl_unreadable", error=str(exc))
         return self._caps
 
     def load_checked(self) -> Config:
@@ -306,10 +313,12 @@ def _check(path: Path, config: Config) -> None:
         print(ConfigError(str(path), issues), file=sys.stderr)
         sys.exit(2)
     print(f"{path}: OK")
-    print("\n".join(describe(plan_config(config))))
-    for name, service in config.services.items():
-        path_taken = caps.retire_path(service.retire)
-        print(f"service {name}: reloads retire by {path_taken} ({caps.describe()})")
+    plans = plan_config(config)
+    print("\n".join(describe(plans)))
+    for plan in plans:
+        # What reloading this very config would do, on this host.
+        print("\n".join(plan_rollout(plan, plan.config, plan.generation + 1, caps).describe()))
+    print(f"capabilities: {caps.describe()}")
     sys.exit(0)
 
 

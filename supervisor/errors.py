@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -132,6 +133,39 @@ class KernelFeatureMissing(SupervisorError):
         self.feature = feature
         self.detail = detail
         super().__init__(f"{feature} is not available: {detail}")
+
+
+class KernelError(SupervisorError):
+    """A kernel or OS call failed where the supervisor steers or observes.
+
+    Raised by the kernel-facing modules (steering, sock_diag, sockets,
+    netstat) in place of the OSError they met, so that the orchestration
+    above can decide what a failure means at each step of a rollout.
+    """
+
+    def __init__(self, operation: str, err: OSError) -> None:
+        self.operation = operation
+        self.errno = err.errno or 0
+        name = errno_mod.errorcode.get(self.errno, "")
+        detail = err.strerror or str(err)
+        super().__init__(f"{operation}: {name + ': ' if name else ''}{detail}")
+
+
+class SteeringError(KernelError):
+    """A steering program or map could not be created, updated or attached."""
+
+
+class DiagError(KernelError):
+    """sock_diag (inet_diag over netlink) could not be read."""
+
+
+@contextmanager
+def translated(error: type[KernelError], operation: str) -> Iterator[None]:
+    """Turn an OSError raised inside into ``error(operation, exc)``."""
+    try:
+        yield
+    except OSError as exc:
+        raise error(operation, exc) from exc
 
 
 class ControlError(SupervisorError):

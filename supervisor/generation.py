@@ -12,22 +12,20 @@ listeners out of their groups, whatever happened.
 from __future__ import annotations
 
 import enum
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 import trio
 
-from supervisor.errors import ListenerError, RolloutAborted, SupervisorError, leaves
+from supervisor.errors import RolloutAborted, SupervisorError, leaves
 from supervisor.health import pinned_connector
-from supervisor.kernel.sockets import ListenerOptions, accept_queue, open_listener, socket_cookie
 from supervisor.lifecycle import Watched, WorkerState
+from supervisor.listener import Listener, open_listeners, release_listeners
 from supervisor.plan import ServicePlan
 from supervisor.spawner import Spawner
-from supervisor.status import ListenerStatus, WorkerStatus
+from supervisor.status import WorkerStatus
 from supervisor.steering import Role, Steering, SteeringGroup
-from supervisor.values import ListenAddress
 from supervisor.worker import SlotSettings, WorkerSlot
 
 log = structlog.get_logger("supervisor.generation")
@@ -39,58 +37,6 @@ class GenerationState(enum.Enum):
     SERVING = "SERVING"  # every worker passed its check
     STOPPING = "STOPPING"  # workers asked to stop
     STOPPED = "STOPPED"  # workers reaped, listeners closed
-
-
-@dataclass(frozen=True)
-class Listener:
-    """One listener of one worker: the supervisor's own socket for it."""
-
-    worker: int
-    address: ListenAddress
-    sock: socket.socket
-    cookie: int
-    group: SteeringGroup
-
-    @property
-    def tcp(self) -> bool:
-        return self.address.proto == "tcp"
-
-    @property
-    def in_group(self) -> bool:
-        return self.group.role(self.sock) is not None
-
-    def queued(self) -> int:
-        """Connections waiting in this listener's accept queue (0 once shut down)."""
-        if not self.tcp or self.sock.fileno() < 0:
-            return 0
-        depth = accept_queue(self.sock)
-        return depth.queued if depth.listening else 0
-
-    def status(self) -> ListenerStatus:
-        queued = limit = None
-        if self.tcp and self.sock.fileno() >= 0:
-            depth = accept_queue(self.sock)
-            if depth.listening:
-                queued, limit = depth.queued, depth.limit
-        role = self.group.role(self.sock)
-        return ListenerStatus(
-            address=str(self.address),
-            cookie=self.cookie,
-            role=None if role is None else role.value,
-            queued=queued,
-            backlog=limit,
-        )
-
-
-def listener_options(plan: ServicePlan) -> ListenerOptions:
-    opts = plan.config.socket
-    return ListenerOptions(
-        backlog=plan.config.backlog,
-        defer_accept=opts.defer_accept,
-        fastopen=opts.fastopen,
-        rcvbuf=opts.rcvbuf,
-        sndbuf=opts.sndbuf,
-    )
 
 
 class Generation:
@@ -129,12 +75,9 @@ class Generation:
             if role is Role.ACTIVE and slot.state.value is not WorkerState.RUNNING:
                 # Out of rotation, unless it is the group's last active member:
                 # with none, the kernel would hash over every member, standby too.
-                others = any(
-                    lst.group.role(s) is Role.ACTIVE for s in lst.group.members if s is not lst.sock
-                )
-                role = Role.STANDBY if others else Role.ACTIVE
-            if lst.group.role(lst.sock) is not role:
-                lst.group.set_role([lst.sock], role)
+                role = Role.STANDBY if lst.active_peers() else Role.ACTIVE
+            if lst.role is not role:
+                lst.set_role(role)
                 changed[id(lst.group)] = lst.group
         return changed
 
@@ -153,7 +96,12 @@ class Generation:
             running = slot.state.value is WorkerState.RUNNING
             groups = self._place(slot)
             for group in groups.values():
-                group.apply()
+                try:
+                    group.apply()
+                except SupervisorError as exc:
+                    # The kernel keeps the table it had: the worker's listener
+                    # stays where it was (its queue waits for the respawn).
+                    log.error("worker_steering_failed", worker=slot.plan.index, error=str(exc))
             if groups:
                 log.info(
                     "worker_steered",
@@ -172,10 +120,14 @@ class Generation:
         for lst in self.listeners:
             if lst.worker != slot.plan.index or not lst.tcp or not lst.in_group:
                 continue
-            if lst.group.role(lst.sock) is Role.ACTIVE:
+            if lst.role is Role.ACTIVE:
                 continue  # the address's last active listener: keep it for the next reload
-            queued = lst.queued()
-            lst.group.shutdown(lst.sock)
+            try:
+                queued = lst.queued()
+                lst.shutdown()
+            except SupervisorError as exc:
+                log.error("fatal_worker_listener_kept", worker=slot.plan.index, error=str(exc))
+                continue
             log.warning(
                 "fatal_worker_listener_shut_down",
                 worker=slot.plan.index,
@@ -194,16 +146,20 @@ class Generation:
     def pids(self) -> list[int]:
         return [slot.pid for slot in self.slots if slot.pid is not None]
 
-    def worker_status(self) -> list[WorkerStatus]:
+    def worker_status(self, shown_as: str | None = None) -> list[WorkerStatus]:
+        """The workers' snapshots; ``shown_as`` replaces a live worker's state
+        (``RETIRING`` while its generation is being retired)."""
         out = []
         for slot in self.slots:
             mine = [lst.status() for lst in self.listeners if lst.worker == slot.plan.index]
+            state = slot.state.value
+            alive = state not in _NO_PROCESS and state is not WorkerState.EXITED
             out.append(
                 WorkerStatus(
                     index=slot.plan.index,
                     generation=self.number,
-                    pid=slot.pid if slot.state.value not in _NO_PROCESS else None,
-                    state=slot.state.value.value,
+                    pid=slot.pid if state not in _NO_PROCESS else None,
+                    state=shown_as if shown_as is not None and alive else state.value,
                     restarts=slot.restarts,
                     last_exit=slot.last_exit,
                     listeners=mine,
@@ -213,51 +169,6 @@ class Generation:
 
 
 _NO_PROCESS = frozenset({WorkerState.BACKOFF, WorkerState.EXITED, WorkerState.FATAL})
-
-
-def open_listeners(plan: ServicePlan, steering: Steering, role: Role) -> list[Listener]:
-    """Create every listener of ``plan`` and enter it into its group as ``role``.
-
-    Runs without awaiting, so the groups' models follow each ``listen()``
-    exactly. Raises ListenerError (after releasing what was opened).
-    """
-    options = listener_options(plan)
-    listeners: list[Listener] = []
-    try:
-        for worker in plan.workers:
-            for address in worker.listen:
-                sock = open_listener(address, options)
-                group = steering.group(address)
-                group.join(sock, role)
-                listeners.append(Listener(worker.index, address, sock, socket_cookie(sock), group))
-        for group in {id(lst.group): lst.group for lst in listeners}.values():
-            group.apply()
-    except BaseException:
-        release_listeners(listeners)
-        raise
-    return listeners
-
-
-def release_listeners(listeners: list[Listener]) -> None:
-    """Take listeners out of their groups and close them.
-
-    TCP members are shut down (the kernel unhashes them even if a worker's
-    child still holds a copy), last index first, so that leaving moves no
-    other member. UDP members leave when our close drops the last reference,
-    which holds once their workers are reaped: the group closes them itself.
-    """
-    members = [lst for lst in listeners if lst.in_group]
-    members.sort(key=lambda lst: lst.group.index(lst.sock), reverse=True)
-    for lst in members:
-        try:
-            if lst.tcp:
-                lst.group.shutdown(lst.sock)
-            else:
-                lst.group.discard(lst.sock)
-        except OSError as exc:
-            log.error("listener_release_failed", address=str(lst.address), error=str(exc))
-    for lst in listeners:
-        lst.sock.close()
 
 
 @dataclass(frozen=True)
@@ -289,13 +200,13 @@ async def run_generation(
     structlog.contextvars.bind_contextvars(service=plan.name, generation=plan.generation)
     try:
         listeners = open_listeners(plan, spec.steering, role)
-    except ListenerError as exc:
+    except SupervisorError as exc:
         raise RolloutAborted(plan.name, [str(exc)]) from exc
     slots = []
     for worker in plan.workers:
         mine = [lst for lst in listeners if lst.worker == worker.index]
         first_tcp = next((lst for lst in mine if lst.tcp), None)
-        connect = None if first_tcp is None else pinned_connector(first_tcp.group, first_tcp.sock)
+        connect = None if first_tcp is None else pinned_connector(first_tcp)
         fds = [lst.sock.fileno() for lst in mine]
         slots.append(WorkerSlot(worker, fds, settings, spawner, connect))
     generation = Generation(plan, listeners, slots, role)

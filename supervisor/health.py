@@ -10,8 +10,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import ssl
-import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +20,18 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from supervisor import tls
 from supervisor.config import Health, HealthExec, HealthHttp, HealthNone, HealthTcp, HealthTls
-from supervisor.errors import TlsError
+from supervisor.errors import SupervisorError, TlsError
 from supervisor.kernel.notify import NotifyMessage
+from supervisor.kernel.proc import CommandResult, describe_exit
+from supervisor.listener import Listener
 from supervisor.plan import substitute
-from supervisor.steering import SteeringGroup
 from supervisor.values import ListenAddress
 
 _MAX_OUTPUT = 2000
 
 
 Connector = Callable[[], Awaitable[trio.SocketStream]]
+Runner = Callable[[Sequence[str]], Awaitable[CommandResult]]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class ProbeTarget:
     connect: Connector | None = None
     notifications: Callable[[], Awaitable[NotifyMessage]] | None = None
     certificate: Path | None = None  # the service's tls.cert: what a tls probe must be served
+    run: Runner | None = None  # runs an exec check as the service (user, env, cwd)
 
 
 def connect_address(address: ListenAddress) -> tuple[str, int]:
@@ -131,7 +133,7 @@ class TcpProbe(Probe):
         try:
             with trio.fail_after(self.timeout):
                 return await self.target.connect()
-        except (OSError, trio.TooSlowError) as exc:
+        except (OSError, SupervisorError, trio.TooSlowError) as exc:
             self.last_error = f"connect {host}:{port}: {exc or 'timed out'}"
             return None
 
@@ -256,15 +258,12 @@ class ExecProbe(Probe):
         self.interval = check.interval
 
     async def attempt(self) -> bool:
+        if self.target.run is None:
+            self.last_error = "no way to run a command was given"
+            return False
         try:
             with trio.fail_after(self.timeout):
-                result = await trio.run_process(
-                    self.argv,
-                    check=False,
-                    capture_stdout=True,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                )
+                result = await self.target.run(self.argv)
         except trio.TooSlowError:
             self.last_error = f"{self.argv} did not finish within {self.timeout}s"
             return False
@@ -273,25 +272,25 @@ class ExecProbe(Probe):
             return False
         if result.returncode == 0:
             return True
-        output = result.stdout.decode(errors="replace")[-_MAX_OUTPUT:].strip()
-        self.last_error = f"{self.argv} exited with status {result.returncode}: {output}"
+        output = result.output[-_MAX_OUTPUT:].strip()
+        self.last_error = f"{self.argv} {describe_exit(result.returncode)}: {output}"
         return False
 
 
-def pinned_connector(group: SteeringGroup, sock: socket.socket) -> Connector:
-    """Connections to ``sock``'s address that the group steers to ``sock`` itself.
+def pinned_connector(listener: Listener) -> Connector:
+    """Connections to the listener's address that its group steers to it.
 
     The probe binds its source port first, pins (source address, port) to
-    ``sock`` in the group's program, connects, and unpins: the check then
+    the listener in the group's program, connects, and unpins: the check then
     proves the very listener that will take traffic, even while it is standby.
     """
-    host, port = connect_address(group.address)
+    host, port = connect_address(listener.address)
 
     async def connect() -> trio.SocketStream:
-        client = trio.socket.socket(group.address.family, socket.SOCK_STREAM)
+        client = trio.socket.socket(listener.address.family, socket.SOCK_STREAM)
         try:
             await client.bind((host, 0))
-            with group.pinned(sock, host, client.getsockname()[1]):
+            with listener.pinned(host, client.getsockname()[1]):
                 await client.connect((host, port))
         except BaseException:
             client.close()

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from supervisor.capabilities import Capabilities, RetirePath
 from supervisor.config import Config, ServiceConfig
 from supervisor.values import ListenAddress, format_duration
 
@@ -112,6 +113,61 @@ def _setting(key: str, value: float | None) -> str:
     if value is None:
         return "unset"
     return format_duration(value) if key == "defer_accept" else str(value)
+
+
+def retire_decision(
+    retire: str, changes: list[str] | tuple[str, ...], caps: Capabilities
+) -> tuple[RetirePath, str]:
+    """The path a reload takes, and why, given what it changes in listener settings."""
+    path = caps.retire_path(retire)
+    if path == "migrate" and changes:
+        return "drain", (
+            f"listener settings changed ({', '.join(changes)}): "
+            "no migration between listeners whose settings differ"
+        )
+    if path == "drain":
+        if retire == "drain":
+            return "drain", 'retire = "drain" in the config'
+        sysctl = "missing (kernel < 5.14)" if caps.migrate_req is None else caps.migrate_req
+        return "drain", f"no migration here: classic BPF steering and tcp_migrate_req={sysctl}"
+    if caps.steering == "ebpf":
+        return "migrate", "the eBPF SELECT_OR_MIGRATE program migrates to active listeners"
+    return "migrate", "net.ipv4.tcp_migrate_req=1: the kernel migrates by its own hash"
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """What one rollout will do: the candidate's workers, and how the old
+    generation retires after the cutover."""
+
+    candidate: ServicePlan
+    path: RetirePath
+    why: str
+    changes: tuple[str, ...]  # listener settings that differ from the serving generation's
+    refuse_migration: bool  # no request may migrate between old and new listeners
+
+    def describe(self) -> list[str]:
+        refuse = "refused (settings differ)" if self.refuse_migration else "allowed"
+        return [
+            f"service {self.candidate.name}: reloads retire by {self.path}: {self.why}",
+            f"  next generation {self.candidate.generation}: {len(self.candidate.workers)} "
+            f"worker(s); migration between generations {refuse}",
+        ]
+
+
+def plan_rollout(
+    current: ServicePlan, new: ServiceConfig, generation: int, caps: Capabilities
+) -> RolloutPlan:
+    """The plan of a rollout from ``current`` to ``new`` on a host with ``caps``. Pure."""
+    changes = tuple(socket_changes(current.config, new))
+    path, why = retire_decision(new.retire, changes, caps)
+    return RolloutPlan(
+        candidate=plan_service(current.name, new, generation),
+        path=path,
+        why=why,
+        changes=changes,
+        refuse_migration=bool(changes),
+    )
 
 
 def plan_config(config: Config, generations: Mapping[str, int] | None = None) -> list[ServicePlan]:

@@ -1,7 +1,9 @@
 """Daemon-level reload: one request (control socket or SIGHUP) to service rollouts.
 
-The whole file is loaded and validated first: a bad file changes nothing.
-Then each targeted service gets a rollout ticket (services coalesce
+The whole file is loaded and validated first, once: a bad file changes
+nothing, and what a service rolls out is exactly what was validated here
+(a file edited meanwhile waits for the next reload). Then each targeted
+service gets a rollout ticket carrying its snapshot (services coalesce
 concurrent requests on their own), services new in the file are started
 and services gone from it are stopped (reload of all services only), and
 every service's progress is streamed to the caller as it happens, ending
@@ -21,7 +23,7 @@ from supervisor.config import Config
 from supervisor.control import protocol
 from supervisor.errors import ConfigError, SupervisorError
 from supervisor.requests import Reload, Reply
-from supervisor.rollout import Ticket
+from supervisor.rollout import Snapshot, Ticket
 from supervisor.service import Service
 
 log = structlog.get_logger("supervisor.reloads")
@@ -68,12 +70,20 @@ async def _reload(
         if reply is not None:
             await reply.send(protocol.progress(message))
 
+    began = trio.current_time()
     try:
         config = directory.load()
     except ConfigError as exc:
         return protocol.error("config rejected", [str(i) for i in exc.issues], services={})
+    validated_in = trio.current_time() - began
     if request.service is not None and request.service not in directory.services:
         return protocol.error(f"no service named {request.service!r}", services={})
+    if request.service is not None and request.service not in config.services:
+        return protocol.error(
+            f"service {request.service!r} is no longer in the config file",
+            ["reload every service to stop it"],
+            services={},
+        )
     notes = []
     if config.supervisor != directory.current().supervisor:
         notes.append("changes to [supervisor] take effect at the next start")
@@ -83,7 +93,12 @@ async def _reload(
         names = [n for n in config.services if n in directory.services and n not in results]
     else:
         names = [request.service]
-    tickets = {name: directory.services[name].request_rollout(request.reason) for name in names}
+    tickets = {
+        name: directory.services[name].request_rollout(
+            Snapshot(config.services[name], validated_in), request.reason
+        )
+        for name in names
+    }
     async with trio.open_nursery() as nursery:
         for ticket in tickets.values():
             nursery.start_soon(_forward, ticket, reply)

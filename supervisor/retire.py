@@ -1,7 +1,5 @@
-"""Cutover and retirement of an old generation (KERNEL.md sections 1, 5, 6).
-
-``promote`` steers new connections to the candidate only. ``retire`` then
-takes the old generation out of service:
+"""Retirement of an old generation that no longer gets new connections
+(KERNEL.md sections 1, 5, 6). Cutover (``cutover.promote``) comes first.
 
 - *migrate*: after a short pause (the kernel race of KERNEL.md section 1,
   item 4: a handshake completing during close is reset; measured: none once
@@ -16,6 +14,12 @@ takes the old generation out of service:
 
 Datagram (UDP) listeners cannot migrate: on either path their old workers
 keep reading until the old sockets' receive queues are empty.
+
+The candidate already serves when retirement begins, so nothing here may
+fail the rollout: a kernel read or a shutdown that fails becomes a line in
+``problems``, the step falls back to what still works (the grace period
+instead of sock_diag, the workers' own close instead of our shutdown), and
+the old workers are stopped all the same.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ import structlog
 import trio
 
 from supervisor.capabilities import RetirePath
-from supervisor.generation import Generation, Listener
+from supervisor.errors import DiagError, SupervisorError
+from supervisor.generation import Generation
 from supervisor.kernel import diag
-from supervisor.kernel.sockets import receive_queue
-from supervisor.steering import Role
+from supervisor.listener import Listener
+from supervisor.steering import ListenerCounts
 
 log = structlog.get_logger("supervisor.retire")
 
@@ -55,15 +60,23 @@ class Retirement:
     unmovable: list[str] = field(default_factory=list)
     drain_timed_out: bool = False
     notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # kernel failures met on the way
     drain_seconds: float = 0.0  # waiting for the old workers to empty their queues
 
+    def problem(self, step: str, exc: SupervisorError) -> None:
+        """Record a failure once (a failing read in a poll loop fails every poll)."""
+        line = f"{step}: {exc}"
+        if line not in self.problems:
+            log.error("retirement_problem", step=step, error=str(exc))
+            self.problems.append(line)
 
-def promote(candidate: Generation, old: Generation) -> None:
-    """Steer every new connection to ``candidate``; ``old`` gets none from now on."""
-    groups = old.admit(Role.RETIRING)
-    groups.update(candidate.admit(Role.ACTIVE))
-    for group in groups.values():
-        group.apply()
+
+def _queued(lst: Listener, result: Retirement, step: str) -> int:
+    try:
+        return lst.queued()
+    except SupervisorError as exc:
+        result.problem(step, exc)
+        return 0
 
 
 async def retire(
@@ -73,6 +86,7 @@ async def retire(
 
     ``refuse``: the new listeners' settings differ, so no request may migrate
     to them (the program drops such migrations where the backend can).
+    Never raises a ``SupervisorError``: failures are in ``problems``.
     """
     deadline = trio.current_time() + STEER_PAUSE + drain_timeout
     await trio.sleep(STEER_PAUSE)
@@ -80,21 +94,17 @@ async def retire(
     udp = [lst for lst in old.listeners if not lst.tcp and lst.in_group]
     result = Retirement(path=path, why=why)
     for lst in tcp:
-        queued = lst.queued()
+        queued = _queued(lst, result, "accept queue at cutover")
         result.queued_at_cutover += queued
         result.listeners.append(
             {"address": str(lst.address), "cookie": lst.cookie, "queued": queued}
         )
-    refused = [lst.group.refuse_migration(lst.sock) for lst in tcp] if refuse else []
-    if not all(refused):
-        result.notes.append(
-            "classic BPF cannot refuse a migration: connections still queued at "
-            "drain_timeout move to the new listeners if tcp_migrate_req=1, else are reset"
-        )
+    if refuse:
+        _refuse_migrations(tcp, result)
     drain_start = trio.current_time()
     if path == "drain":
         result.drain_timed_out = not await drain_tcp(tcp, deadline, result)
-    result.datagrams_left = await drain_udp(udp, deadline)
+    result.datagrams_left = await drain_udp(udp, deadline, result)
     result.drain_seconds = trio.current_time() - drain_start
     for lst in tcp:
         _shut_down(lst, result)
@@ -109,21 +119,42 @@ async def retire(
         handshakes_at_cutover=result.handshakes_at_cutover,
         left_at_shutdown=result.left_at_shutdown,
         datagrams_left=result.datagrams_left,
+        problems=result.problems,
     )
     await old.stop()
     return result
 
 
+def _refuse_migrations(tcp: list[Listener], result: Retirement) -> None:
+    refused = []
+    for lst in tcp:
+        try:
+            refused.append(lst.refuse_migration())
+        except SupervisorError as exc:
+            result.problem("refuse migrations", exc)
+            refused.append(False)
+    if not all(refused):
+        result.notes.append(
+            "migrations could not be refused (classic BPF cannot, or the kernel failed): "
+            "connections still queued at drain_timeout move to the new listeners if "
+            "migration is on, else are reset"
+        )
+
+
 def _shut_down(lst: Listener, result: Retirement) -> None:
-    left = lst.queued()
+    """Shut ``lst`` down; if the kernel refuses, its workers' exit and our close
+    take it out of the group instead (its queue migrates then, where it can)."""
+    left = _queued(lst, result, "accept queue at shutdown")
     result.left_at_shutdown += left
-    has_target = any(lst.group.role(s) is Role.ACTIVE for s in lst.group.members)
-    if left and not has_target:
+    if left and not lst.active_peers():
         result.unmovable.append(
             f"{lst.address}: {left} queued connection(s) could not be moved: "
             "no listener remains on that address"
         )
-    lst.group.shutdown(lst.sock)
+    try:
+        lst.shutdown()
+    except SupervisorError as exc:
+        result.problem(f"shutdown of {lst.address} (cookie {lst.cookie})", exc)
 
 
 async def _until_stable(done: Callable[[], bool], deadline: float) -> bool:
@@ -138,47 +169,71 @@ async def _until_stable(done: Callable[[], bool], deadline: float) -> bool:
     return False
 
 
+def _queues_empty(listeners: list[Listener], result: Retirement) -> bool:
+    return all(_queued(lst, result, "accept queue while draining") == 0 for lst in listeners)
+
+
 async def drain_tcp(listeners: list[Listener], deadline: float, result: Retirement) -> bool:
     """Wait until the old queues are empty and the handshakes pending at cutover ended.
 
     No new request can be created for a listener that is steered away; the
     eBPF counters prove it, and where the kernel's hash fallback did send a
-    SYN to one after all, its handshake is awaited too.
+    SYN to one after all, its handshake is awaited too. If sock_diag fails
+    at any point, the rest of the drain waits for the grace period instead.
     """
     addresses = {lst.address for lst in listeners}
     try:
         pending = {address: set(diag.pending_handshakes(address)) for address in addresses}
-    except OSError as exc:
-        log.warning("handshakes_unobservable", error=str(exc), grace=HANDSHAKE_GRACE)
-        grace_over = trio.current_time() + HANDSHAKE_GRACE
-        return await _until_stable(
-            lambda: trio.current_time() >= grace_over and _queues_empty(listeners), deadline
-        )
+    except DiagError as exc:
+        result.problem("handshakes at cutover", exc)
+        return await _drain_by_grace(listeners, deadline, result)
     result.handshakes_at_cutover = sum(len(cookies) for cookies in pending.values())
-    syns = {lst.cookie: lst.group.counts(lst.sock) for lst in listeners}
+    syns = {lst.cookie: _counts(lst, result) for lst in listeners}
 
     def drained() -> bool:
         for lst in listeners:
-            now = lst.group.counts(lst.sock)
+            now = _counts(lst, result)
             if now != syns[lst.cookie]:  # steered here after all: wait for it too
                 syns[lst.cookie] = now
                 pending[lst.address] |= diag.pending_handshakes(lst.address)
         for address in [a for a, cookies in pending.items() if cookies]:
             pending[address] &= diag.pending_handshakes(address)
-        return not any(pending.values()) and _queues_empty(listeners)
+        return not any(pending.values()) and _queues_empty(listeners, result)
 
-    return await _until_stable(drained, deadline)
+    try:
+        return await _until_stable(drained, deadline)
+    except DiagError as exc:
+        result.problem("handshakes while draining", exc)
+        return await _drain_by_grace(listeners, deadline, result)
 
 
-def _queues_empty(listeners: list[Listener]) -> bool:
-    return all(lst.queued() == 0 for lst in listeners)
+def _counts(lst: Listener, result: Retirement) -> ListenerCounts | None:
+    try:
+        return lst.counts()
+    except SupervisorError as exc:
+        result.problem("steering counters while draining", exc)
+        return None
 
 
-async def drain_udp(listeners: list[Listener], deadline: float) -> int:
+async def _drain_by_grace(listeners: list[Listener], deadline: float, result: Retirement) -> bool:
+    log.warning("handshakes_unobservable", grace=HANDSHAKE_GRACE)
+    grace_over = trio.current_time() + HANDSHAKE_GRACE
+    return await _until_stable(
+        lambda: trio.current_time() >= grace_over and _queues_empty(listeners, result), deadline
+    )
+
+
+async def drain_udp(listeners: list[Listener], deadline: float, result: Retirement) -> int:
     """Wait until the old datagram sockets are read empty; return bytes left at ``deadline``."""
 
     def unread() -> int:
-        return sum(receive_queue(lst.sock).bytes for lst in listeners)
+        total = 0
+        for lst in listeners:
+            try:
+                total += lst.unread()
+            except SupervisorError as exc:
+                result.problem("datagram queue while draining", exc)
+        return total
 
     if listeners:
         await _until_stable(lambda: unread() == 0, deadline)

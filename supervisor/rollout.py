@@ -10,7 +10,6 @@ who asked while a rollout was running share the one that follows.
 from __future__ import annotations
 
 import contextlib
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -18,14 +17,15 @@ from typing import Any, Literal
 import structlog
 import trio
 
-from supervisor.capabilities import Capabilities, check
-from supervisor.config import Config, ServiceConfig
-from supervisor.errors import ConfigError, PreflightFailed, RolloutAborted
+from supervisor.capabilities import Capabilities
+from supervisor.config import ServiceConfig
+from supervisor.cutover import promote
+from supervisor.errors import PreflightFailed, RolloutAborted, SupervisorError
 from supervisor.generation import Generation, GenerationSpec, run_generation
 from supervisor.kernel import netstat
 from supervisor.kernel.proc import describe_exit
-from supervisor.plan import plan_service, socket_changes, substitute
-from supervisor.retire import promote, retire
+from supervisor.plan import RolloutPlan, ServicePlan, plan_rollout, substitute
+from supervisor.retire import retire
 from supervisor.spawner import Spawner
 from supervisor.steering import Role, Steering
 from supervisor.worker import SlotSettings
@@ -56,6 +56,7 @@ class RolloutReport:
     drain_timed_out: bool = False
     unmovable: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # kernel failures after the cutover
     counters: dict[str, int] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     reason: str | None = None  # why the rollout was asked for (--reason)
@@ -70,10 +71,12 @@ class RolloutReport:
 
 
 class Ticket:
-    """One caller's share of a rollout: progress messages, then the report."""
+    """One caller's share of a rollout: the config it validated, progress
+    messages, then the report."""
 
-    def __init__(self, reason: str | None = None) -> None:
+    def __init__(self, reason: str | None = None, snapshot: Snapshot | None = None) -> None:
         self.reason = reason
+        self.snapshot = snapshot
         self._send, self.messages = trio.open_memory_channel[str](256)
         self.report: RolloutReport | None = None
         self.done = trio.Event()
@@ -90,6 +93,24 @@ class Ticket:
 
 
 @dataclass
+class Stage:
+    """Where a service's rollout stands, for ``status``: the generations that
+    are neither simply serving nor gone."""
+
+    candidate: Generation | None = None  # started; not yet promoted
+    retiring: Generation | None = None  # promoted away from; its workers not yet reaped
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One service's config as a reload validated it, once: the rollout uses
+    exactly what the caller was shown."""
+
+    config: ServiceConfig
+    validated_in: float = 0.0  # seconds the daemon took to read and check the file
+
+
+@dataclass
 class RolloutContext:
     """What a rollout may use of its service."""
 
@@ -99,9 +120,10 @@ class RolloutContext:
     spawner: Spawner
     current: Generation
     generation: int  # the number the candidate will get
-    load_config: Callable[[], Config]
     capabilities: Callable[[], Capabilities]
     settings: Callable[[ServiceConfig], SlotSettings]
+    stage: Stage = field(default_factory=Stage)
+    promoted: Callable[[Generation, ServiceConfig], None] = lambda _g, _c: None
 
 
 @dataclass
@@ -111,9 +133,17 @@ class RolloutResult:
     config: ServiceConfig | None = None
 
 
-async def run_rollout(ctx: RolloutContext, say: Callable[[str], None]) -> RolloutResult:
-    """Carry out one rollout of ``ctx.name``; never raises for an operating failure."""
-    timer = Timer()
+async def run_rollout(
+    ctx: RolloutContext, snapshot: Snapshot, say: Callable[[str], None]
+) -> RolloutResult:
+    """Carry out one rollout of ``ctx.name`` to ``snapshot``.
+
+    Never raises for an operating failure (a kernel error included): a
+    failure before the cutover rolls back, one after it is a problem in the
+    report; the serving generation is never touched by either. Cancellation
+    (the daemon stopping) stops the candidate and propagates.
+    """
+    timer = Timer(already=snapshot.validated_in)
     report = RolloutReport(ctx.name, "rejected", None, ctx.current.number)
 
     def finish(outcome: Outcome, reasons: list[str] | None = None) -> RolloutResult:
@@ -123,31 +153,20 @@ async def run_rollout(ctx: RolloutContext, say: Callable[[str], None]) -> Rollou
         report.timings = timer.timings(report.duration)
         return RolloutResult(report)
 
-    say("validating config")
-    try:
-        config = ctx.load_config()
-    except ConfigError as exc:
-        return finish("rejected", [str(issue) for issue in exc.issues])
-    service = config.services.get(ctx.name)
-    if service is None:
-        return finish("rejected", [f"service {ctx.name} is no longer in the config file"])
-    caps = ctx.capabilities()
-    issues = [str(i) for i in check(config, caps) if i.location.startswith(f"services.{ctx.name}.")]
-    if issues:
-        return finish("rejected", issues)
+    service = snapshot.config
+    plan = plan_rollout(ctx.current.plan, service, ctx.generation, ctx.capabilities())
     timer.lap("validate")
     if service.preflight:
         say(f"running preflight {service.preflight}")
         try:
-            await run_preflight(ctx.name, service, ctx.generation)
+            await run_preflight(ctx.spawner, plan.candidate)
         except PreflightFailed as exc:
             return finish("rejected", [str(exc)])
         timer.lap("preflight")
     report.generation = ctx.generation
-    plan = plan_service(ctx.name, service, ctx.generation)
     say(f"starting generation {ctx.generation} ({service.workers} workers, standby)")
     spec = GenerationSpec(
-        plan,
+        plan.candidate,
         ctx.settings(service),
         ctx.spawner,
         ctx.steering,
@@ -159,40 +178,57 @@ async def run_rollout(ctx: RolloutContext, say: Callable[[str], None]) -> Rollou
     except RolloutAborted as exc:
         say(f"generation {ctx.generation} failed its health gate: rolled back")
         return finish("rolled_back", list(exc.reasons))
+    ctx.stage.candidate = candidate
     timer.lap("start")
     timer.workers("workers_start", [s.start_seconds for s in candidate.slots])
-    return await _cut_over(
-        ctx, candidate, service=service, caps=caps, say=say, finish=finish, timer=timer
-    )
+    try:
+        return await _cut_over(ctx, candidate, plan, say=say, finish=finish, timer=timer)
+    finally:
+        ctx.stage.candidate = ctx.stage.retiring = None
 
 
 async def _cut_over(
     ctx: RolloutContext,
     candidate: Generation,
+    plan: RolloutPlan,
     *,
-    service: ServiceConfig,
-    caps: Capabilities,
     say: Callable[[str], None],
-    finish: Callable[[Outcome], RolloutResult],
+    finish: Callable[[Outcome, list[str] | None], RolloutResult],
     timer: Timer,
 ) -> RolloutResult:
     old = ctx.current
-    changes = socket_changes(old.plan.config, service)
-    path, why = caps.retire_plan(service.retire, changes)
-    before = netstat.read()
-    promote(candidate, old)
+    before = _counters()
+    try:
+        promote(candidate, old)
+    except RolloutAborted as exc:
+        say(f"cutover to generation {candidate.number} failed: rolled back")
+        with trio.CancelScope(shield=True):
+            await candidate.stop()
+        return finish("rolled_back", list(exc.reasons))
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await candidate.stop()
+        raise
+    ctx.stage.candidate, ctx.stage.retiring = None, old
+    ctx.promoted(candidate, plan.candidate.config)
     timer.lap("cutover")
     say(f"cutover: generation {candidate.number} takes every new connection")
-    say(f"retiring generation {old.number} by {path}: {why}")
-    retirement = await retire(old, path, why, service.drain_timeout, refuse=bool(changes))
-    after = netstat.read()
+    say(f"retiring generation {old.number} by {plan.path}: {plan.why}")
+    retirement = await retire(
+        old,
+        plan.path,
+        plan.why,
+        plan.candidate.config.drain_timeout,
+        refuse=plan.refuse_migration,
+    )
+    after = _counters()
     timer.lap("retire")
     timer.workers("drain", [retirement.drain_seconds])
     timer.workers("workers_stop", [s.stop_seconds for s in old.slots])
-    result = finish("succeeded")
+    result = finish("succeeded", None)
     report = result.report
     report.steering = ctx.steering.backend
-    report.path, report.path_reason = path, why
+    report.path, report.path_reason = plan.path, plan.why
     report.queued_at_cutover = retirement.queued_at_cutover
     report.handshakes_at_cutover = retirement.handshakes_at_cutover
     report.listeners_at_cutover = retirement.listeners
@@ -202,16 +238,29 @@ async def _cut_over(
     report.drain_timed_out = retirement.drain_timed_out
     report.unmovable = retirement.unmovable
     report.notes = retirement.notes
-    report.counters = netstat.delta(before, after)
+    report.problems = retirement.problems
+    if before is None or after is None:
+        report.problems.append("kernel counters could not be read: counters are empty")
+    else:
+        report.counters = netstat.delta(before, after)
     say(f"generation {old.number} retired")
-    result.generation, result.config = candidate, service
+    result.generation, result.config = candidate, plan.candidate.config
     return result
+
+
+def _counters() -> dict[str, int] | None:
+    try:
+        return netstat.read()
+    except SupervisorError as exc:
+        log.warning("netstat_unreadable", error=str(exc))
+        return None
 
 
 class Timer:
     """Where a rollout's time went, for its report (seconds).
 
-    Laps: ``validate`` (config read and checked), ``preflight``, ``start``
+    Laps: ``validate`` (config read and checked by the daemon, and the
+    rollout planned), ``preflight``, ``start``
     (spawning the candidate until its last worker passed its check),
     ``cutover`` and ``retire`` (steer-away pause, drain, stop, reap). Within
     them, time that belongs to the workers, not to the supervisor: the
@@ -223,8 +272,9 @@ class Timer:
 
     _WORKERS = ("preflight", "workers_start", "drain", "workers_stop")
 
-    def __init__(self) -> None:
-        self._start = self._last = trio.current_time()
+    def __init__(self, already: float = 0.0) -> None:
+        self._start = trio.current_time() - already  # the reload's validation came first
+        self._last = self._start
         self._laps: dict[str, float] = {}
 
     def elapsed(self) -> float:
@@ -246,31 +296,26 @@ class Timer:
         return out
 
 
-async def run_preflight(name: str, service: ServiceConfig, generation: int) -> None:
-    """Run the service's preflight argv (bounded by ``ready_timeout``).
+async def run_preflight(spawner: Spawner, plan: ServicePlan) -> None:
+    """Run the service's preflight argv as the service (bounded by ``ready_timeout``).
 
     Raises:
         PreflightFailed: it exited non-zero, could not run, or timed out.
     """
+    service = plan.config
     assert service.preflight is not None
-    argv = [substitute(a, worker=0, generation=generation) for a in service.preflight]
-    cwd = service.working_directory
+    first = plan.workers[0]
+    argv = [substitute(a, worker=0, generation=plan.generation) for a in service.preflight]
     try:
         with trio.fail_after(service.ready_timeout):
-            done = await trio.run_process(
-                argv,
-                cwd=None if cwd is None else substitute(str(cwd), worker=0, generation=generation),
-                check=False,
-                capture_stdout=True,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+            done = await spawner.run_command(first, argv)
     except trio.TooSlowError:
         raise PreflightFailed(
-            name, argv, f"did not finish in {service.ready_timeout:g}s", ""
+            plan.name, argv, f"did not finish in {service.ready_timeout:g}s", ""
         ) from None
     except OSError as exc:
-        raise PreflightFailed(name, argv, f"could not run: {exc}", "") from exc
+        raise PreflightFailed(plan.name, argv, f"could not run: {exc}", "") from exc
     if done.returncode != 0:
-        output = done.stdout.decode(errors="replace")[-_MAX_OUTPUT:]
-        raise PreflightFailed(name, argv, describe_exit(done.returncode), output)
+        raise PreflightFailed(
+            plan.name, argv, describe_exit(done.returncode), done.output[-_MAX_OUTPUT:]
+        )

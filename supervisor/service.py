@@ -2,7 +2,8 @@
 
 The service owns a nursery in which its generations live. One rollout runs
 at a time; requests that arrive meanwhile coalesce into one follow-up
-rollout, which reads the config file afresh and answers all of them.
+rollout, which rolls out the newest config snapshot among them (each was
+validated once, by the reload that asked) and answers all of them.
 """
 
 from __future__ import annotations
@@ -16,14 +17,23 @@ import structlog
 import trio
 
 from supervisor.capabilities import Capabilities
-from supervisor.config import Config, ServiceConfig
-from supervisor.generation import Generation, GenerationSpec, GenerationState, run_generation
+from supervisor.config import ServiceConfig
+from supervisor.generation import Generation, GenerationSpec, run_generation
 from supervisor.lifecycle import WorkerState
 from supervisor.plan import plan_service
-from supervisor.rollout import RolloutContext, RolloutReport, Ticket, run_rollout
+from supervisor.rollout import (
+    RolloutContext,
+    RolloutReport,
+    RolloutResult,
+    Snapshot,
+    Stage,
+    Ticket,
+    run_rollout,
+)
 from supervisor.spawner import Spawner
 from supervisor.status import ServiceStatus
-from supervisor.steering import Role, Steering
+from supervisor.steering import Backend, Role, Steering, SteeringGroup
+from supervisor.values import ListenAddress
 from supervisor.worker import SlotSettings
 
 log = structlog.get_logger("supervisor.service")
@@ -57,13 +67,16 @@ def slot_settings(config: ServiceConfig) -> SlotSettings:
     )
 
 
+GroupFactory = Callable[[Backend, ListenAddress], SteeringGroup]
+
+
 @dataclass(frozen=True)
 class ServiceEnv:
     """What the daemon gives each service."""
 
     spawner: Spawner
-    load_config: Callable[[], Config]
     capabilities: Callable[[], Capabilities]
+    groups: GroupFactory | None = None  # steering groups; None: the backend's own
 
 
 class Service:
@@ -74,7 +87,8 @@ class Service:
         self.config = config
         self._env = env
         self.current: Generation | None = None
-        self.steering = Steering(env.capabilities().steering)
+        self.stage = Stage()
+        self.steering = Steering(env.capabilities().steering, env.groups)
         self.last_generation = 0
         self.last_rollout: RolloutReport | None = None
         self._rolling_out = False
@@ -87,9 +101,10 @@ class Service:
     def request_stop(self) -> None:
         self._stop_requested.set()
 
-    def request_rollout(self, reason: str | None = None) -> Ticket:
-        """Queue a rollout; it shares the next one to start (never overlaps one)."""
-        ticket = Ticket(reason)
+    def request_rollout(self, snapshot: Snapshot, reason: str | None = None) -> Ticket:
+        """Queue a rollout to ``snapshot``; it shares the next one to start (never
+        overlaps one), which rolls out the newest snapshot of those waiting."""
+        ticket = Ticket(reason, snapshot)
         if self._stop_requested.is_set():
             ticket.finish(self._refused("the service is stopping"))
             return ticket
@@ -146,6 +161,7 @@ class Service:
     async def _rollout(self, nursery: trio.Nursery, tickets: list[Ticket]) -> None:
         assert self.current is not None
         reasons = sorted({t.reason for t in tickets if t.reason})
+        snapshot = next(t.snapshot for t in reversed(tickets) if t.snapshot is not None)
         self.last_generation += 1
         context = RolloutContext(
             name=self.name,
@@ -154,9 +170,10 @@ class Service:
             spawner=self._env.spawner,
             current=self.current,
             generation=self.last_generation,
-            load_config=self._env.load_config,
             capabilities=self._env.capabilities,
             settings=slot_settings,
+            stage=self.stage,
+            promoted=self._promoted,
         )
 
         def say(message: str) -> None:
@@ -167,7 +184,12 @@ class Service:
         log.info("rollout_started", callers=len(tickets), reasons=reasons)
         self._rolling_out = True
         try:
-            result = await run_rollout(context, say)
+            result = await run_rollout(context, snapshot, say)
+        except Exception as exc:
+            # run_rollout translates every operating failure; this is a bug.
+            # Report it and keep serving: the service must not die of it.
+            log.exception("rollout_crashed")
+            result = _crashed(self.name, self.last_generation, self.current.number, exc)
         except BaseException:
             for ticket in tickets:
                 ticket.finish(self._refused("the rollout was cut short: the daemon is stopping"))
@@ -178,12 +200,14 @@ class Service:
         report.reason = "; ".join(reasons) or None
         if report.generation is None:
             self.last_generation -= 1  # rejected before a candidate existed: no number used
-        if result.generation is not None and result.config is not None:
-            self.current, self.config = result.generation, result.config
         self.last_rollout = report
         log.info("rollout_finished", **report.to_dict())
         for ticket in tickets:
             ticket.finish(report)
+
+    def _promoted(self, generation: Generation, config: ServiceConfig) -> None:
+        """The cutover happened: ``generation`` serves, with ``config``."""
+        self.current, self.config = generation, config
 
     def _refused(self, why: str) -> RolloutReport:
         current = None if self.current is None else self.current.number
@@ -195,23 +219,40 @@ class Service:
             return ServiceState.STOPPED
         if current is None:
             return ServiceState.STARTING
-        stopping = current.state.value in (GenerationState.STOPPING, GenerationState.STOPPED)
-        if self._stop_requested.is_set() or stopping:
+        if self._stop_requested.is_set():
             return ServiceState.STOPPING
         if self._rolling_out:
             return ServiceState.RELOADING
         return _workers_state({slot.state.value for slot in current.slots})
 
     def snapshot(self) -> ServiceStatus:
+        """What ``status`` shows: during a rollout, the candidate's workers with
+        their own states and the retiring generation's as RETIRING, beside the
+        serving generation's. Reads no kernel state that could fail it."""
         current = self.current
         caps = self._env.capabilities()
         last = self.last_rollout
+        stage = self.stage
+        workers = [] if current is None else current.worker_status()
+        if stage.candidate is not None:
+            workers += stage.candidate.worker_status()
+        if stage.retiring is not None:
+            workers += stage.retiring.worker_status(shown_as="RETIRING")
         return ServiceStatus(
             name=self.name,
             generation=0 if current is None else current.number,
             state=self.state().value,
             retire=caps.retire_path(self.config.retire),
             steering=self.steering.backend,
-            workers=[] if current is None else current.worker_status(),
+            workers=workers,
+            candidate=None if stage.candidate is None else stage.candidate.number,
+            retiring=None if stage.retiring is None else stage.retiring.number,
             last_rollout=None if last is None else last.to_dict(),
         )
+
+
+def _crashed(name: str, generation: int, current: int, exc: Exception) -> RolloutResult:
+    report = RolloutReport(
+        name, "rolled_back", generation, current, reasons=[f"internal error: {exc!r}"]
+    )
+    return RolloutResult(report)

@@ -1,7 +1,10 @@
 """The seam between worker slots and real processes.
 
 ``WorkerSlot`` only sees ``Spawner`` and ``ProcessHandle``; tests of its
-logic pass fakes, tests of behaviour pass ``ProcessSpawner``.
+logic pass fakes, tests of behaviour pass ``ProcessSpawner``. Everything a
+service runs goes through the spawner with the service's identity: its
+workers, and the short commands (preflight, exec health checks) run as the
+service's user and group, with its environment and working directory.
 """
 
 from __future__ import annotations
@@ -9,8 +12,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from supervisor.kernel.proc import ChildProcess, resolve_credentials, spawn
+from supervisor.kernel.proc import (
+    ChildProcess,
+    CommandResult,
+    resolve_credentials,
+    run_command,
+    spawn,
+)
 from supervisor.plan import WorkerPlan
+
+_FOR_WORKERS_ONLY = ("LISTEN_FDS", "LISTEN_FDNAMES")
 
 
 class ProcessHandle(Protocol):
@@ -25,7 +36,7 @@ class ProcessHandle(Protocol):
 
     def send_signal(self, sig: int) -> None: ...
 
-    def close(self) -> None: ...
+    async def aclose(self) -> None: ...
 
 
 class Spawner(Protocol):
@@ -35,9 +46,13 @@ class Spawner(Protocol):
         self, plan: WorkerPlan, fds: Sequence[int], notify_socket: str | None
     ) -> ProcessHandle: ...
 
+    async def run_command(self, plan: WorkerPlan, argv: Sequence[str]) -> CommandResult:
+        """Run a short command as the service would run ``plan``'s worker (no
+        listeners). The caller bounds the time. Raises OSError if it cannot start."""
+
 
 class ProcessSpawner:
-    """Spawns real workers: base environment + the plan's + NOTIFY_SOCKET."""
+    """Spawns real processes: base environment + the plan's (+ NOTIFY_SOCKET)."""
 
     def __init__(self, base_environment: Mapping[str, str]) -> None:
         self._base = dict(base_environment)
@@ -52,6 +67,17 @@ class ProcessSpawner:
             plan.argv,
             env=env,
             fds=fds,
+            cwd=plan.working_directory,
+            credentials=resolve_credentials(plan.user, plan.group),
+        )
+
+    async def run_command(self, plan: WorkerPlan, argv: Sequence[str]) -> CommandResult:
+        env = {**self._base, **dict(plan.environment)}
+        for name in _FOR_WORKERS_ONLY:
+            env.pop(name, None)
+        return await run_command(
+            argv,
+            env=env,
             cwd=plan.working_directory,
             credentials=resolve_credentials(plan.user, plan.group),
         )

@@ -38,7 +38,9 @@ class ServiceStatus(Snapshot):
     state: str
     retire: str  # the path a rollout takes now: migrate or drain
     steering: str
-    workers: list[WorkerStatus]
+    workers: list[WorkerStatus]  # during a rollout: the serving, candidate and retiring ones
+    candidate: int | None = None  # a generation started but not yet serving
+    retiring: int | None = None  # a generation steered away from, being retired
     last_rollout: dict[str, Any] | None = None
 
 
@@ -58,16 +60,22 @@ def render(status: Status) -> list[str]:
     """Human-readable lines for ``supervisorctl status``."""
     lines = []
     for service in status.services.values():
+        stage = ""
+        if service.candidate is not None:
+            stage += f"  candidate {service.candidate}"
+        if service.retiring is not None:
+            stage += f"  retiring {service.retiring}"
         lines.append(
-            f"{service.name}: {service.state}  generation {service.generation}  "
+            f"{service.name}: {service.state}  generation {service.generation}{stage}  "
             f"retire={service.retire}  steering={service.steering}"
         )
         for worker in service.workers:
             pid = "-" if worker.pid is None else str(worker.pid)
             queued = sum(lst.queued or 0 for lst in worker.listeners)
             extra = f"  last: {worker.last_exit}" if worker.restarts and worker.last_exit else ""
+            gen = f"@{worker.generation}" if worker.generation != service.generation else ""
             lines.append(
-                f"  worker {worker.index:<3} {worker.state:<9} pid {pid:<8} "
+                f"  worker {worker.index:<3}{gen:<4} {worker.state:<9} pid {pid:<8} "
                 f"restarts {worker.restarts:<3} queued {queued}{extra}"
             )
     return lines

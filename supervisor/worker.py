@@ -121,7 +121,15 @@ class WorkerSlot:
             if not first.reached_running:
                 self._set(WorkerState.FATAL)
                 raise first.failure or SpawnError(self.label, "exited before it was ready")
-            await self._respawn_loop(first)
+            try:
+                await self._respawn_loop(first)
+            except Exception:
+                # A bug here must not take the generation (and every other
+                # worker of the service) down with it: this slot alone ends.
+                log.exception("worker_slot_failed")
+                if self.state.value not in (WorkerState.FATAL, WorkerState.EXITED):
+                    self.state.set(WorkerState.FATAL)
+                await self._stop_requested.wait()
 
     async def _respawn_loop(self, last: _Run) -> None:
         policy = self.settings.policy
@@ -173,7 +181,7 @@ class WorkerSlot:
                 outcome.returncode = await proc.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            proc.close()
+            await proc.aclose()  # killed and reaped if it still runs (cancellation)
         outcome.lifetime = trio.current_time() - spawned_at
         if self._stop_sent_at is not None:
             self.stop_seconds = trio.current_time() - self._stop_sent_at
@@ -204,6 +212,7 @@ class WorkerSlot:
             connect=self._connect,
             notifications=None if self._notify is None else self._notify.receive,
             certificate=self.settings.certificate,
+            run=lambda argv: self._spawner.run_command(self.plan, argv),
         )
         probe = make_probe(self.settings.health, target)
         with trio.move_on_after(self.settings.ready_timeout) as scope:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.capabilities import Capabilities
+from supervisor.plan import retire_decision
 from tests.harness import free_port, service_toml
 
 EBPF = Capabilities(migrate_req=0, cbpf=True, ebpf=True)
@@ -32,14 +33,14 @@ OLD_KERNEL = Capabilities(migrate_req=None, cbpf=True, ebpf=False)
 def test_retire_plan_names_the_path_and_why(
     caps: Capabilities, retire: str, path: str, why: str
 ) -> None:
-    chosen, reason = caps.retire_plan(retire, [])
+    chosen, reason = retire_decision(retire, [], caps)
     assert chosen == path
     assert why in reason
 
 
 def test_changed_listener_settings_retire_by_drain_even_where_migration_works() -> None:
     for caps in (EBPF, CBPF_SYSCTL_ON):
-        path, why = caps.retire_plan("migrate", ["rcvbuf unset -> 262144"])
+        path, why = retire_decision("migrate", ["rcvbuf unset -> 262144"], caps)
         assert path == "drain"
         assert "rcvbuf unset -> 262144" in why and "no migration" in why
 

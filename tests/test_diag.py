@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from supervisor.generation import Listener
 from supervisor.kernel import diag
 from supervisor.kernel.sockets import ListenerOptions, open_listener, socket_cookie
+from supervisor.listener import Listener
 from supervisor.retire import Retirement, drain_tcp
 from supervisor.steering import Role
 from supervisor.steering.cbpf import CbpfGroup

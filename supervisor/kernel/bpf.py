@@ -18,7 +18,9 @@ from typing import Self
 
 from supervisor.errors import KernelFeatureMissing
 
-_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+# The syscall number per architecture; elsewhere there is no eBPF (fail closed:
+# a wrong number would call some other syscall with our buffer).
+_NR_BPF: int | None = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
 _ATTR_SIZE = 144  # sizeof(union bpf_attr) on 6.x; the unused tail must be zero
 
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, PROG_LOAD = 0, 1, 2, 3, 5
@@ -44,6 +46,10 @@ class BpfError(OSError):
 
 
 def _call(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
+    if _NR_BPF is None:
+        raise KernelFeatureMissing(
+            "eBPF", f"the bpf() syscall number of {platform.machine()!r} is not known here"
+        )
     result = int(_libc.syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.c_uint(_ATTR_SIZE)))
     if result < 0:
         err = ctypes.get_errno()

@@ -17,6 +17,7 @@ import ipaddress
 import socket
 import struct
 
+from supervisor.errors import DiagError, translated
 from supervisor.values import ListenAddress
 
 NETLINK_SOCK_DIAG = 4
@@ -36,7 +37,16 @@ _TIMEOUT = 2.0
 def _dump(
     family: socket.AddressFamily, states: int, protocol: int = socket.IPPROTO_TCP
 ) -> list[bytes]:
-    """Every ``inet_diag_msg`` of ``protocol`` sockets in ``states`` (a bit mask) of ``family``."""
+    """Every ``inet_diag_msg`` of ``protocol`` sockets in ``states`` (a bit mask) of ``family``.
+
+    Raises:
+        DiagError: the netlink socket could not be used or the kernel refused the dump.
+    """
+    with translated(DiagError, "sock_diag dump"):
+        return _dump_raw(family, states, protocol)
+
+
+def _dump_raw(family: socket.AddressFamily, states: int, protocol: int) -> list[bytes]:
     request = _REQ.pack(family, protocol, 0, states)
     header = _NLMSG.pack(
         _NLMSG.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
@@ -66,7 +76,7 @@ def pending_handshakes(address: ListenAddress) -> frozenset[int]:
     A wildcard address matches any local address on its port.
 
     Raises:
-        OSError: sock_diag is unavailable.
+        DiagError: sock_diag is unavailable.
     """
     ip = ipaddress.ip_address(address.host)
     width = 4 if ip.version == 4 else 16
@@ -89,7 +99,7 @@ def port_owners(address: ListenAddress) -> frozenset[int]:
     either side overlaps every local address.
 
     Raises:
-        OSError: sock_diag is unavailable.
+        DiagError: sock_diag is unavailable.
     """
     ip = ipaddress.ip_address(address.host)
     width = 4 if ip.version == 4 else 16

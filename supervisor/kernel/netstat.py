@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from supervisor.errors import KernelError, translated
+
 REPORTED = (
     "TcpExt:TCPMigrateReqSuccess",
     "TcpExt:TCPMigrateReqFailure",
@@ -16,10 +18,15 @@ REPORTED = (
 def read(
     paths: Iterable[Path] = (Path("/proc/net/netstat"), Path("/proc/net/snmp")),
 ) -> dict[str, int]:
-    """All counters as ``{"TcpExt:ListenDrops": n, "Tcp:OutRsts": n, ...}``."""
+    """All counters as ``{"TcpExt:ListenDrops": n, "Tcp:OutRsts": n, ...}``.
+
+    Raises:
+        KernelError: a file could not be read.
+    """
     counters: dict[str, int] = {}
     for path in paths:
-        lines = path.read_text().splitlines()
+        with translated(KernelError, f"read {path}"):
+            lines = path.read_text().splitlines()
         for header, values in zip(lines[::2], lines[1::2], strict=False):
             names, numbers = header.split(), values.split()
             prefix = names[0].rstrip(":")

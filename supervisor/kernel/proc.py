@@ -21,10 +21,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
 import trio
 
 LAUNCHER = Path(__file__).resolve().parent.parent / "launch.py"
 EXIT_LAUNCH_FAILED = 127
+REAP_GRACE = 2.0  # after SIGKILL, how long ``aclose`` waits before reaping in the background
+_UNKNOWN_STATUS = 255 << 8  # an exit status for a child someone else reaped
+log = structlog.get_logger("supervisor.proc")
 
 
 @dataclass(frozen=True)
@@ -63,43 +67,54 @@ def describe_exit(returncode: int) -> str:
 
 
 class ChildProcess:
-    """A spawned child, owned by whoever spawned it: ``close()`` after ``wait()``."""
+    """A child of this process, watched through a pidfd; owned by whoever made it.
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    ``wait`` reaps it (any number of tasks may wait: a lock lets one watch
+    the pidfd at a time, so a waiter that is cancelled hands over to the
+    next). ``aclose`` ends it: SIGKILL, then a bounded shielded wait. No
+    method blocks the trio thread: a child that does not die at once (stuck
+    in D state, say) is reaped by a background task when it does.
+    """
+
+    def __init__(self, pid: int, popen: subprocess.Popen[bytes] | None = None) -> None:
+        self.pid = pid
         self._popen = popen
-        self.pid = popen.pid
-        self._pidfd: int | None = os.pidfd_open(popen.pid)
-        self._exited = trio.Event()
-        self._waiting = False
+        self._pidfd: int | None = os.pidfd_open(pid)
+        self._returncode: int | None = None
+        self._lock = trio.Lock()
 
     @property
     def returncode(self) -> int | None:
-        return self._popen.returncode
+        return self._returncode
+
+    def _reap(self) -> bool:
+        """Reap the child if it has exited (never blocks); True once reaped."""
+        if self._returncode is not None:
+            return True
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # not (or no longer) ours to reap
+            pid, status = self.pid, _UNKNOWN_STATUS
+        if pid == 0:
+            return False
+        self._returncode = os.waitstatus_to_exitcode(status)
+        if self._popen is not None:
+            self._popen.returncode = self._returncode  # so Popen never reaps the pid again
+        self._close_pidfd()
+        return True
 
     async def wait(self) -> int:
-        """Wait for the child to exit and reap it; return its exit status.
-
-        Any number of tasks may wait; the first one watches the pidfd.
-        """
-        if self._waiting:
-            await self._exited.wait()
-        else:
-            self._waiting = True
-            try:
-                if self._popen.returncode is None and self._pidfd is not None:
-                    await trio.lowlevel.wait_readable(self._pidfd)
-                self._popen.wait()
-                self._close_pidfd()
-                self._exited.set()
-            finally:
-                self._waiting = self._exited.is_set()
-        code = self._popen.returncode
-        assert code is not None
-        return code
+        """Wait for the child to exit and reap it; return its exit status."""
+        async with self._lock:
+            while not self._reap():
+                assert self._pidfd is not None
+                await trio.lowlevel.wait_readable(self._pidfd)
+        assert self._returncode is not None
+        return self._returncode
 
     def send_signal(self, sig: int) -> None:
         """Signal the child unless it is already reaped (pidfd: no pid-reuse race)."""
-        if self._pidfd is None or self._popen.returncode is not None:
+        if self._pidfd is None or self._returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self._pidfd, sig)
@@ -110,12 +125,27 @@ class ChildProcess:
             os.close(self._pidfd)
             self._pidfd = None
 
+    async def aclose(self, grace: float = REAP_GRACE) -> None:
+        """Kill the child if it still runs, and reap it (shielded, at most ``grace``
+        seconds; after that a background task reaps it when it finally exits)."""
+        if self._reap():
+            return
+        self.send_signal(signal.SIGKILL)
+        with trio.CancelScope(shield=True), trio.move_on_after(grace):
+            await self.wait()
+        self.close()
+
     def close(self) -> None:
-        """Release the pidfd. A child not yet reaped is killed and reaped first."""
-        if self._popen.returncode is None:
-            self.send_signal(signal.SIGKILL)
-            self._popen.wait()
-        self._close_pidfd()
+        """Release the child without blocking: a child not yet reaped is
+        killed, and reaped by a background task once it has exited."""
+        if self._reap():
+            return
+        self.send_signal(signal.SIGKILL)
+        trio.lowlevel.spawn_system_task(self._reap_later)
+
+    async def _reap_later(self) -> None:
+        await self.wait()
+        log.warning("child_reaped_late", child=self.pid, exit=describe_exit(self._returncode or 0))
 
 
 def spawn(
@@ -127,13 +157,14 @@ def spawn(
     credentials: Credentials = Credentials(),
     death_signal: int = signal.SIGKILL,
     stdout: int | None = None,
+    stderr: int | None = None,
 ) -> ChildProcess:
     """Start ``argv`` through the launcher with ``fds`` as 3, 4, ... in the child.
 
     The child gets its own session (a Ctrl-C on the supervisor's terminal
     reaches only the supervisor, which then stops workers in order), stdin
-    from /dev/null, and the supervisor's stderr and (unless ``stdout`` names
-    another fd) stdout.
+    from /dev/null, and the supervisor's stdout and stderr unless
+    ``stdout`` or ``stderr`` name other fds.
 
     Raises:
         OSError: the launcher itself could not be started (fork, fd limits).
@@ -153,12 +184,65 @@ def spawn(
         env=dict(env),
         stdin=subprocess.DEVNULL,
         stdout=stdout,
+        stderr=stderr,
         pass_fds=tuple(fds),
         start_new_session=True,
     )
     try:
-        return ChildProcess(popen)
+        return ChildProcess(popen.pid, popen)
     except OSError:
         popen.kill()
-        popen.wait()
+        popen.wait()  # just SIGKILLed and never ran our code: exits at once
         raise
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """How a short command (a preflight, an exec probe) ended, and the tail of its output."""
+
+    returncode: int
+    output: str
+
+
+async def run_command(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: Path | None = None,
+    credentials: Credentials = Credentials(),
+    limit: int = 4000,
+) -> CommandResult:
+    """Run ``argv`` through the launcher (so with ``credentials`` and ``cwd``),
+    stdout and stderr captured together; keep the last ``limit`` bytes.
+
+    The caller bounds the time: on cancellation the command is killed and reaped.
+
+    Raises:
+        OSError: it could not be started at all.
+    """
+    read_end, write_end = os.pipe()
+    try:
+        proc = spawn(
+            argv,
+            env=env,
+            fds=[],
+            cwd=cwd,
+            credentials=credentials,
+            stdout=write_end,
+            stderr=write_end,
+        )
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    output = bytearray()
+    try:
+        async with trio.lowlevel.FdStream(read_end) as stream:
+            while chunk := await stream.receive_some(65536):
+                output += chunk
+                del output[:-limit]
+        code = await proc.wait()
+    finally:
+        await proc.aclose()
+    return CommandResult(code, output.decode(errors="replace"))

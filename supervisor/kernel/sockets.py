@@ -15,7 +15,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from supervisor.errors import ListenerError
+from supervisor.errors import DiagError, KernelError, ListenerError, translated
 from supervisor.kernel import diag
 from supervisor.values import ListenAddress
 
@@ -100,7 +100,7 @@ def _in_use_by(address: ListenAddress) -> str | None:
     """Who holds ``address`` (from sock_diag), in words; None if unknown."""
     try:
         owners = diag.port_owners(address)
-    except OSError:
+    except DiagError:
         return None
     me = os.geteuid()
     others = sorted(owners - {me})
@@ -126,8 +126,13 @@ def _user(uid: int) -> str:
 
 
 def socket_cookie(sock: socket.socket) -> int:
-    """The kernel's unique id of the socket (SO_COOKIE): stable across dup and fork."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
+    """The kernel's unique id of the socket (SO_COOKIE): stable across dup and fork.
+
+    Raises:
+        KernelError: the socket cannot be read (closed, out of memory).
+    """
+    with translated(KernelError, "read SO_COOKIE"):
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
     return int.from_bytes(raw, "little")
 
 
@@ -145,8 +150,12 @@ def accept_queue(sock: socket.socket) -> QueueDepth:
 
     On a LISTEN socket the kernel reports ``sk_ack_backlog`` in
     ``tcpi_unacked`` and ``sk_max_ack_backlog`` in ``tcpi_sacked``.
+
+    Raises:
+        KernelError: TCP_INFO cannot be read.
     """
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    with translated(KernelError, "read TCP_INFO of a listener"):
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
     state = info[0]
     queued, limit = struct.unpack_from("<II", info, 24)
     if state != _TCP_LISTEN:
@@ -164,6 +173,12 @@ class ReceiveQueue:
 
 def receive_queue(sock: socket.socket) -> ReceiveQueue:
     """Read ``sk_rmem_alloc`` and ``sk_drops`` (SO_MEMINFO): 0 bytes once every
-    datagram that arrived has been read (SIOCINQ gives only the next one's size)."""
-    info = _MEMINFO.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size))
+    datagram that arrived has been read (SIOCINQ gives only the next one's size).
+
+    Raises:
+        KernelError: SO_MEMINFO cannot be read.
+    """
+    with translated(KernelError, "read SO_MEMINFO of a datagram socket"):
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
+    info = _MEMINFO.unpack(raw)
     return ReceiveQueue(bytes=info[0], drops=info[8])

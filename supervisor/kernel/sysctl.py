@@ -8,15 +8,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from supervisor.errors import KernelError, translated
+
 MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 
 
 def migrate_req(path: Path = MIGRATE_REQ) -> int | None:
-    """The current value, or None where the kernel has no such sysctl (< 5.14)."""
+    """The current value, or None where the kernel has no such sysctl (< 5.14).
+
+    Raises:
+        KernelError: it exists but cannot be read now (out of fds, say).
+    """
     try:
-        return int(path.read_text().strip())
+        text = path.read_text()
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise KernelError(f"read {path}", exc) from exc
+    with translated(KernelError, f"read {path}"):
+        try:
+            return int(text.strip())
+        except ValueError as exc:
+            raise OSError(0, f"not a number: {text.strip()!r}") from exc
 
 
 def set_migrate_req(value: int, path: Path = MIGRATE_REQ) -> None:

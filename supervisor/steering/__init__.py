@@ -8,10 +8,22 @@ unprivileged). ``Steering`` holds one service's groups, all of one backend.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from supervisor.steering.base import Backend, ListenerCounts, Role, SteeringGroup
 from supervisor.steering.cbpf import CbpfGroup
 from supervisor.steering.ebpf import EbpfGroup
 from supervisor.values import ListenAddress
+
+
+def backend_group(backend: Backend, address: ListenAddress) -> SteeringGroup:
+    """A new group of ``backend`` for ``address``.
+
+    Raises:
+        KernelFeatureMissing, SteeringError: eBPF objects could not be created.
+    """
+    return EbpfGroup(address) if backend == "ebpf" else CbpfGroup(address)
+
 
 __all__ = ["Backend", "ListenerCounts", "Role", "Steering", "SteeringGroup"]
 
@@ -20,19 +32,23 @@ class Steering:
     """The groups of one service, by address. Groups appear as listeners join;
     ``close()`` releases what the backend holds."""
 
-    def __init__(self, backend: Backend = "cbpf") -> None:
+    def __init__(
+        self,
+        backend: Backend = "cbpf",
+        make: Callable[[Backend, ListenAddress], SteeringGroup] | None = None,
+    ) -> None:
         self.backend = backend
+        self._make = make or backend_group
         self._groups: dict[ListenAddress, SteeringGroup] = {}
 
     def group(self, address: ListenAddress) -> SteeringGroup:
         """The group of ``address``, created on first use.
 
         Raises:
-            KernelFeatureMissing, OSError: eBPF objects could not be created.
+            KernelFeatureMissing, SteeringError: eBPF objects could not be created.
         """
         if address not in self._groups:
-            make = EbpfGroup if self.backend == "ebpf" else CbpfGroup
-            self._groups[address] = make(address)
+            self._groups[address] = self._make(self.backend, address)
         return self._groups[address]
 
     def groups(self) -> list[SteeringGroup]:

@@ -32,10 +32,15 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import structlog
+
+from supervisor.errors import SteeringError, translated
 from supervisor.kernel import cbpf
 from supervisor.kernel.cbpf import Insn
 from supervisor.steering.base import ListenerCounts, Role
 from supervisor.values import ListenAddress
+
+log = structlog.get_logger("supervisor.steering")
 
 _NET = cbpf.SKF_NET_OFF
 _GOLDEN = 0x9E3779B1  # multiplicative hashing constants (Knuth; murmur3's fmix)
@@ -183,29 +188,39 @@ class CbpfGroup:
     def apply(self, exclude: Collection[socket.socket] = ()) -> None:
         """Attach the program for the current model (through any member).
 
-        Raises OSError if the kernel refuses it.
+        Raises:
+            SteeringError: the kernel refused it and keeps the program it had.
         """
-        if self._members:
-            cbpf.attach(self._members[0], self.program(exclude))
+        through = next((sock for sock in self._members if sock.fileno() >= 0), None)
+        if through is not None:
+            with translated(SteeringError, f"attach the steering program of {self.address}"):
+                cbpf.attach(through, self.program(exclude))
             self.attaches += 1
 
     def shutdown(self, sock: socket.socket) -> None:
         """``shutdown(SHUT_RDWR)`` a TCP member: it leaves the group (its queue
         migrates where migration is on), and its holders' ``accept()`` fails
         with EINVAL."""
-        self._leave_by(sock, lambda: sock.shutdown(socket.SHUT_RDWR))
+        self._leave_by(sock, lambda: sock.shutdown(socket.SHUT_RDWR), "shut down")
 
     def discard(self, sock: socket.socket) -> None:
         """Close a member whose last other holder is gone: a datagram socket
         leaves the group only when its last reference closes."""
-        self._leave_by(sock, sock.close)
+        self._leave_by(sock, sock.close, "close")
 
-    def _leave_by(self, sock: socket.socket, operation: Callable[[], None]) -> None:
+    def _leave_by(self, sock: socket.socket, operation: Callable[[], None], what: str) -> None:
         """Run ``operation`` (which takes ``sock`` out of the kernel's group).
 
         The last member will move into ``sock``'s index: a program excluding
         both is attached first, so nothing is steered by a stale index while
         the kernel and the model disagree.
+
+        Raises:
+            SteeringError: before ``operation``: nothing changed; from
+                ``operation``: ``sock`` is still a member; from the final
+                attach: ``sock`` left, and the program in place still
+                excludes both indices, which stays correct (one fewer
+                active member) until the next ``apply``.
         """
         last = self._members[-1]
         keeps_one = any(
@@ -213,7 +228,8 @@ class CbpfGroup:
         )
         if keeps_one:
             self.apply(exclude=(sock, last))
-        operation()
+        with translated(SteeringError, f"{what} a listener of {self.address}"):
+            operation()
         self.leave(sock)
         self.apply()
 
@@ -222,9 +238,16 @@ class CbpfGroup:
         """While inside, connections from (host, sport) go to ``sock``."""
         token = next(self._tokens)
         self._pins[token] = Pin(address_word(host), sport, sock)
-        self.apply()
+        try:
+            self.apply()
+        except SteeringError:
+            del self._pins[token]
+            raise
         try:
             yield
         finally:
             if self._pins.pop(token, None) is not None:
-                self.apply()
+                try:
+                    self.apply()
+                except SteeringError as exc:  # the stale pin steers only that source port
+                    log.warning("steering_unpin_failed", address=str(self.address), error=str(exc))

@@ -9,6 +9,7 @@ sends migrating requests only to active members.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 from collections.abc import Collection, Iterable, Iterator
@@ -17,7 +18,7 @@ from typing import TypeVar
 
 import structlog
 
-from supervisor.errors import KernelFeatureMissing
+from supervisor.errors import SteeringError, SupervisorError, translated
 from supervisor.kernel import bpf
 from supervisor.kernel.sockets import socket_cookie
 from supervisor.steering.base import ListenerCounts, Role
@@ -43,7 +44,7 @@ def available() -> bool:
     """Can this process load the steering program (CAP_BPF, a kernel with SK_REUSEPORT)?"""
     try:
         group = EbpfGroup(ListenAddress("tcp", "127.0.0.1", 1))
-    except (OSError, KernelFeatureMissing) as exc:
+    except SupervisorError as exc:
         log.info("ebpf_unavailable", reason=str(exc))
         return False
     group.close()
@@ -51,7 +52,12 @@ def available() -> bool:
 
 
 class EbpfGroup:
-    """The eBPF steering of one group; ``close()`` releases its maps and program."""
+    """The eBPF steering of one group; ``close()`` releases its maps and program.
+
+    Every kernel failure surfaces as ``SteeringError`` (``KernelFeatureMissing``
+    where the privilege is missing). A method that fails leaves the kernel
+    as it was: ``apply`` writes the idle bank and flips to it last.
+    """
 
     def __init__(self, address: ListenAddress) -> None:
         self.address = address
@@ -64,26 +70,29 @@ class EbpfGroup:
         self._attached = False
         self._objects: list[bpf.BpfObject] = []
         try:
-            self._socks = self._own(
-                bpf.Map(bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, SLOTS, "sv_socks")
-            )
-            self._table = self._own(bpf.Map(bpf.MAP_TYPE_ARRAY, 4, 4, 1 + 2 * BANK, "sv_table"))
-            self._pins = self._own(bpf.Map(bpf.MAP_TYPE_HASH, 4, 4, 256, "sv_pins"))
-            self._refuse = self._own(bpf.Map(bpf.MAP_TYPE_HASH, 8, 4, SLOTS, "sv_refuse"))
-            self._counters = self._own(bpf.Map(bpf.MAP_TYPE_ARRAY, 4, 8, COUNTERS, "sv_count"))
-            maps = {
-                "socks": self._socks.fd,
-                "table": self._table.fd,
-                "pins": self._pins.fd,
-                "refuse": self._refuse.fd,
-                "counters": self._counters.fd,
-            }
-            code = build_program(maps)
-            self._program = self._own(
-                bpf.Program(
-                    code, bpf.PROG_TYPE_SK_REUSEPORT, bpf.SK_REUSEPORT_SELECT_OR_MIGRATE, "sv_steer"
+            with translated(SteeringError, f"create the eBPF steering of {address}"):
+                self._socks = self._own(
+                    bpf.Map(bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, SLOTS, "sv_socks")
                 )
-            )
+                self._table = self._own(bpf.Map(bpf.MAP_TYPE_ARRAY, 4, 4, 1 + 2 * BANK, "sv_table"))
+                self._pins = self._own(bpf.Map(bpf.MAP_TYPE_HASH, 4, 4, 256, "sv_pins"))
+                self._refuse = self._own(bpf.Map(bpf.MAP_TYPE_HASH, 8, 4, SLOTS, "sv_refuse"))
+                self._counters = self._own(bpf.Map(bpf.MAP_TYPE_ARRAY, 4, 8, COUNTERS, "sv_count"))
+                maps = {
+                    "socks": self._socks.fd,
+                    "table": self._table.fd,
+                    "pins": self._pins.fd,
+                    "refuse": self._refuse.fd,
+                    "counters": self._counters.fd,
+                }
+                self._program = self._own(
+                    bpf.Program(
+                        build_program(maps),
+                        bpf.PROG_TYPE_SK_REUSEPORT,
+                        bpf.SK_REUSEPORT_SELECT_OR_MIGRATE,
+                        "sv_steer",
+                    )
+                )
         except BaseException:
             self.close()
             raise
@@ -95,7 +104,7 @@ class EbpfGroup:
     def close(self) -> None:
         """Release the maps and the program. A member that is still listening
         (none should be) gets the kernel's plain hashing back: the group would
-        otherwise keep running the program on tables nobody updates."""
+        otherwise keep running the program on tables nobody updates. Never raises."""
         live = [sock for sock in self._slots if sock.fileno() >= 0]
         if live:
             try:
@@ -117,41 +126,61 @@ class EbpfGroup:
         return self._slots[sock]
 
     def join(self, sock: socket.socket, role: Role) -> None:
-        """Put ``sock`` (listening) in a free slot; attach the program to a new group."""
+        """Put ``sock`` (listening) in a free slot; attach the program to a new group.
+
+        Raises:
+            SteeringError: the slot could not be filled or the program attached;
+                the model is unchanged and the slot is freed again.
+        """
         slot = min(set(range(SLOTS)) - set(self._slots.values()))
-        self._socks.update(u32(slot), u64(sock.fileno()))
-        for key in range(PER_SLOT * slot, PER_SLOT * (slot + 1)):  # a reused slot starts afresh
-            self._counters.update(u32(key), u64(0))
+        try:
+            with translated(SteeringError, f"add a listener of {self.address} to its steering"):
+                self._socks.update(u32(slot), u64(sock.fileno()))
+                for key in range(PER_SLOT * slot, PER_SLOT * (slot + 1)):  # a reused slot
+                    self._counters.update(u32(key), u64(0))  # starts counting afresh
+                if not self._attached:
+                    bpf.attach_reuseport(sock, self._program)
+        except SteeringError:
+            with contextlib.suppress(OSError):
+                self._socks.delete(u32(slot))
+            raise
         self._slots[sock] = slot
         self._roles[sock] = role
         if not self._attached:
-            bpf.attach_reuseport(sock, self._program)
             self._attached = True
             self.attaches += 1
 
     def leave(self, sock: socket.socket) -> None:
-        """Free ``sock``'s slot; log what the program counted for it."""
-        now = self.counts(sock)
+        """Forget ``sock`` (it left the kernel's group); log what the program
+        counted for it. The model changes first and cleaning the maps is best
+        effort: the kernel membership has changed already. Never raises."""
         since = self._retiring_since.pop(sock, None)
+        slot = self._slots.pop(sock)
+        role = self._roles.pop(sock)
+        cookie = self._refused.pop(sock, None)
+        now: ListenerCounts | None = None
+        own_cookie: int | None = None
+        try:
+            now = self._slot_counts(slot)
+            self._socks.delete(u32(slot))  # already gone after shutdown/close: fine
+            if cookie is not None:
+                self._refuse.delete(u64(cookie))
+            own_cookie = socket_cookie(sock) if sock.fileno() >= 0 else None
+        except (OSError, SupervisorError) as exc:
+            log.warning("steering_leave_unclean", address=str(self.address), error=str(exc))
         log.info(
             "steering_member_left",
             address=str(self.address),
-            cookie=socket_cookie(sock) if sock.fileno() >= 0 else None,
-            role=self._roles[sock].value,
-            syns=now.syns,
-            migrations_in=now.migrated_in,
-            probes=now.probes,
-            syns_while_retiring=None if since is None else now.syns - since.syns,
+            cookie=own_cookie,
+            role=role.value,
+            syns=None if now is None else now.syns,
+            migrations_in=None if now is None else now.migrated_in,
+            probes=None if now is None else now.probes,
+            syns_while_retiring=None if since is None or now is None else now.syns - since.syns,
             migrations_while_retiring=None
-            if since is None
+            if since is None or now is None
             else now.migrated_in - since.migrated_in,
         )
-        slot = self._slots.pop(sock)
-        del self._roles[sock]
-        self._socks.delete(u32(slot))  # already gone after shutdown/close: fine
-        cookie = self._refused.pop(sock, None)
-        if cookie is not None:
-            self._refuse.delete(u64(cookie))
         if not self._slots:
             self._attached = False  # the kernel group dies with its last member
 
@@ -160,7 +189,11 @@ class EbpfGroup:
             self._roles[sock] = role
 
     def apply(self, exclude: Collection[socket.socket] = ()) -> None:
-        """Publish the active table: write the idle bank, then flip to it."""
+        """Publish the active table: write the idle bank, then flip to it.
+
+        Raises:
+            SteeringError: the kernel keeps the table it had (the flip is last).
+        """
         active = [
             slot
             for sock, slot in sorted(self._slots.items(), key=lambda item: item[1])
@@ -168,18 +201,25 @@ class EbpfGroup:
         ]
         bank = 1 - self._bank
         base = 1 + bank * BANK
-        for i, slot in enumerate(active):
-            self._table.update(u32(base + 1 + i), u32(slot))
-        self._table.update(u32(base), u32(len(active)))
-        self._table.update(u32(0), u32(bank))
+        with translated(SteeringError, f"publish the steering table of {self.address}"):
+            for i, slot in enumerate(active):
+                self._table.update(u32(base + 1 + i), u32(slot))
+            self._table.update(u32(base), u32(len(active)))
+            self._table.update(u32(0), u32(bank))
         self._bank = bank
         for sock, role in self._roles.items():  # count from the flip on
             if role is Role.RETIRING and sock not in self._retiring_since:
-                self._retiring_since[sock] = self.counts(sock)
+                with contextlib.suppress(SteeringError):
+                    self._retiring_since[sock] = self.counts(sock)
 
     def shutdown(self, sock: socket.socket) -> None:
-        """``shutdown(SHUT_RDWR)``: the program migrates its queue to active slots."""
-        sock.shutdown(socket.SHUT_RDWR)
+        """``shutdown(SHUT_RDWR)``: the program migrates its queue to active slots.
+
+        Raises:
+            SteeringError: the kernel refused; ``sock`` is still a member.
+        """
+        with translated(SteeringError, f"shut down a listener of {self.address}"):
+            sock.shutdown(socket.SHUT_RDWR)
         self.leave(sock)
 
     def discard(self, sock: socket.socket) -> None:
@@ -194,27 +234,45 @@ class EbpfGroup:
         Matched on the port alone: with migration always on for this group, a
         stranger's connection caught by a pin is moved, not lost, if the
         pinned listener closes.
+
+        Raises:
+            SteeringError: the pin could not be set.
         """
-        self._pins.update(port_key(sport), u32(self._slots[sock]))
+        with translated(SteeringError, f"pin a probe to a listener of {self.address}"):
+            self._pins.update(port_key(sport), u32(self._slots[sock]))
         try:
             yield
         finally:
-            self._pins.delete(port_key(sport))
+            try:
+                self._pins.delete(port_key(sport))
+            except OSError as exc:  # a stale pin only steers that one source port
+                log.warning("steering_unpin_failed", address=str(self.address), error=str(exc))
 
     def refuse_migration(self, sock: socket.socket) -> bool:
-        """From now on the program drops requests migrating away from ``sock``."""
-        cookie = socket_cookie(sock)
-        self._refuse.update(u64(cookie), u32(1))
+        """From now on the program drops requests migrating away from ``sock``.
+
+        Raises:
+            SteeringError: the refusal could not be recorded.
+        """
+        with translated(SteeringError, f"refuse migrations of a listener of {self.address}"):
+            cookie = socket_cookie(sock)
+            self._refuse.update(u64(cookie), u32(1))
         self._refused[sock] = cookie
         return True
 
     def counts(self, sock: socket.socket) -> ListenerCounts:
-        base = PER_SLOT * self._slots[sock]
+        """What the program counted for ``sock``. Raises SteeringError."""
+        with translated(SteeringError, f"read the steering counters of {self.address}"):
+            return self._slot_counts(self._slots[sock])
+
+    def _slot_counts(self, slot: int) -> ListenerCounts:
+        base = PER_SLOT * slot
         return ListenerCounts(self._counter(base), self._counter(base + 1), self._counter(base + 2))
 
     def dropped_migrations(self) -> tuple[int, int]:
         """Migrations the program dropped: (no active member, refused by settings)."""
-        return self._counter(NO_TARGET_MIGRATION), self._counter(REFUSED_MIGRATION)
+        with translated(SteeringError, f"read the steering counters of {self.address}"):
+            return self._counter(NO_TARGET_MIGRATION), self._counter(REFUSED_MIGRATION)
 
     def _counter(self, key: int) -> int:
         raw = self._counters.lookup(u32(key))
