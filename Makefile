@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/demo.toml
 
-.PHONY: run test soak lint typecheck bench bench-quick bench-deps clean
+.PHONY: run test test-fast soak lint typecheck bench bench-quick bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ typecheck: $(VENV)/.installed-test
 
 test: lint typecheck
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest
+
+# The fast tier: logic against fakes on trio's autojump clock, unprivileged, in seconds.
+test-fast: $(VENV)/.installed-test
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m "not slow and not soak"
 
 # 1,000 reloads under load (several minutes): nothing lost, no fd or memory leak.
 soak: $(VENV)/.installed-test

@@ -13,6 +13,7 @@ runs in a row make the slot FATAL.
 
 from __future__ import annotations
 
+import errno
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -111,7 +112,7 @@ class WorkerSlot:
         except OSError as exc:
             self._set(WorkerState.FATAL)
             raise SpawnError(
-                self.label, f"cannot create its NOTIFY_SOCKET: {exc.strerror}"
+                self.label, f"cannot create its NOTIFY_SOCKET: {_os_error(exc)}"
             ) from exc
         with receiver as notify:
             self._notify = notify
@@ -164,7 +165,7 @@ class WorkerSlot:
         try:
             proc = self._spawner(self.plan, self.fds, self._notify_address())
         except OSError as exc:
-            failure = SpawnError(self.label, f"{exc.strerror or exc}")
+            failure = SpawnError(self.label, _os_error(exc))
             self.last_exit = failure.reason
             log.error("worker_spawn_failed", reason=str(failure))
             return _Run(returncode=-1, lifetime=0.0, reached_running=False, failure=failure)
@@ -242,6 +243,13 @@ class WorkerSlot:
         await trio.sleep(self.settings.stop_timeout)
         log.warning("worker_stop_timeout", timeout=self.settings.stop_timeout, action="SIGKILL")
         proc.send_signal(signal.SIGKILL)
+
+
+def _os_error(exc: OSError) -> str:
+    """``EMFILE: Too many open files``: the errno's name, then the words."""
+    name = errno.errorcode.get(exc.errno or 0)
+    words = exc.strerror or str(exc)
+    return f"{name}: {words}" if name else words
 
 
 def _first_tcp(addresses: Sequence[ListenAddress]) -> ListenAddress | None:

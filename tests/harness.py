@@ -183,6 +183,26 @@ class Daemon:
             self.proc.wait(10)
 
 
+class Background:
+    """``daemon.reload()`` in a thread, so the test can act while it runs."""
+
+    def __init__(self, daemon: Daemon, service: str | None = None) -> None:
+        self.answer: Reloaded | None = None
+        self._thread = threading.Thread(target=self._run, args=(daemon, service), daemon=True)
+        self._thread.start()
+
+    def _run(self, daemon: Daemon, service: str | None) -> None:
+        self.answer = daemon.reload(service)
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def result(self, timeout: float = 120.0) -> Reloaded:
+        self._thread.join(timeout)
+        assert self.answer is not None, "the reload was answered"
+        return self.answer
+
+
 def process_gone(pid: int) -> bool:
     """True if ``pid`` no longer exists (or is a zombie nobody has reaped yet)."""
     try:
@@ -199,6 +219,48 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def tracer_of(pid: int) -> int:
+    """The pid tracing ``pid`` (ptrace), 0 if none."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1])
+    return 0
+
+
+@contextlib.contextmanager
+def syscall_fault(pid: int, syscall: str, error: str, when: str) -> Iterator[None]:
+    """Make ``pid``'s main thread fail ``syscall`` with ``error`` (strace's
+    ``inject``): ``when`` counts from the attach (``"3"``: the third call only,
+    ``"3+"``: the third and every later one). Detaches on exit."""
+    tracer = subprocess.Popen(
+        [
+            "strace",
+            "-qq",
+            "-p",
+            str(pid),
+            "-e",
+            f"trace={syscall}",
+            "-o",
+            "/dev/null",
+            "-e",
+            f"inject={syscall}:error={error}:when={when}",
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: tracer_of(pid) == tracer.pid, 10, "strace to attach")
+        yield
+    finally:
+        tracer.send_signal(signal.SIGINT)  # strace detaches and exits
+        try:
+            tracer.wait(10)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+            tracer.wait(10)
+        wait_until(lambda: tracer_of(pid) == 0, 10, "strace to detach")
 
 
 def process_state(pid: int) -> str:

@@ -78,6 +78,7 @@ def _check_without_cap_bpf(tmp_path: Path, supervisor: str) -> subprocess.Comple
 
 
 @pytest.mark.kernel
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
 def test_without_cap_bpf_auto_falls_back_and_ebpf_is_a_config_error(tmp_path: Path) -> None:
     auto = _check_without_cap_bpf(tmp_path, "")

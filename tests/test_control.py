@@ -75,6 +75,7 @@ def test_unreachable_daemon_is_exit_2(tmp_path: Path) -> None:
 
 
 @pytest.mark.kernel
+@pytest.mark.slow
 def test_control_socket_is_private_and_survives_bad_requests(
     start_daemon: Callable[..., Daemon],
 ) -> None:
@@ -90,6 +91,7 @@ def test_control_socket_is_private_and_survives_bad_requests(
 
 
 @pytest.mark.kernel
+@pytest.mark.slow
 def test_second_daemon_refuses_and_stale_socket_is_reused(
     start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
@@ -122,6 +124,7 @@ def test_second_daemon_refuses_and_stale_socket_is_reused(
 
 
 @pytest.mark.kernel
+@pytest.mark.slow
 def test_start_fails_cleanly_when_a_port_is_taken(
     start_daemon: Callable[..., Daemon],
 ) -> None:
@@ -145,6 +148,7 @@ def test_start_fails_cleanly_when_a_port_is_taken(
 
 
 @pytest.mark.kernel
+@pytest.mark.slow
 def test_start_fails_cleanly_when_a_worker_exits_at_once(
     start_daemon: Callable[..., Daemon],
 ) -> None:

@@ -23,7 +23,7 @@ import pytest
 
 from tests.harness import Daemon, free_port, service_toml
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 NOBODY = pwd.getpwnam("nobody").pw_uid
 NOGROUP = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name

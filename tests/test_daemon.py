@@ -25,7 +25,7 @@ from tests.harness import (
 )
 from tests.load import Load, one_request
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 
 def test_four_workers_each_on_own_listener_share_the_load(

@@ -18,7 +18,7 @@ from supervisor.kernel.proc import ChildProcess, spawn
 from supervisor.kernel.sockets import socket_cookie
 from tests.load import parse_body
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 DEMO = [sys.executable, "-m", "supervisor.demo"]
 
 

@@ -24,7 +24,7 @@ from supervisor.steering.cbpf import CbpfGroup
 from supervisor.values import ListenAddress, parse_listen
 from tests.harness import free_port, wait_until
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 
 class Filters:

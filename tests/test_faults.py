@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -14,8 +13,8 @@ import pytest
 
 from tests.harness import (
     DEMO,
+    Background,
     Daemon,
-    Reloaded,
     established_owned_by,
     free_port,
     process_gone,
@@ -25,24 +24,7 @@ from tests.harness import (
 )
 from tests.load import Load, LoadResult
 
-pytestmark = pytest.mark.kernel
-
-
-class Background:
-    """``daemon.reload()`` in a thread, so the test can act while it runs."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.answer: Reloaded | None = None
-        self._thread = threading.Thread(target=self._run, args=(daemon,), daemon=True)
-        self._thread.start()
-
-    def _run(self, daemon: Daemon) -> None:
-        self.answer = daemon.reload()
-
-    def result(self) -> Reloaded:
-        self._thread.join(120)
-        assert self.answer is not None, "the reload was answered"
-        return self.answer
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 
 def kill_frozen(pid: int, port: int) -> int:

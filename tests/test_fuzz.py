@@ -149,6 +149,7 @@ requests = st.one_of(
 
 
 @pytest.mark.kernel
+@pytest.mark.slow
 def test_control_socket_answers_hostile_requests_and_keeps_serving(
     start_daemon: Callable[..., Daemon],
 ) -> None:

@@ -12,7 +12,7 @@ import pytest
 from tests.harness import DEMO, Daemon, service_toml, toml_list, wait_until
 from tests.load import one_request
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 
 def wait_for_exec(pid: int) -> None:

@@ -22,7 +22,7 @@ from tests.certs import Issued, issue, write_pair
 from tests.harness import Daemon, free_port, wait_until
 from tests.load import Load
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 CONFIG = Path(__file__).resolve().parent.parent / "config"
 RELOADS = 10

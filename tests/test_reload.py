@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +23,7 @@ import pytest
 
 from tests.harness import (
     DEMO,
+    Background,
     Daemon,
     free_port,
     listening_sockets,
@@ -32,7 +33,7 @@ from tests.harness import (
 )
 from tests.load import ConnectLoad, DatagramLoad, Load, LoadResult
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 SYNC_DEMO = [*DEMO, "--concurrency", "1", "--work", "0.002"]
 CLIENTS = 16
 RELOADS = 20
@@ -277,18 +278,16 @@ def test_a_candidate_failing_its_gate_never_gets_a_connection(
     queued: list[int] = []
     with Load(port, threads=CLIENTS, duration=120) as load:
         mark = daemon.mark()
-        answer: list[object] = []
-        thread = threading.Thread(target=lambda: answer.append(daemon.reload()))
-        thread.start()
+        reload = Background(daemon)
         listening = daemon.wait_event("generation_listening", after=mark)
         candidate = {lst["cookie"] for lst in listening["listeners"]}
-        while thread.is_alive():
+        while reload.running():
             queued.extend(_queued_on(port, candidate))
-            thread.join(0.05)
+            time.sleep(0.05)
     assert queued, "the candidate's listeners were observed"
     assert max(queued) == 0, "no connection was steered to a standby candidate"
     assert load.result.failed == 0, load.result.failures
-    assert answer[0].report()["outcome"] == "rolled_back"  # type: ignore[attr-defined]
+    assert reload.result().report()["outcome"] == "rolled_back"
     if steering == "ebpf":
         # The program's own counters: no client SYN reached a candidate listener.
         left = [
@@ -344,14 +343,9 @@ def test_changed_listener_settings_retire_by_drain(
 def test_concurrent_requests_coalesce(migrating: tuple[Daemon, int]) -> None:
     daemon, _port = migrating
     mark = daemon.mark()
-    answers: list[object] = []
-    threads = [threading.Thread(target=lambda: answers.append(daemon.reload())) for _ in range(6)]
-    for thread in threads:
-        thread.start()
+    reloads = [Background(daemon) for _ in range(6)]
     daemon.proc.send_signal(signal.SIGHUP)
-    for thread in threads:
-        thread.join(120)
-    assert len(answers) == 6 and all(a.ok for a in answers)  # type: ignore[attr-defined]
+    assert all(reload.result().ok for reload in reloads)
 
     def kinds_now() -> list[str]:
         wanted = ("rollout_started", "rollout_finished")

@@ -11,7 +11,7 @@ import pytest
 from tests.harness import Daemon, free_port, service_toml, wait_until
 from tests.load import Load
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 
 def set_nofile(pid: int, soft: int) -> int:

@@ -15,7 +15,7 @@ from bench.procs import rss_kib, settled_fd_count, zombies
 from tests.harness import Daemon, free_port, service_toml, wait_until
 from tests.load import Load
 
-pytestmark = [pytest.mark.kernel, pytest.mark.soak]
+pytestmark = [pytest.mark.kernel, pytest.mark.slow, pytest.mark.soak]
 
 RELOADS = int(os.environ.get("SOAK_RELOADS", "1000"))
 WARM_UP = 20

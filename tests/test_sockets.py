@@ -16,7 +16,7 @@ from supervisor.kernel.sockets import ListenerOptions, accept_queue, open_listen
 from supervisor.values import parse_listen
 from tests.harness import free_port
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 
 def test_reuseport_listeners_share_a_port_and_report_their_queue() -> None:

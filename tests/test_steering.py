@@ -20,7 +20,7 @@ from supervisor.values import parse_listen
 from tests.conftest import HOST_NETNS_INODE
 from tests.harness import free_port
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 # Returns the low byte of the source port: connecting from port 256*r + k
 # reveals which socket sits at index k of the listening section.
 INDEX_BY_SPORT = [

@@ -19,7 +19,7 @@ from supervisor.steering.ebpf import EbpfGroup
 from supervisor.values import ListenAddress, parse_listen
 from tests.harness import free_port
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 
 @pytest.fixture

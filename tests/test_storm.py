@@ -13,7 +13,7 @@ import pytest
 from tests.harness import Daemon, Reloaded, free_port, service_toml, wait_until
 from tests.load import Load
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 CLIENTS = 50
 SIGNALS = 50

@@ -15,7 +15,7 @@ from supervisor.kernel.notify import parse
 from supervisor.systemd import monotonic_usec
 from tests.harness import Daemon, free_port, service_toml
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 
 class FakeSystemd:

@@ -87,6 +87,7 @@ def test_unit_matches_the_daemon() -> None:
 
 
 @pytest.mark.kernel
+@pytest.mark.slow
 def test_sysctl_drop_in_enables_migration(migrate_req: Callable[[int], None]) -> None:
     if shutil.which("sysctl") is None:
         pytest.skip("procps' sysctl is not installed here")

@@ -14,7 +14,7 @@ from tests.certs import DAY, NOW, Issued, issue, write_pair
 from tests.harness import DEMO, Daemon, free_port, service_toml, wait_until
 from tests.load import Load
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 
 def tls_service(

@@ -216,22 +216,29 @@ class CbpfGroup:
         the kernel and the model disagree.
 
         Raises:
-            SteeringError: before ``operation``: nothing changed; from
-                ``operation``: ``sock`` is still a member; from the final
-                attach: ``sock`` left, and the program in place still
-                excludes both indices, which stays correct (one fewer
-                active member) until the next ``apply``.
+            SteeringError: only from ``operation`` (``sock`` is still a
+                member, nothing changed). Once it left, the model follows the
+                kernel whatever happens: a program that cannot be attached
+                before or after is logged, and the next ``apply`` publishes
+                the model (the one in place sends a stale index at worst to
+                another member of the group, never nowhere).
         """
         last = self._members[-1]
         keeps_one = any(
             self._roles[s] is Role.ACTIVE and s not in (sock, last) for s in self._members
         )
         if keeps_one:
-            self.apply(exclude=(sock, last))
+            self._try_apply(exclude=(sock, last))
         with translated(SteeringError, f"{what} a listener of {self.address}"):
             operation()
         self.leave(sock)
-        self.apply()
+        self._try_apply()
+
+    def _try_apply(self, exclude: Collection[socket.socket] = ()) -> None:
+        try:
+            self.apply(exclude)
+        except SteeringError as exc:
+            log.error("steering_program_stale", address=str(self.address), error=str(exc))
 
     @contextmanager
     def pinned(self, sock: socket.socket, host: str, sport: int) -> Iterator[None]:

@@ -1,0 +1,93 @@
+"""Kernel failures injected into a real daemon during a reload under load.
+
+strace attaches to the daemon's main thread (where every steering, socket
+and process call is made) and makes one syscall fail from its N-th call on:
+``bpf()`` (map updates), the netlink ``socket()`` of sock_diag, ``shutdown()``,
+``listen()``, ``setsockopt()`` (the classic BPF attach) and ``pidfd_open()``.
+Whatever the point of failure, the reload must end with the old or the new
+generation serving, the daemon alive, no connection lost, and the next
+reload (strace detached) must succeed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.harness import Daemon, free_port, service_toml, syscall_fault, wait_until
+from tests.load import Load
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace"),
+]
+
+DRAIN = 'retire = "drain"'
+ROLLED_BACK, SUCCEEDED, EITHER = "rolled_back", "succeeded", "either"
+# syscall, errno, from which call (strace's when=), service extra, steering, expected
+CASES = {
+    # the candidate's first sockarray update: its listeners cannot join
+    "bpf-join": ("bpf", "ENOMEM", "1", "", "ebpf", ROLLED_BACK),
+    # from the last listeners' joins on: the candidate's table, then the cutover
+    "bpf-from-16": ("bpf", "ENOMEM", "16+", "", "ebpf", ROLLED_BACK),
+    "bpf-from-23": ("bpf", "ENOMEM", "23+", "", "ebpf", EITHER),
+    # one update somewhere in the cutover or the retirement
+    "bpf-29": ("bpf", "ENOMEM", "29", "", "ebpf", EITHER),
+    # the classic program's attach: the candidate's, then the cutover's and on
+    "cbpf-attach-9": ("setsockopt", "ENOMEM", "9+", "", "cbpf", ROLLED_BACK),
+    "cbpf-attach-10": ("setsockopt", "ENOMEM", "10+", "", "cbpf", EITHER),
+    # sock_diag while draining (the listeners' and notify sockets come first)
+    "diag-at-cutover": ("socket", "EMFILE", "9+", DRAIN, "ebpf", SUCCEEDED),
+    "diag-while-draining": ("socket", "EMFILE", "10+", DRAIN, "ebpf", EITHER),
+    # the old listeners' shutdown: the first one, then all of them
+    "shutdown-first": ("shutdown", "EPERM", "1", "", "ebpf", SUCCEEDED),
+    "shutdown-all": ("shutdown", "EPERM", "1+", "", "ebpf", SUCCEEDED),
+    "shutdown-all-drain": ("shutdown", "EPERM", "1+", DRAIN, "cbpf", SUCCEEDED),
+    # a candidate listener cannot listen; a candidate's pidfd cannot be opened
+    "listen": ("listen", "EADDRINUSE", "2", "", "ebpf", ROLLED_BACK),
+    "pidfd_open": ("pidfd_open", "EMFILE", "3", "", "ebpf", ROLLED_BACK),
+}
+
+
+def _serving(daemon: Daemon) -> dict[str, Any]:
+    return dict(daemon.status()["services"]["web"])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_failing_syscall_during_a_reload_loses_nothing(
+    case: str, start_daemon: Callable[..., Daemon], migrate_req: Callable[[int], None]
+) -> None:
+    syscall, error, when, extra, steering, expected = CASES[case]
+    migrate_req(1 if steering == "cbpf" and extra != DRAIN else 0)
+    port = free_port()
+    daemon = start_daemon(
+        service_toml("web", port=port, workers=4, extra=extra),
+        supervisor_extra=f'steering = "{steering}"',
+    )
+    with Load(port, threads=8, duration=120, max_connections=60_000) as load:
+        wait_until(load.answered, 15, "the load to be answered")
+        with syscall_fault(daemon.proc.pid, syscall, error, when):
+            faulty = daemon.reload()
+        assert daemon.proc.poll() is None, "the daemon survived"
+        during = _serving(daemon)
+        clean = daemon.reload()
+    result = load.result
+    report = faulty.report()
+    print(f"{case}: {report['outcome']}: {report.get('reasons') or report.get('problems')}")
+    assert report["outcome"] in ((ROLLED_BACK, SUCCEEDED) if expected == EITHER else (expected,))
+    if report["outcome"] == ROLLED_BACK:
+        assert error in " ".join(report["reasons"]), report
+        assert during["generation"] == 1, "the old generation serves on"
+    else:
+        assert during["generation"] == 2, "the new generation serves"
+        if expected == SUCCEEDED:  # the failure was met after the cutover, and reported
+            assert error in " ".join(report["problems"]), report
+    assert during["state"] == "RUNNING"
+    assert {w["generation"] for w in during["workers"]} == {during["generation"]}
+    assert clean.ok, clean.answer
+    assert result.failed == 0, (result.failures, result.examples)
+    assert result.ok > 100
