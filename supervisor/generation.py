@@ -181,6 +181,7 @@ class GenerationSpec:
     steering: Steering
     role: Role  # how its listeners enter their groups
     on_ready: WorkerReady | None = None
+    created: Callable[[Generation], None] | None = None  # before its workers start
 
 
 async def run_generation(
@@ -210,6 +211,8 @@ async def run_generation(
         fds = [lst.sock.fileno() for lst in mine]
         slots.append(WorkerSlot(worker, fds, settings, spawner, connect))
     generation = Generation(plan, listeners, slots, role)
+    if spec.created is not None:
+        spec.created(generation)
     log.info(
         "generation_listening",
         role=role.value,

@@ -92,13 +92,23 @@ class Ticket:
         self.done.set()
 
 
-@dataclass
 class Stage:
     """Where a service's rollout stands, for ``status``: the generations that
-    are neither simply serving nor gone."""
+    are neither simply serving nor gone. Waitable, like ``Watched``."""
 
-    candidate: Generation | None = None  # started; not yet promoted
-    retiring: Generation | None = None  # promoted away from; its workers not yet reaped
+    def __init__(self) -> None:
+        self.candidate: Generation | None = None  # started; not yet promoted
+        self.retiring: Generation | None = None  # promoted away from; not yet reaped
+        self._changed = trio.Event()
+
+    def set(self, candidate: Generation | None, retiring: Generation | None) -> None:
+        self.candidate, self.retiring = candidate, retiring
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, predicate: Callable[[Stage], bool]) -> None:
+        while not predicate(self):
+            await self._changed.wait()
 
 
 @dataclass(frozen=True)
@@ -172,19 +182,19 @@ async def run_rollout(
         ctx.steering,
         Role.STANDBY,
         on_ready=lambda k, n: say(f"workers ready {k}/{n}"),
+        created=lambda generation: ctx.stage.set(generation, None),
     )
     try:
-        candidate: Generation = await ctx.nursery.start(run_generation, spec)
-    except RolloutAborted as exc:
-        say(f"generation {ctx.generation} failed its health gate: rolled back")
-        return finish("rolled_back", list(exc.reasons))
-    ctx.stage.candidate = candidate
-    timer.lap("start")
-    timer.workers("workers_start", [s.start_seconds for s in candidate.slots])
-    try:
+        try:
+            candidate: Generation = await ctx.nursery.start(run_generation, spec)
+        except RolloutAborted as exc:
+            say(f"generation {ctx.generation} failed its health gate: rolled back")
+            return finish("rolled_back", list(exc.reasons))
+        timer.lap("start")
+        timer.workers("workers_start", [s.start_seconds for s in candidate.slots])
         return await _cut_over(ctx, candidate, plan, say=say, finish=finish, timer=timer)
     finally:
-        ctx.stage.candidate = ctx.stage.retiring = None
+        ctx.stage.set(None, None)
 
 
 async def _cut_over(
@@ -209,8 +219,8 @@ async def _cut_over(
         with trio.CancelScope(shield=True):
             await candidate.stop()
         raise
-    ctx.stage.candidate, ctx.stage.retiring = None, old
     ctx.promoted(candidate, plan.candidate.config)
+    ctx.stage.set(None, old)
     timer.lap("cutover")
     say(f"cutover: generation {candidate.number} takes every new connection")
     say(f"retiring generation {old.number} by {plan.path}: {plan.why}")

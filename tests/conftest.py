@@ -14,8 +14,11 @@ port without touching the host. Without root, tests marked ``kernel`` skip.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import subprocess
+import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -45,6 +48,50 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "kernel" in item.keywords:
             item.add_marker(skip)
+
+
+def _open_fds() -> dict[int, str]:
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except FileNotFoundError:  # the fd listdir itself used
+            continue
+    return out
+
+
+def _children() -> set[int]:
+    pids: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.update(int(pid) for pid in f.read().split())
+        except FileNotFoundError:  # a thread that just ended
+            continue
+    return pids
+
+
+LEAK_GRACE = 10.0  # a child that was killed a moment ago is reaped within this
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail a test that leaves a child process or an open fd behind."""
+    fds, children = _open_fds(), _children()
+    yield
+    deadline = time.monotonic() + LEAK_GRACE
+    while (_children() - children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = sorted(_children() - children)
+    gc.collect()  # objects the test dropped close their fds now, as they would anyway
+    leaked = {fd: target for fd, target in _open_fds().items() if fds.get(fd) != target}
+    problems = []
+    if left:
+        problems.append(f"child processes left running: {left}")
+    if leaked:
+        problems.append(f"fds left open: {leaked}")
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)
 
 
 pytest_plugins = ["tests.harness"]

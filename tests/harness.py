@@ -175,12 +175,21 @@ class Daemon:
         try:
             return self.proc.wait(timeout)
         finally:
-            self._reader.join(5)
+            self._release()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        self._release()
+
+    def _release(self) -> None:
+        """Once the daemon has exited: its log is read to the end, the pipe closed."""
+        if self.proc.poll() is None:
+            return
+        self._reader.join(5)
+        if self.proc.stdout is not None and not self._reader.is_alive():
+            self.proc.stdout.close()
 
 
 class Background:

@@ -50,7 +50,7 @@ async def demo(socks: list[socket.socket]) -> AsyncIterator[ChildProcess]:
             assert message.pid == proc.pid
             yield proc
         finally:
-            proc.close()
+            await proc.aclose()
 
 
 async def exchange(port: int, payload: bytes) -> bytes:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from supervisor.kernel.proc import Credentials, describe_exit, spawn
 from tests.harness import process_gone, wait_until
@@ -141,3 +142,37 @@ def _comm(pid: int) -> str:
 def test_describe_exit() -> None:
     assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
     assert describe_exit(0) == "exited with status 0"
+
+
+async def test_a_cancelled_waiter_hands_over_to_the_next() -> None:
+    proc = spawn(["sleep", "0.5"], env=dict(os.environ), fds=[])
+    codes: list[int] = []
+    first = trio.CancelScope()
+
+    async def watcher() -> None:  # holds the pidfd watch, then is cancelled
+        with first:
+            await proc.wait()
+
+    async def waiter() -> None:
+        codes.append(await proc.wait())
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watcher)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            first.cancel()
+    assert first.cancelled_caught
+    assert codes == [0], "the waiter behind the cancelled one still saw the exit"
+    assert proc.returncode == 0 and process_gone(proc.pid)
+
+
+async def test_close_never_waits_and_the_child_is_reaped_later() -> None:
+    proc = spawn(["sleep", "30"], env=dict(os.environ), fds=[])
+    with trio.fail_after(30):
+        proc.close()  # SIGKILL; the reaping is handed to a background task
+        while proc.returncode is None:
+            await trio.sleep(0.01)
+    assert proc.returncode == -signal.SIGKILL
+    assert process_gone(proc.pid), "reaped, not left a zombie"

@@ -164,7 +164,7 @@ async def test_spawn_error_is_reported(autojump_clock: trio.testing.MockClock) -
     spawner = FakeSpawner(fail=OSError(24, "Too many open files"))
     slot = make_slot(spawner)
     async with trio.open_nursery() as nursery:
-        with pytest.raises(SpawnError, match="cannot start: Too many open files"):
+        with pytest.raises(SpawnError, match="cannot start: EMFILE: Too many open files"):
             await nursery.start(slot.run)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,3 +85,43 @@ def test_unprivileged_workers_serve_port_80(start_daemon: Callable[..., Daemon])
         wait_for_exec(pid)
         assert proc_status(pid)["CapEff"] == "0000000000000000"
         assert proc_status(pid)["Uid"].split()[0] == str(nobody.pw_uid)
+
+
+def test_preflight_and_exec_checks_run_as_the_service(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """Not as the daemon: the service's user and group, environment and
+    working directory (a relative probe path resolves there, as --check says)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch users")
+    if not SYSTEM_PYTHON.exists():
+        pytest.skip(f"{SYSTEM_PYTHON} (a Python user nobody may run) is not installed")
+    nobody = pwd.getpwnam("nobody")
+    shared = Path(tempfile.mkdtemp(prefix="sv-probe-", dir="/var/tmp"))
+    try:
+        shared.chmod(0o777)
+        probe = shared / "probe.sh"
+        probe.write_text(f'#!/bin/sh\necho "$1 $(id -u) $(id -g) $MARK $(pwd)" >> {shared}/ran\n')
+        probe.chmod(0o755)
+        command = toml_list([str(SYSTEM_PYTHON), "-c", WORKER])
+        service = service_toml(
+            "web",
+            port=80,
+            workers=2,
+            extra=(
+                'user = "nobody"\ngroup = "nogroup"\n'
+                f'working_directory = "{shared}"\n'
+                'environment = { MARK = "svc-env" }\n'
+                'preflight = ["./probe.sh", "preflight"]'
+            ),
+            health='kind = "exec"\ncommand = ["./probe.sh", "check-{worker}"]',
+        ).replace(f"command = {toml_list(DEMO)}", f"command = {command}")
+        daemon = start_daemon(service)
+        assert daemon.reload().ok
+        lines = (shared / "ran").read_text().splitlines()
+    finally:
+        shutil.rmtree(shared)
+    ids = f"{nobody.pw_uid} {nobody.pw_gid} svc-env {shared}"
+    assert f"check-0 {ids}" in lines and f"check-1 {ids}" in lines, lines
+    assert f"preflight {ids}" in lines, lines
+    assert all(line.endswith(ids) for line in lines), lines

@@ -208,7 +208,7 @@ async def test_negative_control_a_naive_restart_loses_connections(
             old = new
     for sock, proc in old:
         sock.close()  # type: ignore[attr-defined]
-        proc.close()  # type: ignore[attr-defined]
+        await proc.aclose()  # type: ignore[attr-defined]
     print(f"naive restarts: {load.result.ok} ok, failures {dict(load.result.failures)}")
     assert load.result.failed > 0, "a naive restart must lose queued connections"
     assert set(load.result.failures) <= {"reset", "short", "refused"}, load.result.failures
