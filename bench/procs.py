@@ -37,14 +37,22 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def state(pid: int) -> str:
+    """The one-letter state of ``pid`` (R, S, D, T, Z, ...). Raises OSError if gone."""
+    return _stat(pid)[0]
+
+
 def alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie nobody has reaped yet."""
     try:
-        return _stat(pid)[0] != "Z"
+        return state(pid) != "Z"
     except OSError:
         return False
 
 
 def wait_for(done: Callable[[], bool], timeout: float, what: str) -> None:
+    """For state owned by the kernel or another process, with no event to await
+    (used by the tests too)."""
     deadline = time.monotonic() + timeout
     while not done():
         if time.monotonic() > deadline:

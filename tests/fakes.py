@@ -11,7 +11,7 @@ import errno
 import signal
 import socket
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import trio
@@ -34,6 +34,7 @@ class FakeProcess:
         self.signals: list[int] = []
         self.ignores = ignores
         self.closed = False
+        self.on_signal: Callable[[], None] | None = None  # called before each signal lands
 
     @property
     def returncode(self) -> int | None:
@@ -50,6 +51,8 @@ class FakeProcess:
         return self._code
 
     def send_signal(self, sig: int) -> None:
+        if self.on_signal is not None:
+            self.on_signal()
         self.signals.append(sig)
         if sig == signal.SIGKILL or sig not in self.ignores:
             self.exit(-sig)

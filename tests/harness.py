@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from bench.procs import alive, state, wait_for
 from supervisor.ctl import request
 
 DEMO = [sys.executable, "-m", "supervisor.demo"]
@@ -214,20 +215,7 @@ class Background:
 
 def process_gone(pid: int) -> bool:
     """True if ``pid`` no longer exists (or is a zombie nobody has reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """For state owned by the kernel or another process, with no event to await."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+    return not alive(pid)
 
 
 def tracer_of(pid: int) -> int:
@@ -272,9 +260,8 @@ def syscall_fault(pid: int, syscall: str, error: str, when: str) -> Iterator[Non
         wait_until(lambda: tracer_of(pid) == 0, 10, "strace to detach")
 
 
-def process_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
+process_state = state
+wait_until = wait_for  # one waiting helper for tests and the benchmark
 
 
 def established_owned_by(pid: int, port: int) -> int:
