@@ -7,7 +7,6 @@ who gives up (``ready_timeout``) can say why. The caller bounds the time.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,7 +24,7 @@ from supervisor.kernel.notify import NotifyMessage
 from supervisor.kernel.proc import CommandResult, describe_exit
 from supervisor.listener import Listener
 from supervisor.plan import substitute
-from supervisor.values import ListenAddress
+from supervisor.values import ListenAddress, connect_address
 
 _MAX_OUTPUT = 2000
 
@@ -51,14 +50,6 @@ class ProbeTarget:
     notifications: Callable[[], Awaitable[NotifyMessage]] | None = None
     certificate: Path | None = None  # the service's tls.cert: what a tls probe must be served
     run: Runner | None = None  # runs an exec check as the service (user, env, cwd)
-
-
-def connect_address(address: ListenAddress) -> tuple[str, int]:
-    """Where a probe connects: the wildcard address means this host's loopback."""
-    ip = ipaddress.ip_address(address.host)
-    if ip.is_unspecified:
-        return ("::1" if ip.version == 6 else "127.0.0.1", address.port)
-    return address.sockaddr
 
 
 class Probe:

@@ -81,6 +81,14 @@ class ListenAddress:
         return f"{prefix}{host}:{self.port}"
 
 
+def connect_address(address: ListenAddress) -> tuple[str, int]:
+    """Where this host connects to reach ``address``: a wildcard means loopback."""
+    ip = ipaddress.ip_address(address.host)
+    if ip.is_unspecified:
+        return ("::1" if ip.version == 6 else "127.0.0.1", address.port)
+    return address.sockaddr
+
+
 def parse_listen(value: object) -> ListenAddress:
     """Parse ``host:port``, ``[v6]:port``, ``tcp://...`` or ``udp://...``.
 

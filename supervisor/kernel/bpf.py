@@ -17,13 +17,15 @@ import struct
 from typing import Self
 
 from supervisor.errors import KernelFeatureMissing
+from supervisor.kernel import fds
 
 # The syscall number per architecture; elsewhere there is no eBPF (fail closed:
 # a wrong number would call some other syscall with our buffer).
 _NR_BPF: int | None = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
 _ATTR_SIZE = 144  # sizeof(union bpf_attr) on 6.x; the unused tail must be zero
 
-MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, PROG_LOAD = 0, 1, 2, 3, 5
+MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
+PROG_LOAD = 5
 MAP_TYPE_HASH, MAP_TYPE_ARRAY, MAP_TYPE_REUSEPORT_SOCKARRAY = 1, 2, 20
 PROG_TYPE_SK_REUSEPORT = 21
 SK_REUSEPORT_SELECT, SK_REUSEPORT_SELECT_OR_MIGRATE = 39, 40
@@ -78,17 +80,77 @@ class BpfObject:
         self.close()
 
 
+def _check_fdinfo(fd: int, kind: str, expected: dict[str, int]) -> None:
+    """Raise BpfError unless ``fd`` is a BPF ``kind`` (map or prog) with ``expected`` fields."""
+    try:
+        target = fds.fd_kind(fd)
+        info = fds.fdinfo(fd) if target == f"anon_inode:bpf-{kind}" else {}
+    except OSError as exc:
+        raise BpfError(exc.errno or errno.EBADF, f"adopt {kind}: fd {fd}") from exc
+    if not info:
+        raise BpfError(errno.EBADF, f"adopt {kind}: fd {fd} is {target}, not a BPF {kind}")
+    for key, want in expected.items():
+        if info.get(key) != str(want):
+            raise BpfError(
+                errno.EINVAL, f"adopt {kind}: fd {fd} has {key} {info.get(key)}, not {want}"
+            )
+
+
 class Map(BpfObject):
     """A BPF map with fixed-size keys and values (bytes)."""
 
     def __init__(
-        self, map_type: int, key_size: int, value_size: int, entries: int, name: str
+        self,
+        map_type: int,
+        key_size: int,
+        value_size: int,
+        entries: int,
+        name: str,
+        *,
+        adopt: int | None = None,
     ) -> None:
-        attr = ctypes.create_string_buffer(_ATTR_SIZE)
-        struct.pack_into("<IIIII", attr, 0, map_type, key_size, value_size, entries, 0)
-        struct.pack_into("16s", attr, 28, name.encode()[:15])
-        super().__init__(_call(MAP_CREATE, attr, f"map create {name}"))
+        """Create the map; or, with ``adopt``, wrap an fd an earlier image made,
+        once its type and sizes are checked (BpfError if they differ)."""
+        if adopt is not None:
+            _check_fdinfo(
+                adopt,
+                "map",
+                {
+                    "map_type": map_type,
+                    "key_size": key_size,
+                    "value_size": value_size,
+                    "max_entries": entries,
+                },
+            )
+            fd = adopt
+        else:
+            attr = ctypes.create_string_buffer(_ATTR_SIZE)
+            struct.pack_into("<IIIII", attr, 0, map_type, key_size, value_size, entries, 0)
+            struct.pack_into("16s", attr, 28, name.encode()[:15])
+            fd = _call(MAP_CREATE, attr, f"map create {name}")
+        super().__init__(fd)
         self.key_size, self.value_size, self.entries = key_size, value_size, entries
+
+    def all_keys(self) -> list[bytes]:
+        """Every key of a hash map (BPF_MAP_GET_NEXT_KEY from no key on)."""
+        out: list[bytes] = []
+        key: bytes | None = None
+        while True:
+            current = ctypes.create_string_buffer(key or b"", self.key_size)
+            following = ctypes.create_string_buffer(self.key_size)
+            attr = ctypes.create_string_buffer(_ATTR_SIZE)
+            kaddr = 0 if key is None else ctypes.addressof(current)
+            struct.pack_into("<IxxxxQQ", attr, 0, self.fd, kaddr, ctypes.addressof(following))
+            try:
+                _call(MAP_GET_NEXT_KEY, attr, "map next key")
+            except BpfError as exc:
+                if exc.errno == errno.ENOENT:
+                    return out
+                raise
+            key = following.raw
+            out.append(key)
+            if len(out) > self.entries:  # a map changing under us: stop, do not spin
+                return out
 
     def _elem(
         self, key: bytes, value: ctypes.Array[ctypes.c_char] | None, flags: int
@@ -133,7 +195,21 @@ class Map(BpfObject):
 class Program(BpfObject):
     """A loaded program; raises BpfError with the verifier log if it is refused."""
 
-    def __init__(self, insns: bytes, prog_type: int, expected_attach_type: int, name: str) -> None:
+    def __init__(
+        self,
+        insns: bytes,
+        prog_type: int,
+        expected_attach_type: int,
+        name: str,
+        *,
+        adopt: int | None = None,
+    ) -> None:
+        """Load the program; or, with ``adopt``, wrap an fd an earlier image loaded
+        (checked to be a program of ``prog_type``; its code is the kernel's)."""
+        if adopt is not None:
+            _check_fdinfo(adopt, "prog", {"prog_type": prog_type})
+            super().__init__(adopt)
+            return
         code = ctypes.create_string_buffer(insns, len(insns))
         license_ = ctypes.create_string_buffer(b"GPL")
         log = ctypes.create_string_buffer(1 << 18)

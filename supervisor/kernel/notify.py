@@ -9,10 +9,12 @@ message counts only if it comes from the worker process we spawned.
 
 from __future__ import annotations
 
+import array
 import os
 import secrets
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
@@ -21,8 +23,9 @@ _MAX_DATAGRAM = 4096
 _UCRED = struct.Struct("iII")  # pid, uid, gid
 
 
-def send(message: str, address: str | None = None) -> bool:
-    """Send one notify datagram to ``address`` (default ``$NOTIFY_SOCKET``).
+def send(message: str, address: str | None = None, fds: Sequence[int] = ()) -> bool:
+    """Send one notify datagram to ``address`` (default ``$NOTIFY_SOCKET``),
+    with ``fds`` attached (SCM_RIGHTS: ``FDSTORE=1``).
 
     Returns False if there is no notify socket. Raises OSError if sending fails.
     """
@@ -32,7 +35,11 @@ def send(message: str, address: str | None = None) -> bool:
     if target.startswith("@"):
         target = "\0" + target[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.sendto(message.encode(), target)
+        if fds:
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            sock.sendmsg([message.encode()], rights, 0, target)
+        else:
+            sock.sendto(message.encode(), target)
     return True
 
 
@@ -55,17 +62,25 @@ class NotifyMessage:
 class NotifyReceiver:
     """An abstract-namespace datagram socket a worker can notify; closed by ``close()``."""
 
-    def __init__(self, label: str) -> None:
-        token = secrets.token_hex(6)
-        self.address = f"@supervisor/{os.getpid()}/{label}/{token}"
-        raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            raw.bind("\0" + self.address[1:])
-        except BaseException:
-            raw.close()
-            raise
+    def __init__(self, label: str, adopt: socket.socket | None = None) -> None:
+        """Bind a new socket; or, with ``adopt``, take over one an earlier image bound."""
+        if adopt is not None:
+            raw = adopt
+            self.address = "@" + raw.getsockname()[1:].decode(errors="replace")
+        else:
+            token = secrets.token_hex(6)
+            self.address = f"@supervisor/{os.getpid()}/{label}/{token}"
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+                raw.bind("\0" + self.address[1:])
+            except BaseException:
+                raw.close()
+                raise
         self._sock = trio.socket.from_stdlib_socket(raw)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     async def receive(self) -> NotifyMessage:
         """Wait for the next datagram; the pid is the sender's, from the kernel."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import socket
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -162,6 +162,17 @@ class CbpfGroup:
         """Record ``sock``, which has just called ``listen()`` (bind for UDP)."""
         self._members.append(sock)
         self._roles[sock] = role
+
+    def adopt_members(self, ordered: Sequence[tuple[socket.socket, Role]]) -> None:
+        """Take over members already in the kernel's group, given in its
+        ``socks[]`` order (an upgrade carries the order; after a crash
+        ``discover.socks_order`` learns it). ``apply()`` then publishes."""
+        self._members = [sock for sock, _ in ordered]
+        self._roles = dict(ordered)
+
+    def order(self) -> list[tuple[socket.socket, Role]]:
+        """The model: members in the kernel's order, with their roles."""
+        return [(sock, self._roles[sock]) for sock in self._members]
 
     def leave(self, sock: socket.socket) -> None:
         """Record that ``sock`` left the listening section: the last member moves

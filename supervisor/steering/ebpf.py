@@ -10,11 +10,13 @@ sends migrating requests only to active members.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import socket
 import struct
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import structlog
 
@@ -38,6 +40,18 @@ from supervisor.values import ListenAddress
 
 log = structlog.get_logger("supervisor.steering")
 ObjT = TypeVar("ObjT", bound=bpf.BpfObject)
+# name -> (type, key size, value size, entries, kernel name); see ebpf_program
+_MAPS = {
+    "socks": (bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, SLOTS, "sv_socks"),
+    "table": (bpf.MAP_TYPE_ARRAY, 4, 4, 1 + 2 * BANK, "sv_table"),
+    "pins": (bpf.MAP_TYPE_HASH, 4, 4, 256, "sv_pins"),
+    "refuse": (bpf.MAP_TYPE_HASH, 8, 4, SLOTS, "sv_refuse"),
+    "counters": (bpf.MAP_TYPE_ARRAY, 4, 8, COUNTERS, "sv_count"),
+}
+
+
+def _missing(kind: str) -> NoReturn:
+    raise OSError(errno.EBADF, f"the {kind} was not handed over")
 
 
 def available() -> bool:
@@ -59,7 +73,16 @@ class EbpfGroup:
     as it was: ``apply`` writes the idle bank and flips to it last.
     """
 
-    def __init__(self, address: ListenAddress) -> None:
+    def __init__(self, address: ListenAddress, adopt: Mapping[str, int] | None = None) -> None:
+        """Create the maps and load the program; or, with ``adopt`` (object name to
+        fd, as ``objects()`` gives them), take over those an earlier image made,
+        each checked to be the map or program it should be.
+
+        Raises:
+            SteeringError: an object could not be created, or an adopted fd is
+                not what it should be (every fd given is closed then).
+            KernelFeatureMissing: no CAP_BPF.
+        """
         self.address = address
         self.attaches = 0
         self._slots: dict[socket.socket, int] = {}
@@ -69,44 +92,107 @@ class EbpfGroup:
         self._bank = 0
         self._attached = False
         self._objects: list[bpf.BpfObject] = []
+        given = dict(adopt or {})
         try:
-            with translated(SteeringError, f"create the eBPF steering of {address}"):
-                self._socks = self._own(
-                    bpf.Map(bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, SLOTS, "sv_socks")
+            verb = "adopt" if adopt is not None else "create"
+            with translated(SteeringError, f"{verb} the eBPF steering of {address}"):
+
+                def make(kind: str) -> bpf.Map:
+                    if adopt is not None and kind not in given:
+                        _missing(kind)
+                    map_type, key, value, entries, name = _MAPS[kind]
+                    made = bpf.Map(map_type, key, value, entries, name, adopt=given.get(kind))
+                    given.pop(kind, None)  # owned by ``made`` from now on
+                    return self._own(made)
+
+                self._socks, self._table = make("socks"), make("table")
+                self._pins, self._refuse = make("pins"), make("refuse")
+                self._counters = make("counters")
+                maps = {kind: getattr(self, f"_{kind}").fd for kind in _MAPS}
+                program = given.get("program")
+                if adopt is not None and program is None:
+                    _missing("program")
+                loaded = bpf.Program(
+                    build_program(maps) if program is None else b"",
+                    bpf.PROG_TYPE_SK_REUSEPORT,
+                    bpf.SK_REUSEPORT_SELECT_OR_MIGRATE,
+                    "sv_steer",
+                    adopt=program,
                 )
-                self._table = self._own(bpf.Map(bpf.MAP_TYPE_ARRAY, 4, 4, 1 + 2 * BANK, "sv_table"))
-                self._pins = self._own(bpf.Map(bpf.MAP_TYPE_HASH, 4, 4, 256, "sv_pins"))
-                self._refuse = self._own(bpf.Map(bpf.MAP_TYPE_HASH, 8, 4, SLOTS, "sv_refuse"))
-                self._counters = self._own(bpf.Map(bpf.MAP_TYPE_ARRAY, 4, 8, COUNTERS, "sv_count"))
-                maps = {
-                    "socks": self._socks.fd,
-                    "table": self._table.fd,
-                    "pins": self._pins.fd,
-                    "refuse": self._refuse.fd,
-                    "counters": self._counters.fd,
-                }
-                self._program = self._own(
-                    bpf.Program(
-                        build_program(maps),
-                        bpf.PROG_TYPE_SK_REUSEPORT,
-                        bpf.SK_REUSEPORT_SELECT_OR_MIGRATE,
-                        "sv_steer",
-                    )
-                )
+                given.pop("program", None)
+                self._program = self._own(loaded)
         except BaseException:
+            for fd in given.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             self.close()
             raise
+
+    def objects(self) -> dict[str, int]:
+        """The fds of the maps and the program, by name: what an upgrade carries
+        and systemd's fd store keeps, for ``EbpfGroup(address, adopt=...)``."""
+        out = {kind: getattr(self, f"_{kind}").fd for kind in _MAPS}
+        out["program"] = self._program.fd
+        return out
+
+    def adopt_members(self, members: Iterable[socket.socket]) -> list[socket.socket]:
+        """Take over ``members`` (listening sockets) from the adopted maps: each
+        one's slot by its cookie, its role from the live table (active, or else
+        standby), refusals from the refuse map; stale probe pins are deleted and
+        the program is attached again through a member (it may not be the
+        group's any more). Returns the members found in no slot (to ``join``).
+
+        Raises:
+            SteeringError: the maps could not be read.
+        """
+        by_cookie = {socket_cookie(sock): sock for sock in members}
+        with translated(SteeringError, f"read the adopted steering of {self.address}"):
+            for slot in range(SLOTS):
+                raw = self._socks.lookup(u32(slot))
+                if raw is None:
+                    continue
+                sock = by_cookie.get(int(struct.unpack("<Q", raw)[0]))
+                if sock is None:  # a socket we were not given: it takes no part
+                    self._socks.delete(u32(slot))
+                    continue
+                self._slots[sock] = slot
+            bank_raw = self._table.lookup(u32(0))
+            self._bank = 0 if bank_raw is None else struct.unpack("<I", bank_raw)[0]
+            base = 1 + self._bank * BANK
+            count_raw = self._table.lookup(u32(base))
+            count = 0 if count_raw is None else struct.unpack("<I", count_raw)[0]
+            active = set()
+            for i in range(min(count, SLOTS)):
+                raw = self._table.lookup(u32(base + 1 + i))
+                if raw is not None:
+                    active.add(struct.unpack("<I", raw)[0])
+            for sock, slot in self._slots.items():
+                self._roles[sock] = Role.ACTIVE if slot in active else Role.STANDBY
+            refused = {int(struct.unpack("<Q", key)[0]) for key in self._refuse.all_keys()}
+            for cookie in refused:
+                if cookie in by_cookie and by_cookie[cookie] in self._slots:
+                    self._refused[by_cookie[cookie]] = cookie
+                else:
+                    self._refuse.delete(u64(cookie))
+            for key in self._pins.all_keys():
+                self._pins.delete(key)
+            if self._slots:
+                bpf.attach_reuseport(next(iter(self._slots)), self._program)
+                self._attached = True
+        return [sock for sock in by_cookie.values() if sock not in self._slots]
 
     def _own(self, obj: ObjT) -> ObjT:
         self._objects.append(obj)
         return obj
 
-    def close(self) -> None:
+    def close(self, *, detach: bool = True) -> None:
         """Release the maps and the program. A member that is still listening
         (none should be) gets the kernel's plain hashing back: the group would
-        otherwise keep running the program on tables nobody updates. Never raises."""
+        otherwise keep running the program on tables nobody updates; unless
+        ``detach`` is False (the listeners stay for whoever adopts them next:
+        systemd's fd store keeps the maps too). Never raises."""
         live = [sock for sock in self._slots if sock.fileno() >= 0]
-        if live:
+        if live and detach:
             try:
                 bpf.detach_reuseport(live[0])
             except OSError as exc:
