@@ -12,21 +12,23 @@ listeners out of their groups, whatever happened.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
 import trio
 
 from supervisor.errors import RolloutAborted, SupervisorError, leaves
+from supervisor.fdstore import NO_STORE, FdStore
 from supervisor.health import pinned_connector
 from supervisor.lifecycle import Watched, WorkerState
-from supervisor.listener import Listener, open_listeners, release_listeners
+from supervisor.listener import Inherited, Listener, open_listeners, release_listeners
 from supervisor.plan import ServicePlan
 from supervisor.spawner import Spawner
 from supervisor.status import WorkerStatus
 from supervisor.steering import Role, Steering, SteeringGroup
-from supervisor.worker import SlotSettings, WorkerSlot
+from supervisor.values import ListenAddress
+from supervisor.worker import Handover, SlotSettings, WorkerSlot
 
 log = structlog.get_logger("supervisor.generation")
 WorkerReady = Callable[[int, int], None]  # (workers ready so far, workers in all)
@@ -52,6 +54,7 @@ class Generation:
         self.role = role  # of the generation; a listener's own role follows its worker
         self.state: Watched[GenerationState] = Watched(GenerationState.STARTING)
         self._stop_requested = trio.Event()
+        self.preserve = False
 
     def admit(self, role: Role) -> dict[int, SteeringGroup]:
         """Give the generation ``role`` in its groups; return the groups to ``apply()``.
@@ -135,12 +138,15 @@ class Generation:
                 queued=queued,
             )
 
-    def request_stop(self) -> None:
+    def request_stop(self, *, preserve: bool = False) -> None:
+        """``preserve``: once the workers are gone, leave the listeners to systemd's
+        fd store (listening, queueing) instead of shutting them down."""
+        self.preserve = self.preserve or preserve
         self._stop_requested.set()
 
-    async def stop(self) -> None:
+    async def stop(self, *, preserve: bool = False) -> None:
         """Stop the workers and release the listeners; return once all is done."""
-        self.request_stop()
+        self.request_stop(preserve=preserve)
         await self.state.wait_for(lambda s: s is GenerationState.STOPPED)
 
     def pids(self) -> list[int]:
@@ -182,6 +188,10 @@ class GenerationSpec:
     role: Role  # how its listeners enter their groups
     on_ready: WorkerReady | None = None
     created: Callable[[Generation], None] | None = None  # before its workers start
+    store: FdStore = NO_STORE
+    # Taken over from an earlier image (upgrade) or systemd's fd store (crash):
+    inherited: Mapping[tuple[ListenAddress, int], Inherited] | None = None
+    handovers: Mapping[int, Handover] | None = None  # worker index -> its running slot
 
 
 async def run_generation(
@@ -200,16 +210,18 @@ async def run_generation(
     plan, settings, spawner, role = spec.plan, spec.settings, spec.spawner, spec.role
     structlog.contextvars.bind_contextvars(service=plan.name, generation=plan.generation)
     try:
-        listeners = open_listeners(plan, spec.steering, role)
+        listeners = open_listeners(plan, spec.steering, role, spec.store, spec.inherited)
     except SupervisorError as exc:
         raise RolloutAborted(plan.name, [str(exc)]) from exc
     slots = []
+    handovers = spec.handovers or {}
     for worker in plan.workers:
         mine = [lst for lst in listeners if lst.worker == worker.index]
         first_tcp = next((lst for lst in mine if lst.tcp), None)
         connect = None if first_tcp is None else pinned_connector(first_tcp)
         fds = [lst.sock.fileno() for lst in mine]
-        slots.append(WorkerSlot(worker, fds, settings, spawner, connect))
+        handover = handovers.get(worker.index)
+        slots.append(WorkerSlot(worker, fds, settings, spawner, connect, handover=handover))
     generation = Generation(plan, listeners, slots, role)
     if spec.created is not None:
         spec.created(generation)
@@ -221,7 +233,7 @@ async def run_generation(
     try:
         await _serve(generation, task_status, spec.on_ready)
     finally:
-        release_listeners(listeners)
+        release_listeners(listeners, preserve=generation.preserve)
         generation.state.set(GenerationState.STOPPED)
     log.info("generation_stopped")
 

@@ -10,18 +10,20 @@ out of these verbs as a ``SupervisorError`` subclass (``SteeringError``,
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import structlog
 
 from supervisor.errors import SupervisorError
+from supervisor.fdstore import NO_STORE, FdStore
 from supervisor.kernel.sockets import (
     ListenerOptions,
     accept_queue,
     open_listener,
     receive_queue,
+    reconfigure,
     socket_cookie,
 )
 from supervisor.plan import ServicePlan
@@ -51,6 +53,7 @@ class Listener:
     cookie: int
     group: SteeringGroup
     name: str = ""
+    store: FdStore = NO_STORE  # systemd's fd store, which keeps a duplicate until told
 
     @property
     def tcp(self) -> bool:
@@ -104,10 +107,12 @@ class Listener:
             SteeringError: the kernel refused; it is still a member.
         """
         self.group.shutdown(self.sock)
+        self.store.drop(self.name)
 
     def discard(self) -> None:
-        """Close a datagram member nobody else holds (it leaves its group then)."""
+        """Close a member nobody else holds (a datagram one leaves its group then)."""
         self.group.discard(self.sock)
+        self.store.drop(self.name)
 
     def refuse_migration(self) -> bool:
         """Drop requests migrating away from it; False if the backend cannot.
@@ -159,44 +164,107 @@ def listener_options(plan: ServicePlan) -> ListenerOptions:
     )
 
 
-def open_listeners(plan: ServicePlan, steering: Steering, role: Role) -> list[Listener]:
+@dataclass(frozen=True)
+class Inherited:
+    """A listener this generation finds instead of binding one: from the image
+    before an upgrade, or from systemd's fd store after a crash."""
+
+    sock: socket.socket
+    name: str
+    cookie: int
+
+
+def open_listeners(
+    plan: ServicePlan,
+    steering: Steering,
+    role: Role,
+    store: FdStore = NO_STORE,
+    inherited: Mapping[tuple[ListenAddress, int], Inherited] | None = None,
+) -> list[Listener]:
     """Create every listener of ``plan`` and enter it into its group as ``role``.
 
-    Runs without awaiting, so the groups' models follow each ``listen()``
-    exactly.
+    ``inherited`` (by address and worker) are taken instead of bound: their
+    options are set again from the plan, and they keep their place (and
+    their name) in the group and in the fd store. New ones are put in the
+    store. Runs without awaiting, so the groups' models follow each
+    ``listen()`` exactly.
 
     Raises:
-        ListenerError, SteeringError, KernelError: after releasing what was opened.
+        ListenerError, SteeringError, KernelError: after releasing what was
+            opened here (inherited sockets are left to their owner).
     """
     options = listener_options(plan)
+    inherited = inherited or {}
     listeners: list[Listener] = []
+    opened: list[Listener] = []
     try:
         for worker in plan.workers:
             for address in worker.listen:
-                sock = open_listener(address, options)
-                try:
-                    cookie = socket_cookie(sock)
-                    group = steering.group(address)
-                    group.join(sock, role)
-                except BaseException:
-                    sock.close()
-                    raise
-                name = listener_name(plan.name, plan.generation, worker.index, address)
-                listeners.append(Listener(worker.index, address, sock, cookie, group, name))
+                lst = _listener(
+                    plan,
+                    worker.index,
+                    address,
+                    options=options,
+                    steering=steering,
+                    role=role,
+                    store=store,
+                    inherited=inherited.get((address, worker.index)),
+                )
+                listeners.append(lst)
+                if (address, worker.index) not in inherited:
+                    opened.append(lst)
         for group in _groups(listeners):
             group.apply()
     except BaseException:
-        release_listeners(listeners)
+        release_listeners(opened)
         raise
+    for lst in opened:
+        store.keep(lst.name, [lst.sock.fileno()])
     return listeners
+
+
+def _listener(
+    plan: ServicePlan,
+    worker: int,
+    address: ListenAddress,
+    *,
+    options: ListenerOptions,
+    steering: Steering,
+    role: Role,
+    store: FdStore,
+    inherited: Inherited | None,
+) -> Listener:
+    group = steering.group(address)
+    if inherited is not None:
+        reconfigure(inherited.sock, address, options)
+        if group.role(inherited.sock) is None:
+            group.join(inherited.sock, role)
+        else:
+            group.set_role([inherited.sock], role)
+        return Listener(
+            worker, address, inherited.sock, inherited.cookie, group, inherited.name, store
+        )
+    sock = open_listener(address, options)
+    try:
+        cookie = socket_cookie(sock)
+        group.join(sock, role)
+    except BaseException:
+        sock.close()
+        raise
+    name = listener_name(plan.name, plan.generation, worker, address)
+    return Listener(worker, address, sock, cookie, group, name, store)
 
 
 def _groups(listeners: Iterable[Listener]) -> list[SteeringGroup]:
     return list({id(lst.group): lst.group for lst in listeners}.values())
 
 
-def release_listeners(listeners: list[Listener]) -> None:
+def release_listeners(listeners: list[Listener], *, preserve: bool = False) -> None:
     """Take listeners out of their groups and close them. Never raises.
+
+    ``preserve``: only close our fds. Each listener stays as it is in the
+    kernel (listening, in its group, queueing) and in systemd's fd store,
+    for the next daemon: a ``systemctl restart`` loses nothing then.
 
     TCP members are shut down (the kernel unhashes them even if a worker's
     child still holds a copy), last index first, so that leaving moves no
@@ -205,6 +273,10 @@ def release_listeners(listeners: list[Listener]) -> None:
     A member the kernel refuses to shut down is closed all the same: once its
     last holder is gone, the close does what the shutdown would have.
     """
+    if preserve:
+        for lst in listeners:
+            lst.sock.close()
+        return
     members = [lst for lst in listeners if lst.in_group]
     members.sort(key=lambda lst: lst.group.index(lst.sock), reverse=True)
     for lst in members:

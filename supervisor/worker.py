@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import errno
 import signal
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,19 @@ class SlotSettings:
 
 
 @dataclass
+class Handover:
+    """A worker slot as the image before an in-place upgrade left it."""
+
+    state: WorkerState
+    process: ProcessHandle | None  # None: no process runs (BACKOFF, FATAL), or it is gone
+    restarts: int = 0
+    short_runs: int = 0
+    last_exit: str | None = None
+    start_seconds: float | None = None
+    notify: socket.socket | None = None  # its NOTIFY_SOCKET, bound by the earlier image
+
+
+@dataclass
 class _Run:
     """What happened to one process."""
 
@@ -67,8 +81,11 @@ class WorkerSlot:
         settings: SlotSettings,
         spawner: Spawner,
         connect: Connector | None = None,
+        *,
+        handover: Handover | None = None,
     ) -> None:
         self.plan = plan
+        self._handover = handover
         self.fds = tuple(fds)
         self._connect = connect
         self.settings = settings
@@ -83,6 +100,8 @@ class WorkerSlot:
         self._stop_sent_at: float | None = None
         self._stop_requested = trio.Event()
         self._notify: NotifyReceiver | None = None
+        self._short_runs = 0  # short runs in a row (RestartPolicy)
+        self.process: ProcessHandle | None = None  # the live process, if any
 
     @property
     def label(self) -> str:
@@ -91,6 +110,22 @@ class WorkerSlot:
     def request_stop(self) -> None:
         """Ask the slot to stop its process (stop_signal, then SIGKILL) and end."""
         self._stop_requested.set()
+
+    def handover(self) -> Handover:
+        """What the next image needs to go on with this slot (its process, if one
+        runs, keeps running: it is not ours to stop)."""
+        return Handover(
+            state=self.state.value,
+            process=self.process,
+            restarts=self.restarts,
+            short_runs=self._short_runs,
+            last_exit=self.last_exit,
+            start_seconds=self.start_seconds,
+        )
+
+    @property
+    def notify_fd(self) -> int | None:
+        return None if self._notify is None else self._notify.fileno()
 
     def _set(self, new: WorkerState) -> None:
         check_transition(self.state.value, new)
@@ -107,8 +142,10 @@ class WorkerSlot:
         structlog.contextvars.bind_contextvars(
             service=self.plan.service, generation=self.plan.generation, worker=self.plan.index
         )
+        handover = self._handover
         try:
-            receiver = NotifyReceiver(self.label)
+            adopt = None if handover is None else handover.notify
+            receiver = NotifyReceiver(self.label, adopt=adopt)
         except OSError as exc:
             self._set(WorkerState.FATAL)
             raise SpawnError(
@@ -116,28 +153,57 @@ class WorkerSlot:
             ) from exc
         with receiver as notify:
             self._notify = notify
+            if handover is not None:
+                task_status.started()  # its generation serves already
+                await self._guarded(self._resume(handover))
+                return
             first = await self._run_process(task_status.started)
             if self._stop_requested.is_set():
                 return
             if not first.reached_running:
                 self._set(WorkerState.FATAL)
                 raise first.failure or SpawnError(self.label, "exited before it was ready")
-            try:
-                await self._respawn_loop(first)
-            except Exception:
-                # A bug here must not take the generation (and every other
-                # worker of the service) down with it: this slot alone ends.
-                log.exception("worker_slot_failed")
-                if self.state.value not in (WorkerState.FATAL, WorkerState.EXITED):
-                    self.state.set(WorkerState.FATAL)
-                await self._stop_requested.wait()
+            await self._guarded(self._respawn_loop(first))
+
+    async def _guarded(self, serving: Awaitable[None]) -> None:
+        """Run the slot's life after its start. A bug there must not take the
+        generation (and every other worker of the service) down with it: this
+        slot alone ends, FATAL."""
+        try:
+            await serving
+        except Exception:
+            log.exception("worker_slot_failed")
+            if self.state.value not in (WorkerState.FATAL, WorkerState.EXITED):
+                self.state.set(WorkerState.FATAL)
+            await self._stop_requested.wait()
+
+    async def _resume(self, handover: Handover) -> None:
+        """Go on from where the earlier image left this slot: adopt its process
+        (no spawn), or keep backing off, or stay FATAL."""
+        self.restarts, self.last_exit = handover.restarts, handover.last_exit
+        self.start_seconds = handover.start_seconds
+        if handover.state is WorkerState.FATAL:
+            self.state.set(WorkerState.FATAL)
+            await self._stop_requested.wait()
+            return
+        if handover.process is None:  # backing off, or its process died meanwhile
+            self._short_runs = max(0, handover.short_runs - 1)  # the loop counts it again
+            last = _Run(returncode=-1, lifetime=0.0, reached_running=False, failure=None)
+        else:
+            self._short_runs = handover.short_runs
+            last = await self._run_process(
+                lambda: None,
+                existing=handover.process,
+                running=handover.state is WorkerState.RUNNING,
+            )
+        await self._respawn_loop(last)
 
     async def _respawn_loop(self, last: _Run) -> None:
         policy = self.settings.policy
-        short_runs = 0
         while not self._stop_requested.is_set():
             short = policy.is_short(reached_running=last.reached_running, lifetime=last.lifetime)
-            short_runs = short_runs + 1 if short else 0
+            self._short_runs = self._short_runs + 1 if short else 0
+            short_runs = self._short_runs
             if policy.gives_up(short_runs):
                 fatal = WorkerFatal(self.label, short_runs, self.last_exit or "unknown")
                 self._set(WorkerState.FATAL)
@@ -159,29 +225,49 @@ class WorkerSlot:
             self._set(WorkerState.STOPPING)
             self._set(WorkerState.EXITED)
 
-    async def _run_process(self, on_first_ready: Callable[[], None]) -> _Run:
-        if self.state.value is not WorkerState.STARTING:
+    async def _run_process(
+        self,
+        on_first_ready: Callable[[], None],
+        *,
+        existing: ProcessHandle | None = None,
+        running: bool = False,
+    ) -> _Run:
+        """Spawn a process (or watch ``existing``, an adopted one: ``running`` if it
+        had passed its check already), gate it, and wait for it to end."""
+        if running:
+            self.state.set(WorkerState.RUNNING)
+        elif self.state.value is not WorkerState.STARTING:
             self._set(WorkerState.STARTING)
-        try:
-            proc = self._spawner(self.plan, self.fds, self._notify_address())
-        except OSError as exc:
-            failure = SpawnError(self.label, _os_error(exc))
-            self.last_exit = failure.reason
-            log.error("worker_spawn_failed", reason=str(failure))
-            return _Run(returncode=-1, lifetime=0.0, reached_running=False, failure=failure)
+        if existing is not None:
+            proc = existing
+        else:
+            try:
+                proc = self._spawner(self.plan, self.fds, self._notify_address())
+            except OSError as exc:
+                failure = SpawnError(self.label, _os_error(exc))
+                self.last_exit = failure.reason
+                log.error("worker_spawn_failed", reason=str(failure))
+                return _Run(returncode=-1, lifetime=0.0, reached_running=False, failure=failure)
         self.pid = proc.pid
+        self.process = proc
         self._stop_sent_at = None
         structlog.contextvars.bind_contextvars(pid=proc.pid)
-        log.info("worker_spawned", argv=list(self.plan.argv))
-        spawned_at = trio.current_time()
-        outcome = _Run(returncode=0, lifetime=0.0, reached_running=False, failure=None)
+        if existing is None:
+            log.info("worker_spawned", argv=list(self.plan.argv))
+        else:
+            log.info("worker_adopted", state=self.state.value.value)
+        # An adopted process has run for a while: its end is not a "short run".
+        spawned_at = trio.current_time() - (self.settings.policy.stable_after if running else 0)
+        outcome = _Run(returncode=0, lifetime=0.0, reached_running=running, failure=None)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._gate, proc, outcome, on_first_ready, spawned_at)
+                if not running:
+                    nursery.start_soon(self._gate, proc, outcome, on_first_ready, spawned_at)
                 nursery.start_soon(self._stop_when_asked, proc)
                 outcome.returncode = await proc.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            self.process = None
             await proc.aclose()  # killed and reaped if it still runs (cancellation)
         outcome.lifetime = trio.current_time() - spawned_at
         if self._stop_sent_at is not None:

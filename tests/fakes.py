@@ -180,7 +180,7 @@ class FakeGroup:
         self._maybe_fail("counts")
         return ListenerCounts(0, 0, 0)
 
-    def close(self) -> None:
+    def close(self, *, detach: bool = True) -> None:
         self.closed = True
 
     def active(self) -> list[socket.socket]:

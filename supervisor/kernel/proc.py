@@ -10,6 +10,7 @@ milliseconds) and wait on a pidfd, as trio does internally.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import grp
 import json
 import os
@@ -54,6 +55,57 @@ def resolve_credentials(user: str | None, group: str | None) -> Credentials:
     entry = pwd.getpwnam(user)
     gid = entry.pw_gid if gid is None else gid
     return Credentials(uid=entry.pw_uid, gid=gid, groups=tuple(os.getgrouplist(user, gid)))
+
+
+_NR_PIDFD_GETFD = 438  # the same number on every architecture (asm-generic)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, /proc/PID/stat field 22), or
+    None if it is gone. With the pid it names one process: a pid can be reused."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[19])
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def adopt_child(pid: int, started: int | None) -> ChildProcess | None:
+    """Our child ``pid``, if it is still the process that started at ``started``
+    and not yet reaped; None if it is gone or is someone else now."""
+    if parent_of(pid) != os.getpid() or start_time(pid) != started:
+        return None
+    try:
+        return ChildProcess(pid)
+    except OSError:
+        return None
+
+
+def fd_of(pid: int, target: int) -> int:
+    """A duplicate of fd ``target`` of process ``pid`` (pidfd_getfd, Linux 5.6+):
+    how a listener the supervisor lost can be taken back from its worker.
+
+    Raises:
+        OSError: the process is gone, has no such fd, or we may not (ptrace rules).
+    """
+    pidfd = os.pidfd_open(pid)
+    try:
+        fd = int(_libc.syscall(_NR_PIDFD_GETFD, pidfd, target, 0))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"pidfd_getfd({pid}, {target}): {os.strerror(err)}")
+        return fd
+    finally:
+        os.close(pidfd)
 
 
 def describe_exit(returncode: int) -> str:

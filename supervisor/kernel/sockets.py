@@ -88,6 +88,29 @@ def _configure(sock: socket.socket, address: ListenAddress, options: ListenerOpt
         raise ListenerError(str(address), exc, "set socket options on") from exc
 
 
+def reconfigure(sock: socket.socket, address: ListenAddress, options: ListenerOptions) -> None:
+    """Set ``options`` again on a listener that is already bound (and listening):
+    one inherited from an earlier daemon. ``listen()`` on a listening socket
+    only changes its backlog: it keeps its queue and its place in its group.
+
+    Raises:
+        ListenerError: the kernel refused an option.
+    """
+    try:
+        if options.rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options.rcvbuf)
+        if options.sndbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, options.sndbuf)
+        if address.proto == "tcp":
+            defer = 0 if options.defer_accept is None else max(1, round(options.defer_accept))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer)
+            if options.fastopen is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, options.fastopen)
+            sock.listen(options.backlog)
+    except OSError as exc:
+        raise ListenerError(str(address), exc, "set the options of inherited") from exc
+
+
 def _bind(sock: socket.socket, address: ListenAddress) -> None:
     try:
         sock.bind(address.sockaddr)

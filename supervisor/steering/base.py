@@ -85,5 +85,6 @@ class SteeringGroup(Protocol):
     def counts(self, sock: socket.socket) -> ListenerCounts | None:
         """Per-listener counters, or None if this backend keeps none."""
 
-    def close(self) -> None:
-        """Release what the backend holds (the kernel group keeps its program)."""
+    def close(self, *, detach: bool = True) -> None:
+        """Release what the backend holds (the kernel group keeps its program);
+        ``detach``: also give the group the kernel's plain hashing back."""

@@ -137,7 +137,7 @@ class CbpfGroup:
         self._tokens = itertools.count()
         self.attaches = 0
 
-    def close(self) -> None:
+    def close(self, *, detach: bool = True) -> None:
         """Nothing to release: the kernel group holds the program."""
 
     def refuse_migration(self, sock: socket.socket) -> bool:  # noqa: ARG002
