@@ -69,6 +69,10 @@ class SupervisorSection(Model):
     tcp_migrate_req: Literal["keep", "enable"] = "keep"
     # "auto": eBPF where it can be loaded (CAP_BPF), else classic BPF.
     steering: Literal["auto", "ebpf", "cbpf"] = "auto"
+    # "auto": keep every listener in systemd's fd store when systemd offers one
+    # (NOTIFY_SOCKET set and FileDescriptorStoreMax= in the unit): a crash or a
+    # restart then loses no queued connection. "off": never.
+    fd_store: Literal["auto", "off"] = "auto"
 
     @field_validator("control_socket")
     @classmethod

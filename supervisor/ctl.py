@@ -81,6 +81,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     reload.add_argument("--json", action="store_true", help="print the result as one JSON object")
     reload.add_argument("--reason", help="why (recorded in the daemon's log)")
     sub.add_parser("shutdown", help="stop every worker and the daemon")
+    up = sub.add_parser(
+        "upgrade", help="re-exec the daemon's (newly installed) code in place (synchronous)"
+    )
+    up.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return parser.parse_args(argv)
 
 
@@ -119,6 +123,20 @@ def describe_report(name: str, report: dict[str, Any]) -> list[str]:
     if outcome in ("started", "stopped"):
         return [f"{name}: {outcome}"]
     return [f"{name}: {outcome}", *(f"  {r}" for r in report.get("reasons") or [])]
+
+
+def describe_upgrade(result: dict[str, Any]) -> list[str]:
+    """Readable lines for an upgrade's result."""
+    adopted = result.get("adopted") or {}
+    lines = [
+        f"upgraded {result.get('from')} -> {result.get('to')} in place (pid {result.get('pid')}) "
+        f"in {result.get('duration', 0):.3f} s",
+        f"  adopted: {adopted.get('services', 0)} service(s), {adopted.get('listeners', 0)} "
+        f"listener(s), {adopted.get('workers', 0)} worker(s); restarted: "
+        f"{result.get('restarted', 0)} worker(s)",
+    ]
+    lines += [f"  {problem}" for problem in result.get("problems") or []]
+    return lines
 
 
 def _print_reload(reply: dict[str, Any]) -> None:
@@ -168,6 +186,8 @@ def _print_result(args: argparse.Namespace, reply: dict[str, Any], as_json: bool
         print(json.dumps(reply, indent=2))
     elif args.command == "reload":
         _print_reload(reply)
+    elif args.command == "upgrade":
+        print("\n".join(describe_upgrade(reply.get("upgrade") or {})))
     else:
         print(reply.get("message", "ok"))
 

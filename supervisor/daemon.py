@@ -1,45 +1,74 @@
-"""``supervisord``: the daemon's entry point and its request loop.
+"""``supervisord``: the daemon and its request loop.
 
 Signals and control commands arrive as typed requests on one channel and
 are handled one at a time. Services live in one nursery; the control server
-and the signal forwarder in the root nursery around it.
+and the signal forwarder in the root nursery around it. An upgrade
+(``handover``) is one more request: reloads that arrive meanwhile wait for
+it, and it waits for the reloads under way.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import os
 import signal
 import socket
-import sys
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import structlog
 import trio
 
-from supervisor import __version__, logs
-from supervisor.capabilities import Capabilities, check, detect, prepare
+from supervisor import __version__
+from supervisor.capabilities import Capabilities, check
 from supervisor.config import Config
 from supervisor.control import protocol
 from supervisor.control.access import Access
 from supervisor.control.server import ControlServer, bound_control_socket
 from supervisor.errors import ConfigError, SupervisorError, leaves
+from supervisor.fdstore import NO_STORE, FdStore
+from supervisor.inherit import Inheritance
 from supervisor.kernel import sysctl
-from supervisor.loader import environment_for_workers, load_config
-from supervisor.plan import describe, plan_config, plan_rollout
+from supervisor.loader import load_config
 from supervisor.reloads import ServiceDirectory, handle_reload, reload_summary
-from supervisor.requests import Reload, Request, Shutdown
+from supervisor.requests import Reload, Request, Shutdown, Upgrade
 from supervisor.service import Service, ServiceEnv
-from supervisor.spawner import ProcessSpawner, Spawner
+from supervisor.spawner import Spawner
+from supervisor.state import ClientState
 from supervisor.status import DaemonStatus, Status
 from supervisor.systemd import SystemdNotifier
+from supervisor.upgrade import monotonic
 from supervisor.watch import WatchSpec, watch_services
 
 log = structlog.get_logger("supervisor.daemon")
 
 _SHUTDOWN_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+@dataclass
+class Handed:
+    """What the image before an in-place upgrade left to this one."""
+
+    control: socket.socket | None  # None: lost in the handover, bound anew
+    clients: list[ClientState]
+    pending: list[ClientState]
+    started_at: float
+    requested_at: float
+    upgrades: int
+    software: str
+    last_reload: str | None
+    watch_seen: dict[str, dict[str, str | None]] = field(default_factory=dict)
+
+
+@dataclass
+class UpgradeRun:
+    """The upgrade under way: who asked, and the reloads that wait for it."""
+
+    callers: list[Upgrade]
+    parked: list[Reload] = field(default_factory=list)
+    requested_at: float = field(default_factory=monotonic)
 
 
 class Daemon:
@@ -52,21 +81,39 @@ class Daemon:
         spawner: Spawner,
         caps: Capabilities,
         notifier: SystemdNotifier | None = None,
+        *,
+        store: FdStore = NO_STORE,
+        inheritances: dict[str, Inheritance] | None = None,
+        handed: Handed | None = None,
     ) -> None:
         self.config = config
         self.notifier = notifier or SystemdNotifier(None)
-        self._last_reload: str | None = None
+        self.store = store
+        self.handed = handed
+        self._last_reload: str | None = None if handed is None else handed.last_reload
         self._reloaded = trio.Event()  # set (and replaced) after every reload
         self.config_path = config_path
         self._caps = caps
-        self._env = ServiceEnv(spawner, self.capabilities)
+        self._env = ServiceEnv(spawner, self.capabilities, store=store)
+        inheritances = inheritances or {}
         self.services = {
-            name: Service(name, service, self._env) for name, service in config.services.items()
+            name: Service(name, service, self._env, inheritances.get(name))
+            for name, service in config.services.items()
         }
         self._send, self._receive = trio.open_memory_channel[Request](128)
-        self._started_at = trio.current_time()
+        self.started_at = monotonic() if handed is None else handed.started_at
+        self.upgrades = 0 if handed is None else handed.upgrades
+        self.last_upgrade: dict[str, Any] | None = None
+        self.watch_seen: dict[str, dict[str, str | None]] = (
+            {} if handed is None else handed.watch_seen
+        )
         self._ready = False  # every service's first generation is serving
         self._services_nursery: trio.Nursery | None = None
+        self.control: ControlServer | None = None
+        self.control_sock: socket.socket | None = None  # the listening control socket
+        self.upgrade: UpgradeRun | None = None
+        self._reloads = 0  # reload tasks under way
+        self._reloads_done = trio.Event()
 
     def capabilities(self) -> Capabilities:
         """Cached detection, with the migration sysctl re-read (someone may set it).
@@ -128,7 +175,10 @@ class Daemon:
                 pid=os.getpid(),
                 version=__version__,
                 config=str(self.config_path),
-                uptime=round(trio.current_time() - self._started_at, 3),
+                uptime=round(monotonic() - self.started_at, 3),
+                upgrades=self.upgrades,
+                last_upgrade=self.last_upgrade,
+                fd_store=self.store.enabled,
             ),
             services={name: svc.snapshot() for name, svc in self.services.items()},
         )
@@ -140,10 +190,7 @@ class Daemon:
             RolloutAborted: a service could not start (the others are stopped first).
             ControlError: the control socket could not be set up.
         """
-        section = self.config.supervisor
-        with bound_control_socket(
-            section.control_socket, section.control_socket_mode, section.control_socket_group
-        ) as sock:
+        with self._control_socket() as sock:
             try:
                 await self._run_with(sock)
             except* SupervisorError as group:
@@ -153,13 +200,32 @@ class Daemon:
                 raise leaves(group)[0] from None
         log.info("daemon_stopped")
 
+    @contextlib.contextmanager
+    def _control_socket(self) -> Iterator[socket.socket]:
+        section = self.config.supervisor
+        inherited = None if self.handed is None else self.handed.control
+        if inherited is None:
+            with bound_control_socket(
+                section.control_socket, section.control_socket_mode, section.control_socket_group
+            ) as sock:
+                yield sock
+            return
+        try:  # the earlier image bound it: clients waited in its backlog meanwhile
+            yield inherited
+        finally:
+            inherited.close()
+            with contextlib.suppress(FileNotFoundError):
+                section.control_socket.unlink()
+
     async def _run_with(self, sock: socket.socket) -> None:
         section = self.config.supervisor
+        self.control_sock = sock
         async with trio.open_nursery() as root:
             startup = trio.CancelScope()
             root.start_soon(self._forward_signals, startup)
             root.start_soon(self.notifier.keep_watchdog)
             control = ControlServer(self._send, self.status, Access.from_config(section))
+            self.control = control
             await root.start(self._serve_control, control, sock, root.cancel_scope)
             log.info("control_socket_ready", path=str(section.control_socket))
             shutdown = await self._serve_services(startup, root)
@@ -183,6 +249,8 @@ class Daemon:
     async def _serve_services(
         self, startup: trio.CancelScope, root: trio.Nursery
     ) -> Shutdown | None:
+        from supervisor import handover  # noqa: PLC0415  (it builds on this module)
+
         shutdown: Shutdown | None = None
         async with trio.open_nursery() as services:
             self._services_nursery = services
@@ -194,12 +262,15 @@ class Daemon:
                 self._ready = True
                 log.info("daemon_ready", services=list(self.services))
                 self.notifier.ready(self.summary())
+                if self.handed is not None:
+                    handover.finish(self, root)
                 root.start_soon(self._keep_watching)
                 shutdown = await self._request_loop(root)
             self.notifier.stopping()
             root.start_soon(self._escalate, services.cancel_scope)
             for service in list(self.services.values()):
-                service.request_stop()
+                # With an fd store, a restart's next daemon takes the listeners over.
+                service.request_stop(preserve=self.store.enabled)
         return shutdown
 
     async def _start_all(self, nursery: trio.Nursery) -> None:
@@ -209,14 +280,52 @@ class Daemon:
 
     async def _request_loop(self, root: trio.Nursery) -> Shutdown:
         """Take requests one at a time. A reload runs as its own task (services
-        serialize their rollouts), so the loop stays free to take the next."""
+        serialize their rollouts), so the loop stays free to take the next;
+        while an upgrade runs, reloads wait for it."""
+        from supervisor import handover  # noqa: PLC0415
+
         async for request in self._receive:
             if isinstance(request, Shutdown):
                 log.info("shutdown_requested", source=request.source)
                 self.notifier.stopping()
                 return request
-            root.start_soon(self._reload, request)
+            if isinstance(request, Upgrade):
+                if self.upgrade is not None:
+                    self.upgrade.callers.append(request)
+                else:
+                    self.upgrade = UpgradeRun([request])
+                    root.start_soon(handover.run_upgrade, self, root)
+            elif self.upgrade is not None:
+                handover.park(self.upgrade, request)
+            else:
+                self.start_reload(root, request)
         raise AssertionError("the request channel never closes while the daemon runs")
+
+    def start_reload(self, root: trio.Nursery, request: Reload) -> None:
+        self._reloads += 1
+        root.start_soon(self._reload, request)
+
+    def take_waiting(self) -> list[Request]:
+        """Requests already on the channel, not yet taken (for an upgrade's handover)."""
+        out = []
+        while True:
+            try:
+                out.append(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                return out
+
+    def busy(self) -> bool:
+        """A reload or a rollout is under way or waiting."""
+        return bool(self._reloads) or not all(svc.idle for svc in self.services.values())
+
+    async def reloads_finished(self) -> None:
+        """Return once no reload (and no rollout of any service) is under way."""
+        while self.busy():
+            if self._reloads:
+                await self._reloads_done.wait()
+            else:
+                for service in list(self.services.values()):
+                    await service.wait_idle()
 
     async def _reload(self, request: Reload) -> None:
         self.notifier.reload_started()
@@ -228,10 +337,22 @@ class Daemon:
             self.notifier.reload_finished(self.summary())
             self._reloaded.set()
             self._reloaded = trio.Event()
+            self._reloads -= 1
+            if not self._reloads:
+                self._reloads_done.set()
+                self._reloads_done = trio.Event()
+
+    @property
+    def last_reload(self) -> str | None:
+        return self._last_reload
 
     def watch_specs(self) -> dict[str, WatchSpec]:
         return {
-            name: WatchSpec(tuple(svc.config.watch), svc.config.watch_debounce)
+            name: WatchSpec(
+                tuple(svc.config.watch),
+                svc.config.watch_debounce,
+                self.watch_seen.setdefault(name, {}),
+            )
             for name, svc in self.services.items()
             if svc.config.watch
         }
@@ -262,8 +383,11 @@ class Daemon:
         last = f"; last reload {self._last_reload}" if self._last_reload else ""
         return f"{services}{last}"
 
+    def send_nowait(self, request: Request) -> None:
+        self._send.send_nowait(request)
+
     async def _forward_signals(self, startup: trio.CancelScope) -> None:
-        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
         with trio.open_signal_receiver(*signals) as received:
             async for signum in received:
                 name = signal.Signals(signum).name
@@ -274,6 +398,8 @@ class Daemon:
                     startup.cancel()
                 elif signum in _SHUTDOWN_SIGNALS:
                     await self._send.send(Shutdown(source=name))
+                elif signum == signal.SIGUSR2:
+                    await self._send.send(Upgrade(source=name))
                 else:
                     await self._send.send(Reload(source=name))
 
@@ -290,72 +416,11 @@ class Daemon:
                     await request.reply.send(protocol.error("the daemon is shutting down"))
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="supervisord",
-        description="Zero-downtime process supervisor (runs in the foreground).",
-    )
-    parser.add_argument("-c", "--config", type=Path, required=True, help="config file (TOML)")
-    parser.add_argument(
-        "--check", action="store_true", help="validate the config, print the plan, exit"
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser.parse_args(argv)
-
-
-def _check(path: Path, config: Config) -> None:
-    """``--check``: every issue (exit 2), or the plan and the retirement paths (exit 0)."""
-    caps = detect(config.supervisor.steering)
-    if config.supervisor.tcp_migrate_req == "enable" and os.access(sysctl.MIGRATE_REQ, os.W_OK):
-        caps = replace(caps, migrate_req=1)  # what the daemon would switch on at start
-    issues = list(check(config, caps))
-    if issues:
-        print(ConfigError(str(path), issues), file=sys.stderr)
-        sys.exit(2)
-    print(f"{path}: OK")
-    plans = plan_config(config)
-    print("\n".join(describe(plans)))
-    for plan in plans:
-        # What reloading this very config would do, on this host.
-        print("\n".join(plan_rollout(plan, plan.config, plan.generation + 1, caps).describe()))
-    print(f"capabilities: {caps.describe()}")
-    sys.exit(0)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``supervisord``. Exit 0 on a clean stop, 1 on failure, 2 on bad config."""
-    args = _parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        sys.exit(2)
-    if args.check:
-        _check(args.config, config)
-    logs.configure(config.supervisor.log_format, config.supervisor.log_level)
-    caps = prepare(config.supervisor)
-    issues = list(check(config, caps))
-    if issues:
-        print(ConfigError(str(args.config), issues), file=sys.stderr)
-        sys.exit(2)
-    notifier = SystemdNotifier.from_environment(os.environ)
-    spawner = ProcessSpawner(environment_for_workers(os.environ))
-    try:
-        trio.run(_run, config, args.config.resolve(), spawner, caps, notifier)
-    except SupervisorError as exc:
-        print(f"supervisord: {exc}", file=sys.stderr)
-        sys.exit(1)
-    sys.exit(0)
+    """Entry point of ``supervisord`` (see ``startup.main``)."""
+    from supervisor.startup import main as start  # noqa: PLC0415  (it imports this module)
 
-
-async def _run(
-    config: Config,
-    config_path: Path,
-    spawner: Spawner,
-    caps: Capabilities,
-    notifier: SystemdNotifier,
-) -> None:
-    await Daemon(config, config_path, spawner, caps, notifier).run()
+    start(argv)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,7 @@ class GenerationSpec:
     # Taken over from an earlier image (upgrade) or systemd's fd store (crash):
     inherited: Mapping[tuple[ListenAddress, int], Inherited] | None = None
     handovers: Mapping[int, Handover] | None = None  # worker index -> its running slot
+    keep_if_failed: bool = False  # a start that fails leaves inherited listeners as they were
 
 
 async def run_generation(
@@ -233,7 +234,9 @@ async def run_generation(
     try:
         await _serve(generation, task_status, spec.on_ready)
     finally:
-        release_listeners(listeners, preserve=generation.preserve)
+        failed = generation.state.value is GenerationState.STARTING
+        preserve = generation.preserve or (spec.keep_if_failed and failed)
+        release_listeners(listeners, preserve=preserve)
         generation.state.set(GenerationState.STOPPED)
     log.info("generation_stopped")
 

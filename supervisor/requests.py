@@ -32,6 +32,16 @@ class Reload:
     service: str | None = None
     reason: str | None = None
     reply: Reply | None = None
+    connection: int | None = None  # the control client's socket fd (carried by an upgrade)
 
 
-Request = Shutdown | Reload
+@dataclass(frozen=True)
+class Upgrade:
+    """Re-exec the daemon's entry point in place, adopting everything."""
+
+    source: str
+    reply: Reply | None = None
+    connection: int | None = None
+
+
+Request = Shutdown | Reload | Upgrade

@@ -11,15 +11,17 @@ from __future__ import annotations
 import enum
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import structlog
 import trio
 
 from supervisor.capabilities import Capabilities
 from supervisor.config import ServiceConfig
+from supervisor.fdstore import NO_STORE, FdStore
 from supervisor.generation import Generation, GenerationSpec, run_generation
-from supervisor.lifecycle import WorkerState
+from supervisor.inherit import Inheritance, retire_leftovers, take_steering
+from supervisor.lifecycle import Watched, WorkerState
 from supervisor.plan import plan_service
 from supervisor.rollout import (
     RolloutContext,
@@ -71,34 +73,61 @@ GroupFactory = Callable[[Backend, ListenAddress], SteeringGroup]
 
 
 @dataclass(frozen=True)
+class TookOver:
+    """What a service's start took over (an upgrade, or systemd's fd store)."""
+
+    generation: int
+    listeners: int  # inherited listeners it serves on
+    workers: int  # running workers adopted (an upgrade)
+    restarted: int  # workers that were gone and are respawned
+    retired: list[str]  # inherited listeners it shut down (another generation's, ...)
+    problems: list[str]
+
+
+@dataclass(frozen=True)
 class ServiceEnv:
     """What the daemon gives each service."""
 
     spawner: Spawner
     capabilities: Callable[[], Capabilities]
     groups: GroupFactory | None = None  # steering groups; None: the backend's own
+    store: FdStore = NO_STORE  # systemd's fd store, where listeners outlive the daemon
 
 
 class Service:
     """One configured service; ``run`` owns its generations."""
 
-    def __init__(self, name: str, config: ServiceConfig, env: ServiceEnv) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: ServiceConfig,
+        env: ServiceEnv,
+        inheritance: Inheritance | None = None,
+    ) -> None:
         self.name = name
         self.config = config
         self._env = env
+        self._inheritance = inheritance
         self.current: Generation | None = None
         self.stage = Stage()
-        self.steering = Steering(env.capabilities().steering, env.groups)
+        backend = env.capabilities().steering
+        self.steering = Steering(backend, env.groups, env.store, name)
         self.last_generation = 0
         self.last_rollout: RolloutReport | None = None
+        self.inherited: TookOver | None = None  # what the start took over
+        self._preserve = False
         self._rolling_out = False
+        self._busy = Watched(False)  # a rollout runs or waits
         self._queue: list[Ticket] = []
         self._wake = trio.Event()
         self._stop_requested = trio.Event()
         self._stopped = False
         self.stopped = trio.Event()
 
-    def request_stop(self) -> None:
+    def request_stop(self, *, preserve: bool = False) -> None:
+        """Stop every generation. ``preserve``: leave the serving generation's
+        listeners (and steering) to systemd's fd store for the next daemon."""
+        self._preserve = self._preserve or preserve
         self._stop_requested.set()
 
     def request_rollout(self, snapshot: Snapshot, reason: str | None = None) -> Ticket:
@@ -110,7 +139,16 @@ class Service:
             return ticket
         self._queue.append(ticket)
         self._wake.set()
+        self._busy.set(True)
         return ticket
+
+    @property
+    def idle(self) -> bool:
+        """No rollout runs or waits."""
+        return not self._busy.value
+
+    async def wait_idle(self) -> None:
+        await self._busy.wait_for(lambda busy: not busy)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start generation 1; ``started()`` once it serves; roll out on request;
@@ -123,7 +161,7 @@ class Service:
         try:
             await self._run(task_status)
         finally:
-            self.steering.close()
+            self.steering.close(preserve=self._preserve)
         for ticket in self._queue:
             ticket.finish(self._refused("the service stopped"))
         self._stopped = True
@@ -131,14 +169,31 @@ class Service:
         log.info("service_stopped")
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
+        found = self._inheritance
+        self._inheritance = None  # the sockets belong to the generation from here on
         async with trio.open_nursery() as nursery:
-            self.last_generation = 1
-            plan = plan_service(self.name, self.config, 1)
-            log.info("generation_starting", generation=1, workers=len(plan.workers))
+            if found is not None:
+                await take_steering(self.steering, found, self._env.store, self.config)
+            number = 1 if found is None else found.generation
+            self.last_generation = number if found is None else found.last_generation
+            if found is not None and found.last_rollout is not None:
+                self.last_rollout = RolloutReport.from_dict(found.last_rollout)
+            plan = plan_service(self.name, self.config, number)
+            log.info("generation_starting", generation=number, workers=len(plan.workers))
             spec = GenerationSpec(
-                plan, slot_settings(self.config), self._env.spawner, self.steering, Role.ACTIVE
+                plan,
+                slot_settings(self.config),
+                self._env.spawner,
+                self.steering,
+                Role.ACTIVE,
+                store=self._env.store,
+                inherited=None if found is None else found.listeners,
+                handovers=None if found is None else found.handovers,
+                keep_if_failed=found is not None,
             )
             self.current = await nursery.start(run_generation, spec)
+            if found is not None:
+                self._took_over(found)
             task_status.started()
             async with trio.open_nursery() as rollouts:
                 rollouts.start_soon(self._rollout_loop, nursery)
@@ -147,8 +202,27 @@ class Service:
                 rollouts.cancel_scope.cancel()
             # A rollout cut short may leave a candidate: stop every generation.
             nursery.cancel_scope.deadline = trio.current_time() + self.config.stop_timeout + 5
-            await self.current.stop()
+            await self.current.stop(preserve=self._preserve)
             nursery.cancel_scope.cancel()
+
+    def _took_over(self, found: Inheritance) -> None:
+        """The first generation serves on what it inherited: retire the rest, and
+        replace the generation if something could not be taken over."""
+        assert self.current is not None
+        retired = retire_leftovers(self.steering, found, self._env.store)
+        self.inherited = TookOver(
+            generation=self.current.number,
+            listeners=len(found.listeners),
+            workers=found.adopted_workers(),
+            restarted=found.lost_workers,
+            retired=retired,
+            problems=list(found.problems),
+        )
+        log.info("service_inherited", **asdict(self.inherited))
+        if found.repair:
+            self.request_rollout(
+                Snapshot(self.config), "repair: something was lost in the handover"
+            )
 
     async def _rollout_loop(self, nursery: trio.Nursery) -> None:
         while True:
@@ -157,6 +231,8 @@ class Service:
             tickets, self._queue = self._queue, []
             if tickets:
                 await self._rollout(nursery, tickets)
+            if not self._queue:
+                self._busy.set(False)
 
     async def _rollout(self, nursery: trio.Nursery, tickets: list[Ticket]) -> None:
         assert self.current is not None

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from supervisor.errors import SupervisorError
+from supervisor.kernel import fds
 
 VERSION = 1
 READABLE = frozenset({1})  # versions this code can adopt
@@ -95,16 +96,65 @@ class DaemonState(Doc):
     pending: list[ClientState] = Field(default_factory=list)  # reloads without a client
     watch_seen: dict[str, dict[str, str | None]] = Field(default_factory=dict)
     last_reload: str | None = None
+    identities: dict[int, tuple[int, int]] = Field(default_factory=dict)  # fd -> (dev, inode)
 
     def fds(self) -> list[int]:
-        """Every fd the document names: what must survive the exec."""
+        """Every fd the document names: what must survive the exec (-1: none)."""
         out = [self.control_fd, *(client.fd for client in self.clients)]
         for service in self.services:
             out += [lst.fd for lst in service.listeners]
             out += [worker.notify_fd for worker in service.workers]
             for group in service.groups:
                 out += list((group.ebpf or {}).values())
-        return out
+        return [fd for fd in out if fd >= 0]
+
+    def with_identities(self) -> DaemonState:
+        """The document with the identity of each of its fds recorded (at the exec)."""
+        found = {fd: fds.identity(fd) for fd in self.fds()}
+        return self.model_copy(update={"identities": {k: v for k, v in found.items() if v}})
+
+    def lost(self) -> set[int]:
+        """The fds that are not what the old image handed over (closed, or reused
+        for something else): the very first check of the new image, before it
+        opens anything that could take their numbers."""
+        return {fd for fd in self.fds() if fds.identity(fd) != self.identities.get(fd)}
+
+    def without(self, lost: set[int]) -> DaemonState:
+        """The document with ``lost`` fds replaced by -1: nobody may use or close them."""
+        if not lost:
+            return self
+
+        def fd(number: int) -> int:
+            return -1 if number in lost else number
+
+        services = [
+            svc.model_copy(
+                update={
+                    "listeners": [x.model_copy(update={"fd": fd(x.fd)}) for x in svc.listeners],
+                    "workers": [
+                        w.model_copy(update={"notify_fd": fd(w.notify_fd)}) for w in svc.workers
+                    ],
+                    "groups": [
+                        g.model_copy(
+                            update={
+                                "ebpf": None
+                                if g.ebpf is None
+                                else {k: fd(v) for k, v in g.ebpf.items()}
+                            }
+                        )
+                        for g in svc.groups
+                    ],
+                }
+            )
+            for svc in self.services
+        ]
+        return self.model_copy(
+            update={
+                "control_fd": fd(self.control_fd),
+                "clients": [c for c in self.clients if c.fd not in lost],
+                "services": services,
+            }
+        )
 
 
 def encode(state: DaemonState) -> bytes:

@@ -48,7 +48,10 @@ class DaemonStatus(Snapshot):
     pid: int
     version: str
     config: str
-    uptime: float
+    uptime: float  # seconds since the first image started (an upgrade keeps counting)
+    upgrades: int = 0  # in-place upgrades since the daemon started
+    last_upgrade: dict[str, Any] | None = None  # the result of the last one
+    fd_store: bool = False  # listeners are kept in systemd's fd store
 
 
 class Status(Snapshot):

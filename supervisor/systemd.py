@@ -65,6 +65,17 @@ class SystemdNotifier:
             environ.pop(name, None)
         return cls(address, interval)
 
+    def environment(self) -> dict[str, str]:
+        """systemd's variables as they were given to this process (taken out of
+        its environment at start): what an in-place upgrade's exec passes on."""
+        if not self.address:
+            return {}
+        out = {"NOTIFY_SOCKET": self.address}
+        if self.watchdog is not None:
+            out["WATCHDOG_USEC"] = str(round(self.watchdog * 2_000_000))
+            out["WATCHDOG_PID"] = str(os.getpid())
+        return out
+
     def send(self, **fields: object) -> None:
         if not self.address:
             return

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -27,10 +27,13 @@ Fingerprints = dict[Path, str | None]
 
 @dataclass(frozen=True)
 class WatchSpec:
-    """What one service watches."""
+    """What one service watches. ``seen``: the fingerprints last acted on (by
+    path name), kept by the daemon so an upgrade's next image compares with
+    them: a change that came during the exec still reloads."""
 
     paths: tuple[Path, ...]
     debounce: float
+    seen: dict[str, str | None] = field(default_factory=dict, compare=False)
 
 
 def fingerprints(paths: Iterable[Path]) -> Fingerprints:
@@ -72,19 +75,22 @@ async def watch_files(
         watched = directories(spec.paths)
         for directory in watched:
             inotify.watch_directory(directory)
-        seen = fingerprints(spec.paths)
+        now = fingerprints(spec.paths)
+        known = {str(path) for path in spec.paths} <= set(spec.seen)
+        seen = {path: spec.seen[str(path)] for path in spec.paths} if known else now
         task_status.started()
         while True:
-            await inotify.changes()
-            await _quiet(inotify, spec.debounce)
-            now = fingerprints(spec.paths)
             changed = [path for path in spec.paths if now[path] != seen[path]]
             seen = now
+            spec.seen.update({str(path): value for path, value in seen.items()})
             for directory in directories(spec.paths) - watched:  # a symlink's new target
                 inotify.watch_directory(directory)
                 watched.add(directory)
             if changed:
                 await on_change(changed)
+            await inotify.changes()
+            await _quiet(inotify, spec.debounce)
+            now = fingerprints(spec.paths)
 
 
 async def _quiet(inotify: Inotify, debounce: float) -> None:

@@ -22,6 +22,7 @@ from bench.procs import alive, state, wait_for
 from supervisor.ctl import request
 
 DEMO = [sys.executable, "-m", "supervisor.demo"]
+DAEMON = [sys.executable, "-m", "supervisor.daemon"]
 START_TIMEOUT = 30.0
 
 
@@ -78,7 +79,12 @@ class Daemon:
     """A ``supervisord`` child process whose JSON log lines tests can wait on."""
 
     def __init__(
-        self, config: Path, control: Path, header: str = "", env: dict[str, str] | None = None
+        self,
+        config: Path,
+        control: Path,
+        header: str = "",
+        env: dict[str, str] | None = None,
+        entry: list[str] | None = None,
     ) -> None:
         self.config = config
         self.control = control
@@ -87,7 +93,7 @@ class Daemon:
         self.raw: list[str] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.daemon", "-c", str(config)],
+            [*(entry or DAEMON), "-c", str(config)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -144,6 +150,16 @@ class Daemon:
         """Replace the services of the config file (the [supervisor] part stays)."""
         self.config.write_text(self.header + services)
 
+    def upgrade(self) -> Reloaded:
+        """``supervisorctl upgrade`` in-process: the progress lines and the final answer."""
+        progress = []
+        for reply in request(self.control, {"command": "upgrade"}, timeout=120.0):
+            if reply["type"] == "progress":
+                progress.append(reply["message"])
+            else:
+                return Reloaded(reply, progress)
+        raise AssertionError("no final answer")
+
     def reload(self, service: str | None = None, reason: str | None = None) -> Reloaded:
         """``supervisorctl reload`` in-process: the progress lines and the final answer."""
         message: dict[str, Any] = {"command": "reload", "service": service}
@@ -194,15 +210,19 @@ class Daemon:
 
 
 class Background:
-    """``daemon.reload()`` in a thread, so the test can act while it runs."""
+    """``daemon.reload()`` (or ``upgrade()``) in a thread, so the test can act meanwhile."""
 
-    def __init__(self, daemon: Daemon, service: str | None = None) -> None:
+    def __init__(
+        self, daemon: Daemon, service: str | None = None, *, upgrade: bool = False
+    ) -> None:
         self.answer: Reloaded | None = None
-        self._thread = threading.Thread(target=self._run, args=(daemon, service), daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(daemon, service, upgrade), daemon=True
+        )
         self._thread.start()
 
-    def _run(self, daemon: Daemon, service: str | None) -> None:
-        self.answer = daemon.reload(service)
+    def _run(self, daemon: Daemon, service: str | None, upgrade: bool) -> None:
+        self.answer = daemon.upgrade() if upgrade else daemon.reload(service)
 
     def running(self) -> bool:
         return self._thread.is_alive()
@@ -293,6 +313,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         wait_ready: bool = True,
         supervisor_extra: str = "",
         env: dict[str, str] | None = None,
+        entry: list[str] | None = None,
     ) -> Daemon:
         control = tmp_path / f"control-{len(started)}.sock"
         config = tmp_path / f"supervisor-{len(started)}.toml"
@@ -300,7 +321,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             f'[supervisor]\ncontrol_socket = "{control}"\nlog_level = "debug"\n{supervisor_extra}\n'
         )
         config.write_text(header + services)
-        daemon = Daemon(config, control, header, env)
+        daemon = Daemon(config, control, header, env, entry)
         started.append(daemon)
         if wait_ready:
             daemon.wait_event("daemon_ready")

@@ -22,7 +22,7 @@ import trio
 from supervisor.control import protocol
 from supervisor.control.access import Access, Peer, peer_of
 from supervisor.errors import AlreadyRunning, ControlError
-from supervisor.requests import Reload, Request, Shutdown
+from supervisor.requests import Reload, Reply, Request, Shutdown, Upgrade
 from supervisor.status import Status
 
 log = structlog.get_logger("supervisor.control")
@@ -31,6 +31,7 @@ REQUEST_TIMEOUT = 5.0  # a client has this long to send its request line
 LINGER = 1.0  # after an error reply, how long we read and discard the rest
 CLOSE_GRACE = 5.0  # at exit, connected clients have this long to get their answers
 RETRY = 0.1  # after accept() failed for want of fds or memory
+PAUSE_LIMIT = REQUEST_TIMEOUT + 1  # a paused server waits this long for clients mid-request
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -93,7 +94,11 @@ def bound_control_socket(
 
 
 class ControlServer:
-    """Serves one control socket; requests go to ``requests``."""
+    """Serves one control socket; requests go to ``requests``.
+
+    ``pause`` stops accepting (clients wait in the socket's backlog) until
+    ``resume``: an upgrade pauses it, and the next image accepts them.
+    """
 
     def __init__(
         self,
@@ -105,6 +110,11 @@ class ControlServer:
         self._status = status
         self._access = access or Access(frozenset(), frozenset())
         self._accepting = trio.CancelScope()
+        self._closed = False
+        self._resumed = trio.Event()
+        self._busy = 0  # clients being read or answered (not waiting on the daemon)
+        self._quiet = trio.Event()
+        self._handlers: trio.Nursery | None = None
 
     async def serve(
         self,
@@ -119,35 +129,83 @@ class ControlServer:
         """
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))
         async with listener, trio.open_nursery() as handlers:
-            with self._accepting:
-                task_status.started()
-                while True:
-                    try:
-                        stream = await listener.accept()
-                    except OSError as exc:
-                        if exc.errno not in _OUT_OF_RESOURCES:
-                            raise
-                        # The client waits in the backlog; the daemon must not die.
-                        log.warning("control_accept_failed", error=str(exc), retry_in=RETRY)
-                        await trio.sleep(RETRY)
-                        continue
-                    handlers.start_soon(self._handle, stream)
+            self._handlers = handlers
+            task_status.started()
+            while not self._closed:
+                with self._accepting:
+                    await self._accept(listener, handlers)
+                if not self._closed:
+                    await self._resumed.wait()
             handlers.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE
+
+    async def _accept(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                # The client waits in the backlog; the daemon must not die.
+                log.warning("control_accept_failed", error=str(exc), retry_in=RETRY)
+                await trio.sleep(RETRY)
+                continue
+            handlers.start_soon(self._handle, stream)
 
     def close(self) -> None:
         """Stop accepting; ``serve`` returns once connected clients are answered."""
+        self._closed = True
         self._accepting.cancel()
+        self._resumed.set()
+
+    async def pause(self) -> None:
+        """Stop accepting, and wait (at most ``PAUSE_LIMIT``) until every client is
+        either answered or waiting on the daemon (a reload, an upgrade)."""
+        self._resumed = trio.Event()
+        self._accepting.cancel()
+        with trio.move_on_after(PAUSE_LIMIT):
+            while self._busy:
+                self._quiet = trio.Event()
+                await self._quiet.wait()
+
+    def resume(self) -> None:
+        self._accepting = trio.CancelScope()
+        self._resumed.set()
+
+    def adopt(self, fd: int, request: Callable[[Reply], Request]) -> None:
+        """Serve a client an earlier image accepted: ``request(reply)`` goes to the
+        daemon, and what comes back on ``reply`` goes to the client."""
+        assert self._handlers is not None
+        raw = socket.socket(fileno=fd)
+        raw.set_inheritable(False)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+
+        async def handle() -> None:
+            async with stream:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._forward(stream, request)
+
+        self._handlers.start_soon(handle)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         """Serve one client. Nothing a client does may stop the daemon: a
         client that hangs up is dropped, and a bug is logged, not raised."""
-        async with stream:
-            try:
-                await self._serve_client(stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                log.debug("control_client_gone")
-            except Exception:
-                log.exception("control_handler_failed")
+        self._busy += 1
+        try:
+            async with stream:
+                try:
+                    await self._serve_client(stream)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    log.debug("control_client_gone")
+                except Exception:
+                    log.exception("control_handler_failed")
+        finally:
+            self._settle()
+
+    def _settle(self) -> None:
+        """One client fewer is being read or answered."""
+        self._busy -= 1
+        if not self._busy:
+            self._quiet.set()
 
     async def _serve_client(self, stream: trio.SocketStream) -> None:
         peer = peer_of(stream.socket)  # type: ignore[arg-type]
@@ -180,13 +238,26 @@ class ControlServer:
             await _send(stream, protocol.result(status=snapshot.model_dump(mode="json")))
             return
         source = f"control (pid {peer.pid}, uid {peer.uid})"
+        fd = stream.socket.fileno()
+
+        def typed(reply: Reply) -> Request:
+            if request.command == "shutdown":
+                return Shutdown(source=source, reply=reply)
+            if request.command == "upgrade":
+                return Upgrade(source=source, reply=reply, connection=fd)
+            return Reload(source, request.service, request.reason, reply=reply, connection=fd)
+
+        self._settle()  # waiting on the daemon from here: an upgrade may carry it over
+        try:
+            await self._forward(stream, typed)
+        finally:
+            self._busy += 1
+
+    async def _forward(
+        self, stream: trio.SocketStream, request: Callable[[Reply], Request]
+    ) -> None:
         send, receive = trio.open_memory_channel[dict[str, Any]](64)
-        typed: Request
-        if request.command == "shutdown":
-            typed = Shutdown(source=source, reply=send)
-        else:
-            typed = Reload(source, request.service, request.reason, reply=send)
-        await self._requests.send(typed)
+        await self._requests.send(request(send))
         async with receive:
             async for message in receive:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

@@ -63,6 +63,16 @@ def set_inheritable(fds: Iterable[int], inheritable: bool) -> None:
         os.set_inheritable(fd, inheritable)
 
 
+def identity(fd: int) -> tuple[int, int] | None:
+    """What ``fd`` refers to (device and inode), None if it is not open. An fd
+    number alone is not an identity: a closed one is soon reused."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def is_socket(fd: int) -> bool:
     try:
         return stat.S_ISSOCK(os.fstat(fd).st_mode)

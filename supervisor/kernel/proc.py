@@ -262,6 +262,7 @@ async def run_command(
     env: Mapping[str, str],
     cwd: Path | None = None,
     credentials: Credentials = Credentials(),
+    fds: Sequence[int] = (),
     limit: int = 4000,
 ) -> CommandResult:
     """Run ``argv`` through the launcher (so with ``credentials`` and ``cwd``),
@@ -277,7 +278,7 @@ async def run_command(
         proc = spawn(
             argv,
             env=env,
-            fds=[],
+            fds=fds,
             cwd=cwd,
             credentials=credentials,
             stdout=write_end,

@@ -106,9 +106,12 @@ def reconfigure(sock: socket.socket, address: ListenAddress, options: ListenerOp
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer)
             if options.fastopen is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, options.fastopen)
-            sock.listen(options.backlog)
-    except OSError as exc:
-        raise ListenerError(str(address), exc, "set the options of inherited") from exc
+            # Only a listening one: listen() would bring a shut down listener back.
+            if accept_queue(sock).listening:
+                sock.listen(options.backlog)
+    except (OSError, KernelError) as exc:
+        err = exc if isinstance(exc, OSError) else OSError(exc.errno, str(exc))
+        raise ListenerError(str(address), err, "set the options of inherited") from exc
 
 
 def _bind(sock: socket.socket, address: ListenAddress) -> None:

@@ -46,7 +46,7 @@ class Steering:
         self.backend = backend
         self._make = make or backend_group
         self._store = store
-        self._service = service
+        self.service = service
         self._groups: dict[ListenAddress, SteeringGroup] = {}
         self._stored: dict[ListenAddress, list[str]] = {}
 
@@ -66,7 +66,7 @@ class Steering:
     def _keep(self, address: ListenAddress, group: EbpfGroup) -> None:
         names = []
         for kind, fd in group.objects().items():
-            name = object_name(self._service, address.fd_name, kind)
+            name = object_name(self.service, address.fd_name, kind)
             self._store.keep(name, [fd])
             names.append(name)
         self._stored[address] = names
@@ -95,7 +95,7 @@ class Steering:
         self._groups[address] = group
         if stored:
             self._stored[address] = [
-                object_name(self._service, address.fd_name, kind) for kind in objects
+                object_name(self.service, address.fd_name, kind) for kind in objects
             ]
         else:
             self._keep(address, group)

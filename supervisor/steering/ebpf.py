@@ -98,7 +98,7 @@ class EbpfGroup:
             with translated(SteeringError, f"{verb} the eBPF steering of {address}"):
 
                 def make(kind: str) -> bpf.Map:
-                    if adopt is not None and kind not in given:
+                    if adopt is not None and given.get(kind, -1) < 0:
                         _missing(kind)
                     map_type, key, value, entries, name = _MAPS[kind]
                     made = bpf.Map(map_type, key, value, entries, name, adopt=given.get(kind))
@@ -110,7 +110,7 @@ class EbpfGroup:
                 self._counters = make("counters")
                 maps = {kind: getattr(self, f"_{kind}").fd for kind in _MAPS}
                 program = given.get("program")
-                if adopt is not None and program is None:
+                if adopt is not None and (program is None or program < 0):
                     _missing("program")
                 loaded = bpf.Program(
                     build_program(maps) if program is None else b"",
@@ -123,8 +123,9 @@ class EbpfGroup:
                 self._program = self._own(loaded)
         except BaseException:
             for fd in given.values():
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
             self.close()
             raise
 
@@ -235,6 +236,19 @@ class EbpfGroup:
         if not self._attached:
             self._attached = True
             self.attaches += 1
+
+    def take_over(self, sock: socket.socket) -> None:
+        """Make this group's program the kernel group's (through ``sock``, a member
+        of it that need not be in our socket array): the program it replaces,
+        and that program's maps, are released by the kernel.
+
+        Raises:
+            SteeringError: the kernel refused the attach.
+        """
+        with translated(SteeringError, f"attach the steering program of {self.address}"):
+            bpf.attach_reuseport(sock, self._program)
+        self._attached = True
+        self.attaches += 1
 
     def leave(self, sock: socket.socket) -> None:
         """Forget ``sock`` (it left the kernel's group); log what the program

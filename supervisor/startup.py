@@ -1,0 +1,238 @@
+"""``supervisord``'s command line, and the three ways a daemon starts.
+
+- fresh: the config file, every listener bound, every worker spawned;
+- after a crash or ``systemctl restart`` (systemd's fd store passed
+  ``LISTEN_FDS``): the stored listeners are taken over, so nothing queued on
+  them was lost, and the workers are spawned on them;
+- after an in-place upgrade (``--state-fd``, from the previous image):
+  everything is taken over, nothing is bound or spawned that exists.
+
+``--check`` validates a config file (exit 2 on any issue); with
+``--state-fd`` it checks that this code can take over from a state document
+(an upgrade runs it on the new code before it execs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import trio
+from pydantic import ValidationError
+
+from supervisor import __version__, fdstore, inherit, logs, upgrade
+from supervisor.capabilities import Capabilities, check, detect, prepare
+from supervisor.config import Config, ServiceConfig, SupervisorSection
+from supervisor.daemon import Daemon, Handed
+from supervisor.errors import ConfigError, SupervisorError
+from supervisor.kernel import fds, sysctl
+from supervisor.loader import (
+    check_host,
+    environment_for_workers,
+    issues_from_validation,
+    load_config,
+)
+from supervisor.plan import describe, plan_config, plan_rollout
+from supervisor.spawner import ProcessSpawner
+from supervisor.state import DaemonState, StateError
+from supervisor.systemd import SystemdNotifier
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="supervisord",
+        description="Zero-downtime process supervisor (runs in the foreground).",
+    )
+    parser.add_argument("-c", "--config", type=Path, required=True, help="config file (TOML)")
+    parser.add_argument(
+        "--check", action="store_true", help="validate the config, print the plan, exit"
+    )
+    parser.add_argument(
+        upgrade.STATE_FD_FLAG,
+        dest="state_fd",
+        type=int,
+        metavar="FD",
+        help="(an upgrade passes this) take over from the state document at FD",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Exit 0 on a clean stop, 1 on failure, 2 on bad config."""
+    args = _parse_args(argv)
+    if args.state_fd is not None:
+        if args.check:
+            sys.exit(_check_state(args.state_fd))
+        _continue_upgrade(args.state_fd)
+        return
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    if args.check:
+        sys.exit(_check(args.config, config))
+    logs.configure(config.supervisor.log_format, config.supervisor.log_level)
+    caps = prepare(config.supervisor)
+    issues = list(check(config, caps))
+    if issues:
+        print(ConfigError(str(args.config), issues), file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    notifier = SystemdNotifier.from_environment(os.environ)
+    store = _store(config.supervisor, notifier)
+    stored = fdstore.received(os.environ)
+    inheritances = _recover(config, stored, store)
+    spawner = ProcessSpawner(environment_for_workers(os.environ))
+    _serve(
+        lambda: Daemon(
+            config,
+            args.config.resolve(),
+            spawner,
+            caps,
+            notifier,
+            store=store,
+            inheritances=inheritances,
+        )
+    )
+
+
+def _store(section: SupervisorSection, notifier: SystemdNotifier) -> fdstore.FdStore:
+    return fdstore.FdStore(notifier.address if section.fd_store == "auto" else None)
+
+
+def _serve(make: Callable[[], Daemon]) -> None:
+    async def run() -> None:
+        await make().run()
+
+    try:
+        trio.run(run)
+    except SupervisorError as exc:
+        print(f"supervisord: {exc}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    sys.exit(EXIT_OK)
+
+
+def _recover(
+    config: Config, stored: Sequence[fdstore.StoredFd], store: fdstore.FdStore
+) -> dict[str, inherit.Inheritance]:
+    """What systemd's fd store handed back, sorted by service; the rest is closed."""
+    if not stored:
+        return {}
+    out = {name: inherit.from_store(name, svc, stored) for name, svc in config.services.items()}
+    for item in stored:
+        if item.service not in config.services:
+            store.drop(item.name)
+            with contextlib.suppress(OSError):
+                os.close(item.fd)
+            inherit.log.warning("stored_fd_closed", name=item.name, reason="no such service")
+    return {name: found for name, found in out.items() if found.listeners or found.leftovers}
+
+
+def _check(path: Path, config: Config) -> int:
+    """``--check``: every issue (exit 2), or the plan and the retirement paths (exit 0)."""
+    caps = detect(config.supervisor.steering)
+    if config.supervisor.tcp_migrate_req == "enable" and os.access(sysctl.MIGRATE_REQ, os.W_OK):
+        caps = replace(caps, migrate_req=1)  # what the daemon would switch on at start
+    issues = list(check(config, caps))
+    if issues:
+        print(ConfigError(str(path), issues), file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{path}: OK")
+    plans = plan_config(config)
+    print("\n".join(describe(plans)))
+    for plan in plans:
+        # What reloading this very config would do, on this host.
+        print("\n".join(plan_rollout(plan, plan.config, plan.generation + 1, caps).describe()))
+    print(f"capabilities: {caps.describe()}")
+    return EXIT_OK
+
+
+def _config_of(document: DaemonState) -> Config:
+    """The config the previous image ran, validated by this code's schema.
+
+    Raises:
+        ConfigError: this code's schema refuses it.
+    """
+    try:
+        return Config(
+            supervisor=SupervisorSection.model_validate(document.supervisor),
+            services={
+                svc.name: ServiceConfig.model_validate(svc.config) for svc in document.services
+            },
+        )
+    except ValidationError as exc:
+        raise ConfigError("the running config", issues_from_validation(exc)) from exc
+
+
+def _check_state(fd: int) -> int:
+    """``--check --state-fd``: can this code take over from that document?"""
+    try:
+        document, _ = upgrade.read_document(fd, verify=False)
+        config = _config_of(document)
+    except (StateError, ConfigError) as exc:
+        print(f"supervisord {__version__}: cannot take over: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    issues = list(check_host(config))
+    if issues:
+        print(ConfigError("the running config", issues), file=sys.stderr)
+        return EXIT_CONFIG
+    names = ", ".join(svc.name for svc in document.services)
+    print(
+        f"supervisord {__version__}: can take over from {document.software} "
+        f"(state version {document.version}; services {names})"
+    )
+    return EXIT_OK
+
+
+def _continue_upgrade(fd: int) -> None:
+    """The new image: take over from the previous one."""
+    try:
+        document, lost = upgrade.read_document(fd)  # first: before anything takes an fd
+        config = _config_of(document)
+    except (StateError, ConfigError) as exc:
+        # The old image is gone: with an fd store systemd restarts us and the
+        # listeners are recovered from it; without, this costs what a crash does.
+        print(f"supervisord: cannot continue the upgrade: {exc}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    logs.configure(config.supervisor.log_format, config.supervisor.log_level)
+    if lost:
+        upgrade.log.warning("upgrade_fds_lost", fds=lost)
+    caps: Capabilities = detect(config.supervisor.steering)
+    notifier = SystemdNotifier.from_environment(os.environ)
+    store = _store(config.supervisor, notifier)
+    inheritances = {
+        svc.name: inherit.from_upgrade(svc, config.services[svc.name]) for svc in document.services
+    }
+    control = None if document.control_fd < 0 else fds.adopt_socket(document.control_fd)
+    handed = Handed(
+        control=control,
+        clients=list(document.clients),
+        pending=list(document.pending),
+        started_at=document.started_at,
+        requested_at=document.upgrade_requested_at,
+        upgrades=document.upgrades,
+        software=document.software,
+        last_reload=document.last_reload,
+        watch_seen={k: dict(v) for k, v in document.watch_seen.items()},
+    )
+    spawner = ProcessSpawner(environment_for_workers(os.environ))
+    _serve(
+        lambda: Daemon(
+            config,
+            Path(document.config_path),
+            spawner,
+            caps,
+            notifier,
+            store=store,
+            inheritances=inheritances,
+            handed=handed,
+        )
+    )
