@@ -26,12 +26,18 @@ class FakeSystemd:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
         self.messages: list[dict[str, str]] = []
+        self.stored: list[dict[str, str]] = []
 
     def next(self, timeout: float = 30.0) -> dict[str, str]:
+        """The next message that is not about the fd store (those are in ``stored``)."""
         self.sock.settimeout(timeout)
-        message = parse(self.sock.recv(4096))
-        self.messages.append(message)
-        return message
+        while True:
+            message = parse(self.sock.recv(4096))  # attached fds are closed by the kernel
+            if "FDSTORE" in message or "FDSTOREREMOVE" in message:
+                self.stored.append(message)
+                continue
+            self.messages.append(message)
+            return message
 
     def next_without_watchdog(self, timeout: float = 30.0) -> dict[str, str]:
         while True:
@@ -40,12 +46,10 @@ class FakeSystemd:
                 return message
 
     def nothing_more(self, wait: float) -> bool:
-        self.sock.settimeout(wait)
         try:
-            extra = parse(self.sock.recv(4096))
+            self.next(wait)
         except TimeoutError:
             return True
-        self.messages.append(extra)
         return False
 
 
@@ -151,3 +155,22 @@ def test_without_notify_socket_nothing_is_sent(
     daemon = start_daemon(service_toml("web", port=free_port(), workers=1))
     assert daemon.reload().ok
     assert systemd.nothing_more(0.3)
+
+
+def test_an_upgrade_is_announced_as_a_reload_with_the_same_main_pid(
+    start_daemon: Callable[..., Daemon], systemd: FakeSystemd
+) -> None:
+    daemon = start_daemon(
+        service_toml("web", port=free_port(), workers=1), env={"NOTIFY_SOCKET": str(systemd.path)}
+    )
+    assert systemd.next()["MAINPID"] == str(daemon.proc.pid)
+    before = monotonic_usec()
+    assert daemon.upgrade().ok
+    reloading = systemd.next()
+    assert set(reloading) == {"RELOADING", "MONOTONIC_USEC"}
+    assert before <= int(reloading["MONOTONIC_USEC"]) <= monotonic_usec()
+    ready = systemd.next()  # from the new image, which kept systemd's socket
+    assert ready["READY"] == "1" and ready["MAINPID"] == str(daemon.proc.pid)
+    assert daemon.reload().ok, "and the new image talks to systemd as the old one did"
+    assert systemd.next()["RELOADING"] == "1"
+    assert systemd.next()["READY"] == "1"
