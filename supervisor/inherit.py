@@ -29,7 +29,7 @@ import trio
 
 from supervisor.config import ServiceConfig
 from supervisor.errors import SteeringError, SupervisorError
-from supervisor.fdstore import FdStore, StoredFd, object_name
+from supervisor.fdstore import FdStore, StoredFd
 from supervisor.kernel import fds
 from supervisor.kernel.proc import adopt_child, fd_of
 from supervisor.kernel.sockets import accept_queue, socket_cookie
@@ -50,10 +50,10 @@ TAKEOVER_TIMEOUT = 2.0  # a replaced program's old socket array lets go within t
 
 @dataclass
 class GroupHandover:
-    """How a group's steering is taken over."""
+    """How a group's steering is taken over (an upgrade carries it; after a
+    crash there is none: eBPF steering is made anew, the classic order learned)."""
 
     ebpf: dict[str, int] | None = None  # map and program fds, by name
-    stored: bool = False  # those fds are in systemd's fd store already
     order: list[tuple[int, Role]] | None = None  # classic BPF: (cookie, role), socks[] order
 
 
@@ -185,7 +185,7 @@ def _from_worker(
 def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> Inheritance:
     """Sort what the store kept for service ``name``: one listener per (address,
     worker) of the config is taken (the newest generation's), the rest retire
-    once the new workers serve; eBPF objects are taken by address."""
+    once the new workers serve."""
     mine = [s for s in stored if s.service == name]
     generations = [s.generation for s in mine if s.generation is not None]
     newest = max(generations, default=0)
@@ -214,15 +214,6 @@ def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> 
         else:
             found.leftovers.append((address, inherited))
     found.listeners = {key: inherited for key, (_, inherited) in by_slot.items()}
-    objects: dict[str, dict[str, int]] = {}
-    for item in (s for s in mine if s.kind is not None):
-        objects.setdefault(item.address or "", {})[item.kind or ""] = item.fd
-    for address in _addresses(found):
-        found.groups[address] = GroupHandover(ebpf=objects.pop(address.fd_name, None), stored=True)
-    for leftover in objects.values():  # steering of an address no longer served
-        for fd in leftover.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
     return found
 
 
@@ -246,9 +237,7 @@ async def take_steering(
         leftovers = [i for a, i in found.leftovers if a == address]
         handover = found.groups.get(address, GroupHandover())
         if steering.backend == "ebpf":
-            await _take_ebpf(
-                steering, address, [*members, *leftovers], handover, found=found, store=store
-            )
+            await _take_ebpf(steering, address, [*members, *leftovers], handover, found=found)
         else:
             _take_cbpf(
                 steering, address, members, leftovers, handover=handover, found=found, store=store
@@ -265,12 +254,11 @@ async def _take_ebpf(
     handover: GroupHandover,
     *,
     found: Inheritance,
-    store: FdStore,
 ) -> None:
     socks = [i.sock for i in inherited]
     if handover.ebpf is not None:
         try:
-            unslotted = steering.adopt_ebpf(address, handover.ebpf, socks, stored=store.enabled)
+            unslotted = steering.adopt_ebpf(address, handover.ebpf, socks)
         except SteeringError as exc:
             found.note(f"the steering of {address} could not be taken over ({exc}): made anew")
         else:
@@ -279,10 +267,7 @@ async def _take_ebpf(
             return
     # New maps and a new program. The old program is still the group's, and
     # its socket array holds these sockets (a socket sits in one array only):
-    # attach ours first, and the kernel lets the old array go (once systemd
-    # closed its copies in the store too).
-    for kind in ("socks", "table", "pins", "refuse", "counters", "program"):
-        store.drop(object_name(steering.service, address.fd_name, kind))
+    # attach ours first, and the kernel lets the old array go.
     group = steering.group(address)
     if socks:
         take_over = getattr(group, "take_over", None)

@@ -111,7 +111,7 @@ class Service:
         self.current: Generation | None = None
         self.stage = Stage()
         backend = env.capabilities().steering
-        self.steering = Steering(backend, env.groups, env.store, name)
+        self.steering = Steering(backend, env.groups)
         self.last_generation = 0
         self.last_rollout: RolloutReport | None = None
         self.inherited: TookOver | None = None  # what the start took over

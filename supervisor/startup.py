@@ -126,6 +126,7 @@ def _recover(
     """What systemd's fd store handed back, sorted by service; the rest is closed."""
     if not stored:
         return {}
+    inherit.log.info("fd_store_received", names=[item.name for item in stored])
     out = {name: inherit.from_store(name, svc, stored) for name, svc in config.services.items()}
     for item in stored:
         if item.service not in config.services:

@@ -9,7 +9,9 @@ or ``duration`` seconds, whichever comes first, or when ``stop`` is set.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import os
 import socket
 import ssl
 import threading
@@ -27,6 +29,7 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
 class LoadResult:
     ok: int = 0
     failures: Counter[str] = field(default_factory=Counter)
+    at_connect: Counter[str] = field(default_factory=Counter)  # those refused or reset at connect
     examples: list[str] = field(default_factory=list)
     bodies: list[dict[str, str]] = field(default_factory=list)
 
@@ -37,8 +40,24 @@ class LoadResult:
     def merge(self, other: LoadResult) -> None:
         self.ok += other.ok
         self.failures.update(other.failures)
+        self.at_connect.update(other.at_connect)
         self.examples.extend(other.examples[:5])
         self.bodies.extend(other.bodies)
+
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def enter_netns(path: str) -> None:
+    """Move the calling thread into the network namespace at ``path``
+    (/proc/PID/ns/net): its sockets are that namespace's from now on."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {path}")
+    finally:
+        os.close(fd)
 
 
 def parse_body(body: bytes) -> dict[str, str]:
@@ -58,7 +77,11 @@ def one_request(
     began = time.monotonic()
     served = ""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as raw:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise LoadFailure(_cause(exc), str(exc), at_connect=True) from exc
+    try:
+        with raw:
             sock = raw if tls is None else tls.wrap_socket(raw)
             if isinstance(sock, ssl.SSLSocket):
                 served = hashlib.sha256(sock.getpeercert(binary_form=True) or b"").hexdigest()
@@ -95,9 +118,20 @@ def one_request(
 
 
 class LoadFailure(Exception):
-    def __init__(self, cause: str, detail: str) -> None:
-        super().__init__(f"{cause}: {detail}")
+    def __init__(self, cause: str, detail: str, *, at_connect: bool = False) -> None:
+        super().__init__(f"{cause}{' at connect' if at_connect else ''}: {detail}")
         self.cause = cause
+        self.at_connect = at_connect
+
+
+def _cause(exc: OSError) -> str:
+    if isinstance(exc, ConnectionResetError):
+        return "reset"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "other"
 
 
 def _loop(  # noqa: PLR0917  (a thread target: positional by nature)
@@ -120,6 +154,8 @@ def _loop(  # noqa: PLR0917  (a thread target: positional by nature)
             seen(body)
         except LoadFailure as exc:
             result.failures[exc.cause] += 1
+            if exc.at_connect:
+                result.at_connect[exc.cause] += 1
             if len(result.examples) < 5:
                 result.examples.append(str(exc))
     return result
@@ -130,14 +166,25 @@ class Loops(Generic[Part]):
 
     A loop gets its index and the shared ``stop`` event; ``join`` stops
     them all and returns their parts (once; later calls return nothing).
+    With ``netns`` each thread first enters that network namespace.
     """
 
-    def __init__(self, threads: int, loop: Callable[[int, threading.Event], Part]) -> None:
+    def __init__(
+        self,
+        threads: int,
+        loop: Callable[[int, threading.Event], Part],
+        netns: str | None = None,
+    ) -> None:
         self.stop = threading.Event()
         self._parts: list[Part] = []
+
+        def run(i: int) -> None:
+            if netns is not None:
+                enter_netns(netns)
+            self._parts.append(loop(i, self.stop))
+
         self._threads = [
-            threading.Thread(target=lambda i=i: self._parts.append(loop(i, self.stop)), daemon=True)
-            for i in range(threads)
+            threading.Thread(target=run, args=(i,), daemon=True) for i in range(threads)
         ]
 
     def start(self) -> None:
@@ -164,6 +211,7 @@ class Load:
         duration: float = 60.0,
         max_connections: int = 200_000,
         tls: ssl.SSLContext | None = None,
+        netns: str | None = None,
     ) -> None:
         self.result = LoadResult()
         deadline = time.monotonic() + duration
@@ -171,7 +219,9 @@ class Load:
         self._lock = threading.Lock()
         self._live: set[tuple[str, str]] = set()
         self._loops = Loops(
-            threads, lambda _, stop: _loop(host, port, stop, deadline, budget, self._seen, tls)
+            threads,
+            lambda _, stop: _loop(host, port, stop, deadline, budget, self._seen, tls),
+            netns,
         )
         self.stop = self._loops.stop
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Mapping, Sequence
 
-from supervisor.fdstore import NO_STORE, FdStore, object_name
 from supervisor.steering.base import Backend, ListenerCounts, Role, SteeringGroup
 from supervisor.steering.cbpf import CbpfGroup
 from supervisor.steering.ebpf import EbpfGroup
@@ -33,22 +32,21 @@ __all__ = ["Backend", "ListenerCounts", "Role", "Steering", "SteeringGroup"]
 class Steering:
     """The groups of one service, by address. Groups appear as listeners join,
     or are taken over from an earlier image; ``close()`` releases what the
-    backend holds. eBPF maps and programs are kept in systemd's fd store
-    (when there is one) beside the listeners they steer."""
+    backend holds.
+
+    eBPF maps and programs are not put in systemd's fd store: they all share
+    one anonymous inode, and the store keeps one fd of an inode only. After
+    a crash a new program replaces the old one in the kernel instead.
+    """
 
     def __init__(
         self,
         backend: Backend = "cbpf",
         make: Callable[[Backend, ListenAddress], SteeringGroup] | None = None,
-        store: FdStore = NO_STORE,
-        service: str = "",
     ) -> None:
         self.backend = backend
         self._make = make or backend_group
-        self._store = store
-        self.service = service
         self._groups: dict[ListenAddress, SteeringGroup] = {}
-        self._stored: dict[ListenAddress, list[str]] = {}
 
     def group(self, address: ListenAddress) -> SteeringGroup:
         """The group of ``address``, created on first use.
@@ -57,31 +55,14 @@ class Steering:
             KernelFeatureMissing, SteeringError: eBPF objects could not be created.
         """
         if address not in self._groups:
-            group = self._make(self.backend, address)
-            self._groups[address] = group
-            if isinstance(group, EbpfGroup):
-                self._keep(address, group)
+            self._groups[address] = self._make(self.backend, address)
         return self._groups[address]
 
-    def _keep(self, address: ListenAddress, group: EbpfGroup) -> None:
-        names = []
-        for kind, fd in group.objects().items():
-            name = object_name(self.service, address.fd_name, kind)
-            self._store.keep(name, [fd])
-            names.append(name)
-        self._stored[address] = names
-
     def adopt_ebpf(
-        self,
-        address: ListenAddress,
-        objects: Mapping[str, int],
-        members: Sequence[socket.socket],
-        *,
-        stored: bool,
+        self, address: ListenAddress, objects: Mapping[str, int], members: Sequence[socket.socket]
     ) -> list[socket.socket]:
         """Take over the eBPF steering of ``address`` from ``objects`` (fds by name);
-        return the ``members`` that must ``join`` still. ``stored``: the objects
-        are in the fd store already (else they are put there).
+        return the ``members`` that must ``join`` still.
 
         Raises:
             SteeringError: an object is not what it should be (all fds are closed).
@@ -93,12 +74,6 @@ class Steering:
             group.close(detach=False)
             raise
         self._groups[address] = group
-        if stored:
-            self._stored[address] = [
-                object_name(self.service, address.fd_name, kind) for kind in objects
-            ]
-        else:
-            self._keep(address, group)
         return unslotted
 
     def adopt_cbpf(
@@ -117,11 +92,7 @@ class Steering:
 
     def close(self, *, preserve: bool = False) -> None:
         """Release the groups. ``preserve``: leave the kernel steering as it is
-        and its objects in the fd store (for the next daemon, after a restart)."""
-        for address, group in self._groups.items():
+        (for the next daemon, after a restart: its listeners stay in the store)."""
+        for group in self._groups.values():
             group.close(detach=not preserve)
-            if not preserve:
-                for name in self._stored.get(address, []):
-                    self._store.drop(name)
         self._groups.clear()
-        self._stored.clear()

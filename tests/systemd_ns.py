@@ -1,0 +1,185 @@
+"""Real systemd (Debian 12's 252) as PID 1 of a private namespace, for tests.
+
+systemd boots in its own PID, mount and network namespace with only the
+test's units on its unit path: no boot unit runs (one would wipe the host's
+/tmp and change kernel-wide settings). /run, /var/tmp and /tmp are fresh
+tmpfs inside it, so nothing it writes reaches the host. Its files live in a
+directory under /var/lib, outside the tmpfs mounts. ``close()`` kills it
+(which ends the namespace and everything in it) and removes the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+SYSTEMD = Path("/usr/lib/systemd/systemd")
+BASE = Path("/var/lib")
+BOOT_TIMEOUT = 30.0
+
+RUN = """#!/bin/sh
+set -e
+mount --make-rprivate /
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /var/tmp
+mount -t tmpfs tmpfs /tmp
+ip link set lo up
+export SYSTEMD_UNIT_PATH={units}
+exec {systemd} --system --unit=test.target --log-target=console --log-level=info
+"""
+
+
+def available() -> str | None:
+    """Why real systemd cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root for a private PID and mount namespace"
+    for tool in ("unshare", "nsenter", "setsid"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (util-linux)"
+    if not SYSTEMD.exists():
+        return f"needs {SYSTEMD} (Debian's systemd package)"
+    return None
+
+
+class SystemdNamespace:
+    """One systemd instance with the units given to ``install``."""
+
+    def __init__(self) -> None:
+        BASE.mkdir(parents=True, exist_ok=True)
+        self.root = Path(tempfile.mkdtemp(prefix="sv-systemd-", dir=BASE))
+        self.units = self.root / "units"
+        self.units.mkdir()
+        (self.units / "test.target").write_text("[Unit]\nDescription=test target\n")
+        self.pid = 0  # systemd, as the host sees it
+        self._unshare: subprocess.Popen[bytes] | None = None
+
+    def install(self, name: str, text: str, dropins: dict[str, str] | None = None) -> Path:
+        path = self.units / name
+        path.write_text(text)
+        for dropin, body in (dropins or {}).items():
+            folder = self.units / f"{name}.d"
+            folder.mkdir(exist_ok=True)
+            (folder / dropin).write_text(body)
+        return path
+
+    def boot(self) -> None:
+        script = self.root / "run.sh"
+        script.write_text(RUN.format(units=self.units, systemd=SYSTEMD))
+        script.chmod(0o755)
+        log = (self.root / "systemd.log").open("wb")
+        self._unshare = subprocess.Popen(
+            ["setsid", "unshare", "--pid", "--fork", "--mount", "--mount-proc", "-n", str(script)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while time.monotonic() < deadline:
+            self.pid = self._child_of(self._unshare.pid)
+            if self.pid and self._ready():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"systemd did not come up:\n{self.systemd_log()[-3000:]}")
+
+    @staticmethod
+    def _child_of(pid: int) -> int:
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+                if children:
+                    return int(children[0])
+        return 0
+
+    def _ready(self) -> bool:
+        probe = subprocess.run(
+            ["nsenter", "-t", str(self.pid), "-m", "test", "-S", "/run/systemd/private"],
+            check=False,
+        )
+        return probe.returncode == 0
+
+    def systemd_log(self) -> str:
+        return (self.root / "systemd.log").read_text(errors="replace")
+
+    def enter(self, *namespaces: str) -> list[str]:
+        """``nsenter`` into systemd's namespaces (default: mount, pid, net)."""
+        flags = list(namespaces or ("-m", "-p", "-n"))
+        return ["nsenter", "-t", str(self.pid), *flags]
+
+    def ctl(
+        self, *args: str, check: bool = True, timeout: float = 180
+    ) -> subprocess.CompletedProcess[str]:
+        """``systemctl ARGS`` inside; raises with its output if ``check`` and it failed."""
+        done = subprocess.run(
+            [*self.enter(), "systemctl", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(
+                f"systemctl {' '.join(args)} exited {done.returncode}:\n{done.stdout}{done.stderr}"
+                f"\n--- systemd ---\n{self.systemd_log()[-3000:]}"
+            )
+        return done
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.ctl("show", unit, *(f"--property={p}" for p in props)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def main_pid(self, unit: str) -> int:
+        """The unit's MainPID, as the host sees it (0 if none)."""
+        inner = int(self.show(unit, "MainPID")["MainPID"])
+        if not inner:
+            return 0
+        return self.host_pid(inner)
+
+    def host_pid(self, inner: int) -> int:
+        """A pid of the namespace, in the host's numbering."""
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{entry}/status").read_text().splitlines():
+                    if line.startswith("NSpid:"):
+                        pids = line.split()[1:]
+                        if len(pids) > 1 and pids[-1] == str(inner) and self._in_ns(int(entry)):
+                            return int(entry)
+        return 0
+
+    def _in_ns(self, pid: int) -> bool:
+        return os.readlink(f"/proc/{pid}/ns/pid") == os.readlink(f"/proc/{self.pid}/ns/pid")
+
+    def netns(self) -> str:
+        return f"/proc/{self.pid}/ns/net"
+
+    def close(self) -> None:
+        """Kill systemd: the namespace and every process in it end with it."""
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        if self._unshare is not None:
+            try:
+                self._unshare.wait(30)
+            except subprocess.TimeoutExpired:
+                self._unshare.kill()
+                self._unshare.wait(10)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def json_lines(path: Path) -> Iterator[dict[str, Any]]:
+    if not path.exists():
+        return
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            yield json.loads(line)

@@ -1,0 +1,266 @@
+"""The project's own unit under real systemd 252, booted in a private namespace.
+
+The unit from ``systemd/`` is installed with its paths rewritten for the
+test (the venv's commands, a config under the namespace's directory) and a
+drop-in that gives it ``DefaultDependencies=no`` and a log file. systemctl
+drives it: start, reload (synchronous ``ExecReload``), restart, ``kill -s
+KILL``, the watchdog, stop. The load runs inside systemd's network
+namespace. A crash or a restart must refuse or reset no connection at
+connect: the listeners wait in systemd's fd store, and the next daemon
+serves what queued on them. Only requests the killed workers had already
+accepted may fail; they are counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import wait_until
+from tests.load import Load, LoadResult
+from tests.systemd_ns import SystemdNamespace, available, json_lines
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.slow,
+    pytest.mark.skipif(available() is not None, reason=f"real systemd: {available()}"),
+]
+
+UNIT = "reuseport-supervisor.service"
+SHIPPED = Path(__file__).resolve().parent.parent / "systemd" / "supervisor.service"
+VENV_BIN = Path(sys.executable).parent
+PORT = 8080  # the namespace's own loopback: no other test is there
+
+
+def config_text(workers: int = 4, listen: tuple[str, ...] = (f"127.0.0.1:{PORT}",)) -> str:
+    addresses = ", ".join(f'"{a}"' for a in listen)
+    return f"""[supervisor]
+control_socket = "/run/supervisor/control.sock"
+log_format = "json"
+
+[services.web]
+command = ["python3", "-m", "supervisor.demo", "--concurrency", "1", "--work", "0.002"]
+workers = {workers}
+listen = [{addresses}]
+stop_timeout = "10s"
+
+[services.web.health]
+kind = "notify"
+"""
+
+
+@dataclass
+class Unit:
+    ns: SystemdNamespace
+    config: Path
+
+    @property
+    def log(self) -> Path:
+        return self.ns.root / "daemon.log"
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in json_lines(self.log) if e.get("event") == name]
+
+    def main_pid(self) -> int:
+        return self.ns.main_pid(UNIT)
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.ns.ctl(*args, check=check)
+
+    def supervisorctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.ns.enter(), str(VENV_BIN / "supervisorctl"), *args],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+
+    def load(self, duration: float = 60) -> Load:
+        return Load(PORT, threads=16, duration=duration, netns=self.ns.netns())
+
+    def restarted_from(self, old: int) -> int:
+        """Wait until the unit runs again under a new main pid, ready; return it."""
+
+        def back() -> bool:
+            props = self.ns.show(UNIT, "ActiveState", "SubState", "MainPID")
+            return props["SubState"] == "running" and self.main_pid() not in (0, old)
+
+        wait_until(back, 60, "the unit to be running again")
+        return self.main_pid()
+
+
+def unit_text(config: Path) -> str:
+    text = SHIPPED.read_text()
+    return text.replace("/usr/local/bin/", f"{VENV_BIN}/").replace(
+        "/etc/supervisor/supervisor.toml", str(config)
+    )
+
+
+@pytest.fixture
+def unit() -> Iterator[Unit]:
+    ns = SystemdNamespace()
+    try:
+        config = ns.root / "supervisor.toml"
+        config.write_text(config_text())
+        dropin = (
+            "[Unit]\nDefaultDependencies=no\n"
+            f"[Service]\nStandardOutput=append:{ns.root}/daemon.log\nStandardError=inherit\n"
+            f"Environment=PATH={VENV_BIN}:/usr/bin:/bin\n"
+        )
+        ns.install(UNIT, unit_text(config), {"test.conf": dropin})
+        ns.boot()
+        ns.ctl("start", UNIT)
+        yield Unit(ns, config)
+    finally:
+        ns.close()
+
+
+def at_connect(result: LoadResult) -> int:
+    return sum(result.at_connect.values())
+
+
+def report(what: str, result: LoadResult) -> None:
+    print(
+        f"{what}: {result.ok} answered, {result.failed} failed ({dict(result.failures)}), "
+        f"{at_connect(result)} at connect ({dict(result.at_connect)})"
+    )
+
+
+def test_start_reload_failed_reload_and_stop(unit: Unit) -> None:
+    status = unit.ns.show(UNIT, "StatusText", "MainPID", "Type", "NotifyAccess")
+    assert status["Type"] == "notify"
+    assert status["StatusText"] == "web generation 1 RUNNING"
+    pid = unit.main_pid()
+    with unit.load() as load:
+        wait_until(load.answered, 15, "the load to be answered")
+        unit.ctl("reload", UNIT)  # ExecReload: waits for the rollout's result
+        after = unit.ns.show(UNIT, "StatusText")["StatusText"]
+        unit.config.write_text(config_text().replace("workers = 4", "workers = 0"))
+        failed = unit.ctl("reload", UNIT, check=False)
+        unit.config.write_text(config_text())
+    assert after.startswith("web generation 2 RUNNING; last reload succeeded")
+    assert failed.returncode != 0, "a rejected reload fails systemctl reload"
+    assert "generation 2 RUNNING" in unit.ns.show(UNIT, "StatusText")["StatusText"]
+    assert unit.main_pid() == pid
+    report("reloads", load.result)
+    assert load.result.failed == 0, (load.result.failures, load.result.examples)
+    unit.ctl("stop", UNIT)
+    assert unit.ns.show(UNIT, "ActiveState")["ActiveState"] == "inactive"
+    assert unit.events("daemon_stopped"), "a clean stop"
+    unit.ctl("start", UNIT)
+    assert unit.events("fd_store_received") == [], "stop then start empties the store"
+
+
+@pytest.mark.parametrize("how", ["kill -9", "restart"])
+def test_a_crash_or_a_restart_refuses_no_connection(unit: Unit, how: str) -> None:
+    first = unit.main_pid()
+    cookies = {w["cookie"] for w in _listeners(unit)}
+    with unit.load() as load:
+        wait_until(load.answered, 15, "the load to be answered")
+        before = load.result.ok
+        if how == "kill -9":
+            unit.ctl("kill", "-s", "KILL", UNIT)  # the daemon and its workers
+        else:
+            unit.ctl("restart", UNIT)
+        unit.restarted_from(first)
+        wait_until(lambda: _served_by_new_workers(unit, load), 30, "the new workers to serve")
+        time.sleep(1)
+    result = load.result
+    report(how, result)
+    inherited = unit.events("service_inherited")[-1]
+    assert inherited["listeners"] == 4 and inherited["problems"] == [], inherited
+    assert {w["cookie"] for w in _listeners(unit)} == cookies, "the very same listeners"
+    assert at_connect(result) == 0, (result.at_connect, result.examples)
+    assert result.ok > before
+    if how == "restart":  # graceful: the old workers finished what they had accepted
+        assert result.failed == 0, (result.failures, result.examples)
+    else:  # only what the killed workers had accepted (at most one each) may fail
+        assert set(result.failures) <= {"reset", "short"}, result.failures
+        assert result.failed <= 4, result.failures
+
+
+def test_a_hung_daemon_is_restarted_by_the_watchdog_and_loses_nothing_queued(
+    unit: Unit,
+) -> None:
+    dropin = "[Service]\nWatchdogSec=2s\nTimeoutAbortSec=1s\n"
+    (unit.ns.units / f"{UNIT}.d" / "watchdog.conf").write_text(dropin)
+    unit.ctl("daemon-reload")
+    unit.ctl("restart", UNIT)
+    first = unit.main_pid()
+    time.sleep(5)
+    assert unit.main_pid() == first, "a live daemon feeds the watchdog"
+    restarts = int(unit.ns.show(UNIT, "NRestarts")["NRestarts"])
+    with unit.load() as load:
+        wait_until(load.answered, 15, "the load to be answered")
+        os.kill(first, signal.SIGSTOP)  # hung: no more WATCHDOG=1
+        unit.restarted_from(first)
+        wait_until(lambda: _served_by_new_workers(unit, load), 30, "the new workers to serve")
+    result = load.result
+    report("watchdog", result)
+    # Nothing but the watchdog could restart it: it was stopped, not told anything.
+    assert int(unit.ns.show(UNIT, "NRestarts")["NRestarts"]) == restarts + 1
+    assert at_connect(result) == 0, (result.at_connect, result.examples)
+    assert result.failed <= 4, result.failures
+
+
+def test_an_upgrade_under_systemd_keeps_the_main_pid(unit: Unit) -> None:
+    pid = unit.main_pid()
+    with unit.load() as load:
+        wait_until(load.answered, 15, "the load to be answered")
+        done = unit.supervisorctl("upgrade")
+        unit.ctl("reload", UNIT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "restarted: 0 worker(s)" in done.stdout
+    assert unit.main_pid() == pid, "MAINPID is unchanged"
+    assert unit.ns.show(UNIT, "ActiveState")["ActiveState"] == "active"
+    assert load.result.failed == 0, (load.result.failures, load.result.examples)
+
+
+def test_a_config_changed_while_down_starts_like_a_reload(unit: Unit) -> None:
+    """New listeners first, then the stored ones nobody takes are retired by migration."""
+    first = unit.main_pid()
+    with unit.load() as load:
+        wait_until(load.answered, 15, "the load to be answered")
+        unit.config.write_text(
+            config_text(workers=2, listen=(f"127.0.0.1:{PORT}", "127.0.0.1:8081"))
+        )
+        unit.ctl("kill", "-s", "KILL", UNIT)
+        unit.restarted_from(first)
+        wait_until(lambda: _served_by_new_workers(unit, load), 30, "the new workers to serve")
+    inherited = unit.events("service_inherited")[-1]
+    assert inherited["listeners"] == 2, inherited
+    assert len(inherited["retired"]) == 2, inherited
+    listeners = _listeners(unit)
+    assert {w["address"] for w in listeners} == {f"127.0.0.1:{PORT}", "127.0.0.1:8081"}
+    assert at_connect(load.result) == 0, (load.result.at_connect, load.result.examples)
+
+
+def _workers(unit: Unit) -> list[dict[str, Any]]:
+    done = unit.supervisorctl("status", "--json")
+    assert done.returncode == 0, done.stderr
+    return list(json.loads(done.stdout)["services"]["web"]["workers"])
+
+
+def _listeners(unit: Unit) -> list[dict[str, Any]]:
+    return [lst for w in _workers(unit) for lst in w["listeners"]]
+
+
+def _served_by_new_workers(unit: Unit, load: Load) -> bool:
+    """Some answer came from a worker of the daemon now running (pids as the
+    namespace numbers them: the demo answers with its own)."""
+    try:
+        pids = [w["pid"] for w in _workers(unit)]
+    except AssertionError:  # the control socket is not up yet
+        return False
+    return any(pid is not None and load.served_by(pid) for pid in pids)
