@@ -21,6 +21,7 @@ from supervisor.capabilities import Capabilities
 from supervisor.config import ServiceConfig
 from supervisor.cutover import promote
 from supervisor.errors import PreflightFailed, RolloutAborted, SupervisorError
+from supervisor.fdstore import NO_STORE, FdStore
 from supervisor.generation import Generation, GenerationSpec, run_generation
 from supervisor.kernel import netstat
 from supervisor.kernel.proc import describe_exit
@@ -140,6 +141,7 @@ class RolloutContext:
     settings: Callable[[ServiceConfig], SlotSettings]
     stage: Stage = field(default_factory=Stage)
     promoted: Callable[[Generation, ServiceConfig], None] = lambda _g, _c: None
+    store: FdStore = NO_STORE  # the candidate's listeners are kept there too
 
 
 @dataclass
@@ -189,6 +191,7 @@ async def run_rollout(
         Role.STANDBY,
         on_ready=lambda k, n: say(f"workers ready {k}/{n}"),
         created=lambda generation: ctx.stage.set(generation, None),
+        store=ctx.store,
     )
     try:
         try:

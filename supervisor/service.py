@@ -250,6 +250,7 @@ class Service:
             settings=slot_settings,
             stage=self.stage,
             promoted=self._promoted,
+            store=self._env.store,
         )
 
         def say(message: str) -> None:

@@ -150,6 +150,9 @@ def test_start_reload_failed_reload_and_stop(unit: Unit) -> None:
         failed = unit.ctl("reload", UNIT, check=False)
         unit.config.write_text(config_text())
     assert after.startswith("web generation 2 RUNNING; last reload succeeded")
+    # The store holds the serving generation's listeners only: the retired
+    # ones were removed (FDSTOREREMOVE), the rolled-back candidate's never kept.
+    assert unit.ns.show(UNIT, "NFileDescriptorStore")["NFileDescriptorStore"] == "4"
     assert failed.returncode != 0, "a rejected reload fails systemctl reload"
     assert "generation 2 RUNNING" in unit.ns.show(UNIT, "StatusText")["StatusText"]
     assert unit.main_pid() == pid
@@ -164,6 +167,7 @@ def test_start_reload_failed_reload_and_stop(unit: Unit) -> None:
 
 @pytest.mark.parametrize("how", ["kill -9", "restart"])
 def test_a_crash_or_a_restart_refuses_no_connection(unit: Unit, how: str) -> None:
+    unit.ctl("reload", UNIT)  # the store follows reloads: generation 2's listeners survive
     first = unit.main_pid()
     cookies = {w["cookie"] for w in _listeners(unit)}
     with unit.load() as load:
