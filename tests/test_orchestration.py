@@ -20,13 +20,16 @@ import trio
 import trio.testing
 
 from supervisor.capabilities import Capabilities
-from supervisor.config import ServiceConfig
-from supervisor.errors import DiagError
-from supervisor.kernel import diag
+from supervisor.config import Config, ServiceConfig
+from supervisor.errors import DiagError, KernelFeatureMissing
+from supervisor.kernel import bpf, diag
 from supervisor.loader import parse_config
+from supervisor.reloads import ServiceDirectory, handle_reload
+from supervisor.requests import Reload
 from supervisor.rollout import RolloutReport, Snapshot
 from supervisor.service import Service, ServiceEnv
 from supervisor.steering import Role
+from supervisor.steering.ebpf import available as ebpf_available
 from tests.fakes import FakeGroup, FakeGroups, FakeProcess, FakeSpawner
 from tests.harness import free_port
 
@@ -346,3 +349,43 @@ async def test_stop_signals_workers_then_releases_listeners(
         assert order == ["shutdown with 0 workers alive"] * 2
         assert 5.0 <= trio.current_time() - start < 6.0, "SIGKILL after stop_timeout"
         assert group.closed
+
+
+async def test_a_reload_reads_and_checks_the_file_once_and_rolls_out_what_it_checked(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running() as rig:
+        reads: list[int] = []
+        first = Config(services={"web": config(rig.port, workers="3")})
+
+        def load() -> Config:
+            reads.append(1)
+            return first
+
+        directory = ServiceDirectory(
+            services={"web": rig.service},
+            load=load,
+            current=lambda: first,
+            start=_never_start,
+            stop=_never_stop,
+        )
+        answer = await handle_reload(directory, Reload(source="test"))
+        assert answer["ok"], answer
+        assert reads == [1], "one read and check for the whole reload"
+        assert len(rig.live(2)) == 3, "the rollout ran the config that was checked"
+
+
+async def _never_start(name: str, config: Config) -> None:
+    raise AssertionError(f"no service is added here ({name})")
+
+
+async def _never_stop(name: str) -> None:
+    raise AssertionError(f"no service is removed here ({name})")
+
+
+def test_an_unknown_architecture_gets_no_ebpf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bpf() syscall number is per architecture: elsewhere, fail closed."""
+    monkeypatch.setattr(bpf, "_NR_BPF", None)
+    with pytest.raises(KernelFeatureMissing, match="syscall number"):
+        bpf.Map(bpf.MAP_TYPE_ARRAY, 4, 4, 1, "probe")
+    assert not ebpf_available()

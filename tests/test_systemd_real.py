@@ -28,7 +28,7 @@ import pytest
 
 from tests.harness import wait_until
 from tests.load import Load, LoadResult
-from tests.systemd_ns import SystemdNamespace, available, json_lines
+from bench.systemd_ns import SystemdNamespace, available, json_lines
 
 pytestmark = [
     pytest.mark.kernel,
