@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
+from bench.systemd_ns import SystemdNamespace, available, json_lines
 from tests.harness import wait_until
 from tests.load import Load, LoadResult
-from bench.systemd_ns import SystemdNamespace, available, json_lines
 
 pytestmark = [
     pytest.mark.kernel,
