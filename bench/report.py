@@ -123,6 +123,30 @@ def scale_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def survive_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The supervisor surviving itself, and the same events for nginx and HAProxy."""
+    out = [
+        "| system | event | events | requests | failed | at connect | p99 | event took p50 (max) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        load = row["load"]
+        if row.get("error"):
+            out.append(f"| {row['name']} | {row['event']} | not run: {row['error']} |||||| ")
+            continue
+        took = row["events"]
+        span = f"{pct(took, 50):.2f} s ({max(took):.2f} s)" if took else "-"
+        failed = _failed(load)
+        causes = f" ({_causes(load['errors'])})" if load["errors"] else ""
+        out.append(
+            f"| {row['name']} | {row['event']} | {len(took)} | {load['requests']:,} | "
+            f"{failed}{causes} | {load['errors'].get('connect', 0)} | "
+            f"{load['latency'].get('99%', 0):.1f} ms | {span} |"
+        )
+    notes = [f"- {row['name']}, {row['event']}: {n}" for row in rows for n in row.get("notes", [])]
+    return out + (["", *notes] if notes else [])
+
+
 def targets(results: dict[str, Any]) -> list[str]:
     def verdict(ok: bool, measured: str) -> str:
         return f"met ({measured})" if ok else f"**missed** ({measured})"
@@ -281,9 +305,30 @@ def render(results: dict[str, Any], out: Path) -> str:
         f"{soak['zombies']}."
         + (f" This section was measured {soak['measured']}." if "measured" in soak else ""),
         "",
+        *_survive_section(results),
         "## Targets",
         "",
         *targets(results),
         "",
     ]
     return "\n".join(lines)
+
+
+def _survive_section(results: dict[str, Any]) -> list[str]:
+    if "survive" not in results:
+        return []
+    return [
+        "## The supervisor surviving itself",
+        "",
+        f"The same wrk load, {results.get('survive_seconds', '?')} s per row, with the event "
+        "repeated (once for the nginx master's kill -9: nothing can bring it back). The "
+        "systemd rows run the shipped unit under real systemd 252 booted in a private "
+        "namespace, with wrk in its network namespace. An event's duration runs until the "
+        "new process serves and the old one is gone (for kill -9 under systemd: until the "
+        "restarted daemon's workers serve). `at connect` counts connections refused or reset "
+        "at connect; after a kill -9 the other failures are the requests the killed workers "
+        "had accepted.",
+        "",
+        *survive_table(results["survive"]),
+        "",
+    ]

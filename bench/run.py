@@ -10,7 +10,10 @@ and PNG plots (see ``bench/report.py``):
 2. spread: 8 workers, per-worker SO_REUSEPORT listeners vs one shared one;
 3. scale: reload duration, the supervisor's overhead and CPU per reload
    for 1, 4, 8 and 64 workers; the supervisor's RSS;
-4. soak: consecutive reloads under load: failures, fds, RSS, zombies.
+4. soak: consecutive reloads under load: failures, fds, RSS, zombies;
+5. survive: the supervisor's in-place upgrade, a kill -9 and a restart under
+   real systemd, beside nginx's kill -9 of the master and binary upgrade and
+   HAProxy's master reload (``bench/survive.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import report, wrk  # noqa: E402
+from bench import report, survive, wrk  # noqa: E402
 from bench.procs import (  # noqa: E402
     HERE,
     SelfBound,
@@ -234,7 +237,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument(
         "--only",
-        choices=["compare", "spread", "scale", "soak", "nothing"],
+        choices=["compare", "spread", "scale", "soak", "survive", "nothing"],
         help="measure this section again (or nothing: only render); the rest comes from "
         "OUT/results.json",
     )
@@ -249,6 +252,7 @@ def main() -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     q = args.quick
     seconds, steady, interval, warm = (3, 1, 0.5, 1) if q else (30, 10, 0.5, 3)
+    survive_seconds = 8 if q else 30
     sections: dict[str, Callable[[], Any]] = {
         "compare": lambda: [
             asdict(compare(c, seconds, steady, interval, warm)) for c in CONTENDERS
@@ -256,14 +260,17 @@ def main() -> None:
         "spread": lambda: spread(3 if q else 10),
         "scale": lambda: scale([1, 4] if q else [1, 4, 8, 64], 2 if q else 10),
         "soak": lambda: soak(60 if q else 1000),
+        "survive": lambda: survive.run(PORT, survive_seconds, 2.0 if q else 3.0),
     }
     if args.only:
         results = json.loads((args.out / "results.json").read_text())
         if args.only in sections:
             results[args.only] = sections[args.only]()
+            if args.only == "survive":
+                results["survive_seconds"] = survive_seconds
     else:
         results = {"quick": q, "seconds": seconds, "steady": steady, "interval": interval,
-                   "machine": report.machine()}  # fmt: skip
+                   "survive_seconds": survive_seconds, "machine": report.machine()}  # fmt: skip
         results.update({name: measure() for name, measure in sections.items()})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))

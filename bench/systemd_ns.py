@@ -183,3 +183,23 @@ def json_lines(path: Path) -> Iterator[dict[str, Any]]:
     for line in path.read_text(errors="replace").splitlines():
         with contextlib.suppress(ValueError):
             yield json.loads(line)
+
+
+SHIPPED_UNIT = Path(__file__).resolve().parent.parent / "systemd" / "supervisor.service"
+UNIT = "reuseport-supervisor.service"
+
+
+def install_supervisor(ns: SystemdNamespace, config: Path, venv_bin: Path) -> None:
+    """The project's own unit, its paths rewritten for ``ns``: the venv's commands,
+    ``config``; a drop-in with ``DefaultDependencies=no`` (no sysinit here) and
+    the daemon's log in ``ns.root/daemon.log``."""
+    text = SHIPPED_UNIT.read_text()
+    text = text.replace("/usr/local/bin/", f"{venv_bin}/").replace(
+        "/etc/supervisor/supervisor.toml", str(config)
+    )
+    dropin = (
+        "[Unit]\nDefaultDependencies=no\n"
+        f"[Service]\nStandardOutput=append:{ns.root}/daemon.log\nStandardError=inherit\n"
+        f"Environment=PATH={venv_bin}:/usr/bin:/bin\n"
+    )
+    ns.install(UNIT, text, {"test.conf": dropin})

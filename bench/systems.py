@@ -117,7 +117,7 @@ def nginx_workers(workdir: Path, port: int, workers: int, steering: str) -> Supe
     conf = workdir / "nginx-worker.conf"
     conf.write_text(
         "daemon off; master_process on; worker_processes 1; error_log stderr warn;\n"
-        + _nginx_http(workdir, f"127.0.0.1:{port}")
+        + nginx_http(workdir, f"127.0.0.1:{port}")
     )
     command = [
         "nginx",
@@ -132,7 +132,7 @@ def nginx_workers(workdir: Path, port: int, workers: int, steering: str) -> Supe
     )
 
 
-def _nginx_http(workdir: Path, listen: str) -> str:
+def nginx_http(workdir: Path, listen: str) -> str:
     """nginx's events and http blocks: one server answering ``BODY`` on ``listen``."""
     kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     temp = " ".join(f"{kind}_temp_path {workdir}/{kind};" for kind in kinds)
@@ -231,7 +231,7 @@ class Nginx(Mastered):
         self.conf.write_text(
             f"daemon off; master_process on; worker_processes {self.workers};\n"
             f"pid {workdir}/nginx.pid; error_log {workdir}/error.log notice;\n"
-            + _nginx_http(workdir, f"127.0.0.1:{port}{' reuseport' * reuseport} backlog=1024")
+            + nginx_http(workdir, f"127.0.0.1:{port}{' reuseport' * reuseport} backlog=1024")
         )
         self.argv = ["nginx", "-c", str(self.conf)]
 

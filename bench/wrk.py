@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def _ms(text: str) -> float:
 
 def parse(output: str) -> WrkResult:
     result = WrkResult()
-    for pct, value in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", output, re.M):
+    for pct, value in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)\s*$", output, re.M):
         result.latency[f"{pct}%"] = _ms(value)
     # "Latency   1.2ms  0.5ms  45.3ms  90%": avg, stdev, max, +/- stdev
     row = re.search(r"^\s+Latency\s+(\S+)\s+(\S+)\s+(\S+)", output, re.M)
@@ -78,10 +79,13 @@ class Wrk:
         *,
         connections: int = CONNECTIONS,
         count_pids: bool = False,
+        prefix: Sequence[str] = (),
     ) -> None:
+        """``prefix``: run wrk under it (``nsenter -t PID -n``: in another namespace)."""
         script = ["-s", str(PIDS_LUA)] if count_pids else []
         self.proc = subprocess.Popen(
             [
+                *prefix,
                 "wrk",
                 f"-t{THREADS}",
                 f"-c{connections}",

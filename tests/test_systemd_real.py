@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from bench.systemd_ns import SystemdNamespace, available, json_lines
+from bench.systemd_ns import UNIT, SystemdNamespace, available, install_supervisor, json_lines
 from tests.harness import wait_until
 from tests.load import Load, LoadResult
 
@@ -36,8 +36,6 @@ pytestmark = [
     pytest.mark.skipif(available() is not None, reason=f"real systemd: {available()}"),
 ]
 
-UNIT = "reuseport-supervisor.service"
-SHIPPED = Path(__file__).resolve().parent.parent / "systemd" / "supervisor.service"
 VENV_BIN = Path(sys.executable).parent
 PORT = 8080  # the namespace's own loopback: no other test is there
 
@@ -108,25 +106,13 @@ class Unit:
         return self.main_pid()
 
 
-def unit_text(config: Path) -> str:
-    text = SHIPPED.read_text()
-    return text.replace("/usr/local/bin/", f"{VENV_BIN}/").replace(
-        "/etc/supervisor/supervisor.toml", str(config)
-    )
-
-
 @pytest.fixture
 def unit() -> Iterator[Unit]:
     ns = SystemdNamespace()
     try:
         config = ns.root / "supervisor.toml"
         config.write_text(config_text())
-        dropin = (
-            "[Unit]\nDefaultDependencies=no\n"
-            f"[Service]\nStandardOutput=append:{ns.root}/daemon.log\nStandardError=inherit\n"
-            f"Environment=PATH={VENV_BIN}:/usr/bin:/bin\n"
-        )
-        ns.install(UNIT, unit_text(config), {"test.conf": dropin})
+        install_supervisor(ns, config, VENV_BIN)
         ns.boot()
         ns.ctl("start", UNIT)
         yield Unit(ns, config)
