@@ -20,6 +20,8 @@ import pytest
 
 from bench.procs import alive, state, wait_for
 from supervisor.ctl import request
+from supervisor.kernel.sysctl import MIGRATE_REQ, set_migrate_req
+from supervisor.values import ListenAddress, parse_listen
 
 DEMO = [sys.executable, "-m", "supervisor.demo"]
 DAEMON = [sys.executable, "-m", "supervisor.daemon"]
@@ -348,3 +350,12 @@ def migrate_req() -> Iterator[Callable[[int], None]]:
 
     yield set_value
     path.write_text(original)
+
+
+@pytest.fixture
+def address() -> Iterator[ListenAddress]:
+    """A fresh loopback port, with the migration sysctl off: only a program migrates."""
+    original = MIGRATE_REQ.read_text()
+    set_migrate_req(0)
+    yield parse_listen(f"127.0.0.1:{free_port()}")
+    MIGRATE_REQ.write_text(original)

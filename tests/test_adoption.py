@@ -12,31 +12,20 @@ import os
 import select
 import socket
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 
 from supervisor.errors import SteeringError
 from supervisor.kernel import bpf, cbpf
 from supervisor.kernel.sockets import ListenerOptions, accept_queue, open_listener
-from supervisor.kernel.sysctl import MIGRATE_REQ, set_migrate_req
 from supervisor.steering import Role
 from supervisor.steering.cbpf import CbpfGroup, build_program
 from supervisor.steering.discover import socks_order
 from supervisor.steering.ebpf import EbpfGroup
 from supervisor.steering.ebpf_program import port_key, u32
-from supervisor.values import ListenAddress, parse_listen
-from tests.harness import free_port
+from supervisor.values import ListenAddress
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
-
-
-@pytest.fixture
-def address() -> Iterator[ListenAddress]:
-    original = MIGRATE_REQ.read_text()
-    set_migrate_req(0)
-    yield parse_listen(f"127.0.0.1:{free_port()}")
-    MIGRATE_REQ.write_text(original)
 
 
 def listeners(address: ListenAddress, count: int) -> list[socket.socket]:

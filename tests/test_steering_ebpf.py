@@ -13,22 +13,11 @@ import pytest
 
 from supervisor.kernel import netstat
 from supervisor.kernel.sockets import ListenerOptions, open_listener
-from supervisor.kernel.sysctl import MIGRATE_REQ, set_migrate_req
 from supervisor.steering import Role
 from supervisor.steering.ebpf import EbpfGroup
-from supervisor.values import ListenAddress, parse_listen
-from tests.harness import free_port
+from supervisor.values import ListenAddress
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
-
-
-@pytest.fixture
-def address() -> Iterator[ListenAddress]:
-    """A fresh port, with the migration sysctl off: only the program migrates."""
-    original = MIGRATE_REQ.read_text()
-    set_migrate_req(0)
-    yield parse_listen(f"127.0.0.1:{free_port()}")
-    MIGRATE_REQ.write_text(original)
 
 
 @pytest.fixture

@@ -80,6 +80,17 @@ class BpfObject:
         self.close()
 
 
+def _call_unless_missing(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> bool:
+    """``_call``, False where the key is not there (ENOENT)."""
+    try:
+        _call(cmd, attr, what)
+    except BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
 def _check_fdinfo(fd: int, kind: str, expected: dict[str, int]) -> None:
     """Raise BpfError unless ``fd`` is a BPF ``kind`` (map or prog) with ``expected`` fields."""
     try:
@@ -141,12 +152,8 @@ class Map(BpfObject):
             attr = ctypes.create_string_buffer(_ATTR_SIZE)
             kaddr = 0 if key is None else ctypes.addressof(current)
             struct.pack_into("<IxxxxQQ", attr, 0, self.fd, kaddr, ctypes.addressof(following))
-            try:
-                _call(MAP_GET_NEXT_KEY, attr, "map next key")
-            except BpfError as exc:
-                if exc.errno == errno.ENOENT:
-                    return out
-                raise
+            if not _call_unless_missing(MAP_GET_NEXT_KEY, attr, "map next key"):
+                return out
             key = following.raw
             out.append(key)
             if len(out) > self.entries:  # a map changing under us: stop, do not spin
@@ -172,24 +179,12 @@ class Map(BpfObject):
         """The value, or None where there is none (ENOENT)."""
         vbuf = ctypes.create_string_buffer(self.value_size)
         attr, _keep = self._elem(key, vbuf, 0)
-        try:
-            _call(MAP_LOOKUP_ELEM, attr, "map lookup")
-        except BpfError as exc:
-            if exc.errno == errno.ENOENT:
-                return None
-            raise
-        return vbuf.raw
+        return vbuf.raw if _call_unless_missing(MAP_LOOKUP_ELEM, attr, "map lookup") else None
 
     def delete(self, key: bytes) -> bool:
         """Delete ``key``; False if it was not there."""
         attr, _keep = self._elem(key, None, 0)
-        try:
-            _call(MAP_DELETE_ELEM, attr, "map delete")
-        except BpfError as exc:
-            if exc.errno == errno.ENOENT:
-                return False
-            raise
-        return True
+        return _call_unless_missing(MAP_DELETE_ELEM, attr, "map delete")
 
 
 class Program(BpfObject):
