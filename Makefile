@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/demo.toml
 
-.PHONY: run test test-fast soak lint typecheck bench bench-quick bench-deps clean
+.PHONY: run test test-fast man soak lint typecheck bench bench-quick bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: lint typecheck
 # The fast tier: logic against fakes on trio's autojump clock, unprivileged, in seconds.
 test-fast: $(VENV)/.installed-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m "not slow and not soak"
+
+# The man pages in docs/man, made from the commands' parsers (a test checks they are current).
+man: $(VENV)/.installed-run
+	$(BIN)/python -m supervisor.manpage docs/man
 
 # 1,000 reloads under load (several minutes): nothing lost, no fd or memory leak.
 soak: $(VENV)/.installed-test

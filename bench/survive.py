@@ -111,7 +111,7 @@ def _supervisor_upgrade(port: int, seconds: float, every: float) -> Survival:
 
 
 CONFIG = """[supervisor]
-control_socket = "/run/supervisor/control.sock"
+control_socket = "/run/reuseport-supervisor/control.sock"
 log_format = "json"
 log_level = "warning"
 [services.web]

@@ -185,7 +185,7 @@ def json_lines(path: Path) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
 
 
-SHIPPED_UNIT = Path(__file__).resolve().parent.parent / "systemd" / "supervisor.service"
+SHIPPED_UNIT = Path(__file__).resolve().parent.parent / "systemd" / "reuseport-supervisor.service"
 UNIT = "reuseport-supervisor.service"
 
 
@@ -195,7 +195,7 @@ def install_supervisor(ns: SystemdNamespace, config: Path, venv_bin: Path) -> No
     the daemon's log in ``ns.root/daemon.log``."""
     text = SHIPPED_UNIT.read_text()
     text = text.replace("/usr/local/bin/", f"{venv_bin}/").replace(
-        "/etc/supervisor/supervisor.toml", str(config)
+        "/etc/reuseport-supervisor/supervisor.toml", str(config)
     )
     dropin = (
         "[Unit]\nDefaultDependencies=no\n"

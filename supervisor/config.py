@@ -24,7 +24,7 @@ from pydantic import (
 
 from supervisor.values import Duration, Listen, ListenAddress, SignalName
 
-DEFAULT_CONTROL_SOCKET = Path("/run/supervisor/control.sock")
+DEFAULT_CONTROL_SOCKET = Path("/run/reuseport-supervisor/control.sock")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Variables the supervisor sets itself for each worker; configuring them is an error.

@@ -1,8 +1,14 @@
 """``supervisorctl``: a small synchronous client of the control socket.
 
 Exit codes: 0 success; 1 the daemon answered with an error (reload
-rejected or rolled back, unknown service); 2 usage error or daemon
-unreachable.
+rejected or rolled back, unknown service); 2 usage error, daemon
+unreachable, or no answer within ``--timeout``; 3 ``status SERVICE`` of a
+service that is not RUNNING (as ``systemctl is-active``); 130 interrupted.
+
+The client judges no config: with ``-c FILE`` it reads one key,
+``[supervisor] control_socket``, and sends the request. Whether the file is
+good is the daemon's verdict (a reload answers it), so a broken file never
+locks the operator out of ``status`` or ``shutdown``.
 """
 
 from __future__ import annotations
@@ -10,41 +16,105 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import sys
+import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from supervisor.config import DEFAULT_CONTROL_SOCKET
-from supervisor.errors import ConfigError, DaemonUnreachable
-from supervisor.loader import load_config
-from supervisor.status import Status, render
+import shtab
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from supervisor import __version__
+from supervisor.config import DEFAULT_CONTROL_SOCKET
+from supervisor.errors import DaemonUnreachable
+from supervisor.status import Status, render
+from supervisor.values import format_duration, parse_duration
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+_KEY = re.compile(r"""^\s*control_socket\s*=\s*(["'])(.*?)\1\s*(#.*)?$""")
 
 
 def find_socket(explicit: str | None, config: Path | None) -> Path:
     """``-s``, then ``$SUPERVISOR_SOCKET``, then ``-c FILE``'s control_socket, then the default.
 
-    Raises:
-        ConfigError: ``-c`` names a file that cannot be read or is invalid.
+    Only that one key is read. A file that cannot be read, or whose key cannot
+    be found, gives the default, with a note on stderr saying why.
     """
     if explicit:
         return Path(explicit)
     from_env = os.environ.get("SUPERVISOR_SOCKET")
     if from_env:
         return Path(from_env)
-    if config is not None:
-        return load_config(config, check_host_facts=False).supervisor.control_socket
-    return DEFAULT_CONTROL_SOCKET
+    if config is None:
+        return DEFAULT_CONTROL_SOCKET
+    try:
+        found = control_socket_of(config)
+    except ValueError as exc:
+        print(f"supervisorctl: {exc}; using {DEFAULT_CONTROL_SOCKET}", file=sys.stderr)
+        return DEFAULT_CONTROL_SOCKET
+    return DEFAULT_CONTROL_SOCKET if found is None else found
 
 
-def request(path: Path, message: dict[str, Any], timeout: float | None) -> Iterator[dict[str, Any]]:
+def control_socket_of(config: Path) -> Path | None:
+    """``[supervisor] control_socket`` of ``config`` (relative to its directory),
+    or None where the file does not set it. A file with a TOML error elsewhere
+    is read line by line for that key.
+
+    Raises:
+        ValueError: the file cannot be read, or the key's value is not a string.
+    """
+    try:
+        text = config.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise ValueError(f"cannot read {config}: {exc.strerror}") from exc
+    try:
+        value = tomllib.loads(text).get("supervisor", {}).get("control_socket")
+    except tomllib.TOMLDecodeError:
+        value = _scan(text)
+    except AttributeError:  # [supervisor] is not a table
+        value = None
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{config}: control_socket is not a string")
+    path = Path(value)
+    return path if path.is_absolute() else (config.resolve().parent / path)
+
+
+def _scan(text: str) -> str | None:
+    """The key's value in the ``[supervisor]`` table, line by line."""
+    table = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("["):
+            table = stripped.strip("[] ")
+        elif table == "supervisor" and (match := _KEY.match(line)):
+            return match.group(2)
+    return None
+
+
+class TimedOut(Exception):
+    """No final answer before the caller's deadline."""
+
+
+def request(
+    path: Path,
+    message: dict[str, Any],
+    timeout: float | None,
+    *,
+    deadline: float | None = None,
+) -> Iterator[dict[str, Any]]:
     """Send one request; yield each response line as it arrives.
+
+    ``timeout`` bounds each wait for a line (a dead daemon); ``deadline``
+    (``time.monotonic()``) the whole exchange.
 
     Raises:
         DaemonUnreachable: connect failed, or the daemon hung up without a result.
+        TimedOut: ``deadline`` passed before the final answer.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -53,42 +123,93 @@ def request(path: Path, message: dict[str, Any], timeout: float | None) -> Itera
             sock.connect(str(path))
         except OSError as exc:
             raise DaemonUnreachable(str(path), exc.strerror or str(exc)) from exc
-        sock.settimeout(timeout)
         sock.sendall(json.dumps(message).encode() + b"\n")
-        with sock.makefile("rb") as lines:
-            for raw in lines:
+        buffer = b""
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimedOut
+            sock.settimeout(
+                min(t for t in (timeout, left) if t is not None) if (timeout or left) else None
+            )
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimedOut from None
+                raise
+            if not chunk:
+                raise DaemonUnreachable(
+                    str(path), "the daemon closed the connection without an answer"
+                )
+            buffer += chunk
+            while b"\n" in buffer:
+                raw, buffer = buffer.split(b"\n", 1)
                 reply: dict[str, Any] = json.loads(raw)
                 yield reply
                 if reply.get("type") in ("result", "error"):
                     return
-        raise DaemonUnreachable(str(path), "the daemon closed the connection without an answer")
     except (TimeoutError, ConnectionError) as exc:
         raise DaemonUnreachable(str(path), str(exc) or type(exc).__name__) from exc
     finally:
         sock.close()
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="supervisorctl", description="Control supervisord.")
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The command line (shell completions and the man page are made from it)."""
+    parser = argparse.ArgumentParser(
+        prog="supervisorctl",
+        description="Control supervisord: status, reload, upgrade, shutdown, metrics.",
+        epilog="Exit status: 0 success; 1 the daemon answered with an error (a reload "
+        "rejected or rolled back, an unknown service); 2 usage error, daemon unreachable, or "
+        "no answer within --timeout; 3 status SERVICE: the service is not RUNNING; "
+        "130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    shtab.add_argument_to(parser, ["--print-completion"], help="print a bash or zsh completion")
     parser.add_argument("-s", "--socket", help="control socket path")
-    parser.add_argument("-c", "--config", type=Path, help="read control_socket from this config")
-    sub = parser.add_subparsers(dest="command", required=True)
-    status = sub.add_parser("status", help="show services and workers")
-    status.add_argument("service", nargs="?")
+    parser.add_argument(
+        "-c", "--config", type=Path, help="read [supervisor] control_socket from this config"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    status = sub.add_parser("status", help="show services and workers (exit 3: not RUNNING)")
+    status.add_argument("service", nargs="?", help="only this service")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     reload = sub.add_parser("reload", help="roll out a new generation (synchronous)")
-    reload.add_argument("service", nargs="?")
+    reload.add_argument("service", nargs="?", help="only this service (default: every one)")
     reload.add_argument("--json", action="store_true", help="print the result as one JSON object")
     reload.add_argument("--reason", help="why (recorded in the daemon's log)")
+    reload.add_argument(
+        "--timeout",
+        type=_duration,
+        metavar="DURATION",
+        help="give up waiting after DURATION (exit 2; the reload goes on in the daemon)",
+    )
     sub.add_parser("shutdown", help="stop every worker and the daemon")
     up = sub.add_parser(
         "upgrade", help="re-exec the daemon's (newly installed) code in place (synchronous)"
     )
     up.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    return parser.parse_args(argv)
+    up.add_argument(
+        "--timeout", type=_duration, metavar="DURATION", help="give up waiting after DURATION"
+    )
+    sub.add_parser("metrics", help="print the daemon's metrics (OpenMetrics text)")
+    return parser
 
 
-def _print_status(reply: dict[str, Any], service: str | None, as_json: bool) -> None:
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    return get_parser().parse_args(argv)
+
+
+def _print_status(reply: dict[str, Any], service: str | None, as_json: bool) -> int:
+    """Print the status; EXIT_NOT_RUNNING if the named service is not RUNNING."""
     status = Status.model_validate(reply["status"])
     if service is not None:
         status = status.model_copy(update={"services": {service: status.services[service]}})
@@ -96,6 +217,9 @@ def _print_status(reply: dict[str, Any], service: str | None, as_json: bool) -> 
         print(json.dumps(status.model_dump(mode="json"), indent=2))
     else:
         print("\n".join(render(status)))
+    if service is not None and status.services[service].state != "RUNNING":
+        return EXIT_NOT_RUNNING
+    return EXIT_OK
 
 
 def describe_report(name: str, report: dict[str, Any]) -> list[str]:
@@ -155,17 +279,27 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "reload" and args.reason:
         message["reason"] = args.reason
     as_json = bool(getattr(args, "json", False))
+    limit = getattr(args, "timeout", None)
+    deadline = None if limit is None else time.monotonic() + limit
     code = EXIT_FAILED
-    for reply in request(path, message, timeout=None if args.command != "status" else 10.0):
-        kind = reply.get("type")
-        if kind == "progress" and not as_json:
-            print(reply.get("message", ""), flush=True)
-        elif kind == "error":
-            _print_error(reply, as_json)
-            code = EXIT_FAILED
-        elif kind == "result":
-            _print_result(args, reply, as_json)
-            code = EXIT_OK
+    quick = 10.0 if args.command in ("status", "metrics", "shutdown") else None
+    try:
+        for reply in request(path, message, timeout=quick, deadline=deadline):
+            kind = reply.get("type")
+            if kind == "progress" and not as_json:
+                print(reply.get("message", ""), flush=True)
+            elif kind == "error":
+                _print_error(reply, as_json)
+                code = EXIT_FAILED
+            elif kind == "result":
+                code = _print_result(args, reply, as_json)
+    except TimedOut:
+        print(
+            f"supervisorctl: no answer within {format_duration(limit or 0)}; the "
+            f"{args.command} goes on in the daemon (see its log)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     return code
 
 
@@ -179,9 +313,11 @@ def _print_error(reply: dict[str, Any], as_json: bool) -> None:
         print(f"  {reason}", file=sys.stderr)
 
 
-def _print_result(args: argparse.Namespace, reply: dict[str, Any], as_json: bool) -> None:
+def _print_result(args: argparse.Namespace, reply: dict[str, Any], as_json: bool) -> int:
     if args.command == "status":
-        _print_status(reply, args.service, as_json)
+        return _print_status(reply, args.service, as_json)
+    if args.command == "metrics":
+        sys.stdout.write(str(reply.get("text", "")))
     elif as_json:
         print(json.dumps(reply, indent=2))
     elif args.command == "reload":
@@ -190,18 +326,19 @@ def _print_result(args: argparse.Namespace, reply: dict[str, Any], as_json: bool
         print("\n".join(describe_upgrade(reply.get("upgrade") or {})))
     else:
         print(reply.get("message", "ok"))
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parse(argv)
     try:
+        args = _parse(argv)
         code = run(args)
     except DaemonUnreachable as exc:
         print(f"supervisorctl: {exc}", file=sys.stderr)
         code = EXIT_USAGE
-    except ConfigError as exc:
-        print(f"supervisorctl: {exc}", file=sys.stderr)
-        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        print("supervisorctl: interrupted (the daemon carries on)", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     sys.exit(code)
 
 

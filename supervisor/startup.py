@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import shtab
 import trio
 from pydantic import ValidationError
 
@@ -45,10 +46,16 @@ from supervisor.systemd import SystemdNotifier
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def get_parser() -> argparse.ArgumentParser:
+    """The command line (the man page and the shell completions are made from it)."""
     parser = argparse.ArgumentParser(
         prog="supervisord",
-        description="Zero-downtime process supervisor (runs in the foreground).",
+        description="Zero-downtime process supervisor (runs in the foreground). SIGHUP "
+        "reloads every service, SIGUSR2 upgrades the daemon in place, SIGTERM and SIGINT "
+        "stop it gracefully.",
+        epilog="Exit status: 0 a clean stop, or --check passed; 1 it could not start (a "
+        "listener could not be bound, a first worker failed, the control socket is in use); "
+        "2 a bad config, every error printed as FILE: field.path: reason.",
     )
     parser.add_argument("-c", "--config", type=Path, required=True, help="config file (TOML)")
     parser.add_argument(
@@ -62,7 +69,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="(an upgrade passes this) take over from the state document at FD",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser.parse_args(argv)
+    shtab.add_argument_to(parser, ["--print-completion"], help="print a bash or zsh completion")
+    return parser
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return get_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

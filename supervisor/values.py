@@ -15,24 +15,51 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, PlainSerializer
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0}
+# systemd.time(7)'s units; "m" is minutes there too.
+_UNIT_SECONDS = {
+    **dict.fromkeys(("us", "usec"), 1e-6),
+    **dict.fromkeys(("ms", "msec"), 0.001),
+    **dict.fromkeys(("s", "sec", "second", "seconds"), 1.0),
+    **dict.fromkeys(("m", "min", "minute", "minutes"), 60.0),
+    **dict.fromkeys(("h", "hr", "hour", "hours"), 3600.0),
+    **dict.fromkeys(("d", "day", "days"), 86400.0),
+    **dict.fromkeys(("w", "week", "weeks"), 604800.0),
+}
+_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+_UNITS_HELP = "us, ms, s, min (or m), h, d, w"
 
 
 def parse_duration(value: object) -> float:
-    """Parse ``"500ms"``, ``"30s"``, ``"2m"`` (decimals allowed) into seconds.
+    """Parse a duration into seconds, as systemd.time(7) reads one: ``"500ms"``,
+    ``"30s"``, ``"2min"`` or ``"2m"``, ``"1h"``, ``"14d"``, compound ``"1m30s"``
+    or ``"1h 30min"``, bare seconds ``"30"`` (or a TOML number), decimals allowed.
 
     Raises:
-        ValueError: for a bare number, a missing or unknown unit, or a negative value.
+        ValueError: for an unknown unit, a negative value, or anything else.
     """
-    if isinstance(value, bool) or not isinstance(value, str):
-        raise ValueError(
-            f"a duration is a string with a unit (ms, s, m), like '30s', not {value!r}"
-        )
-    match = _DURATION.match(value)
-    if match is None:
-        raise ValueError(f"invalid duration {value!r}: use a number and a unit: ms, s or m")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if isinstance(value, bool):
+        raise ValueError(f"a duration is like '30s' or '1m30s', not {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative: {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"a duration is like '30s' or '1m30s', not {value!r}")
+    text = value.strip().lower()
+    total, position = 0.0, 0
+    for match in _PART.finditer(text):
+        if text[position : match.start()].strip() or not match.group(0):
+            break
+        unit = match.group(2) or "s"
+        if unit not in _UNIT_SECONDS or (not match.group(2) and match.end() != len(text)):
+            raise ValueError(
+                f"invalid duration {value!r}: unknown unit {unit!r} (use {_UNITS_HELP})"
+            )
+        total += float(match.group(1)) * _UNIT_SECONDS[unit]
+        position = match.end()
+    if not text or position != len(text) or text[position:].strip():
+        raise ValueError(f"invalid duration {value!r}: use a number and a unit ({_UNITS_HELP})")
+    return total
 
 
 def format_duration(seconds: float) -> str:

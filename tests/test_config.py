@@ -41,7 +41,7 @@ def test_defaults() -> None:
     assert (web.stop_timeout, web.drain_timeout, web.ready_timeout) == (30.0, 30.0, 30.0)
     assert isinstance(web.health, HealthNone)
     assert web.health.settle == 0.5
-    assert str(config.supervisor.control_socket) == "/run/supervisor/control.sock"
+    assert str(config.supervisor.control_socket) == "/run/reuseport-supervisor/control.sock"
     assert config.supervisor.control_socket_mode == 0o600
     assert (config.supervisor.log_format, config.supervisor.log_level) == ("auto", "info")
 
@@ -62,7 +62,7 @@ def test_health_variants_are_discriminated() -> None:
             "services.web.workers: Input should be greater than or equal to 1",
         ),
         (MINIMAL + "workers = 'four'\n", "services.web.workers: Input should be a valid integer"),
-        (MINIMAL + "stop_timeout = '10'\n", "services.web.stop_timeout: invalid duration '10'"),
+        (MINIMAL + "stop_timeout = '10 years'\n", "services.web.stop_timeout: invalid duration"),
         (
             MINIMAL + "retire = 'yolo'\n",
             "services.web.retire: Input should be 'auto', 'migrate' or 'drain'",

@@ -41,7 +41,7 @@ def test_socket_discovery_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         "[services.web]\ncommand = ['x']\nlisten = ['127.0.0.1:1']\n"
     )
     monkeypatch.delenv("SUPERVISOR_SOCKET", raising=False)
-    assert str(find_socket(None, None)) == "/run/supervisor/control.sock"
+    assert str(find_socket(None, None)) == "/run/reuseport-supervisor/control.sock"
     assert str(find_socket(None, config)) == "/x/from-config.sock"
     monkeypatch.setenv("SUPERVISOR_SOCKET", "/x/from-env.sock")
     assert str(find_socket(None, config)) == "/x/from-env.sock"

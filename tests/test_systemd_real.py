@@ -43,7 +43,7 @@ PORT = 8080  # the namespace's own loopback: no other test is there
 def config_text(workers: int = 4, listen: tuple[str, ...] = (f"127.0.0.1:{PORT}",)) -> str:
     addresses = ", ".join(f'"{a}"' for a in listen)
     return f"""[supervisor]
-control_socket = "/run/supervisor/control.sock"
+control_socket = "/run/reuseport-supervisor/control.sock"
 log_format = "json"
 
 [services.web]

@@ -16,9 +16,9 @@ from supervisor.config import DEFAULT_CONTROL_SOCKET
 from supervisor.kernel import sysctl
 
 SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
-UNIT = SYSTEMD / "supervisor.service"
-NOTIFY_RELOAD = SYSTEMD / "supervisor.service.d" / "notify-reload.conf"
-SYSCTL = SYSTEMD / "sysctl.d" / "60-supervisor-migrate.conf"
+UNIT = SYSTEMD / "reuseport-supervisor.service"
+NOTIFY_RELOAD = SYSTEMD / "reuseport-supervisor.service.d" / "notify-reload.conf"
+SYSCTL = SYSTEMD / "sysctl.d" / "60-reuseport-supervisor-migrate.conf"
 
 needs_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here"
@@ -33,7 +33,7 @@ def systemd_version() -> int:
 
 def installed_copy(tmp_path: Path, text: str) -> Path:
     """The unit as `pip install` into this venv would need it: its commands exist."""
-    unit = tmp_path / "supervisor.service"
+    unit = tmp_path / "reuseport-supervisor.service"
     unit.write_text(text.replace("/usr/local/bin/", f"{Path(sys.executable).parent}/"))
     return unit
 

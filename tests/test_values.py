@@ -15,21 +15,43 @@ from supervisor.values import (
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("500ms", 0.5), ("30s", 30.0), ("2m", 120.0), ("1.5s", 1.5), (" 10 s ", 10.0), ("0s", 0.0)],
+    [
+        ("500ms", 0.5),
+        ("30s", 30.0),
+        ("2m", 120.0),
+        ("2min", 120.0),
+        ("1.5s", 1.5),
+        (" 10 s ", 10.0),
+        ("0s", 0.0),
+        # systemd.time(7): hours, days, weeks, compound forms, bare seconds
+        ("1h", 3600.0),
+        ("14d", 14 * 86400.0),
+        ("1w", 604800.0),
+        ("1m30s", 90.0),
+        ("1h 30min", 5400.0),
+        ("2 hours", 7200.0),
+        ("30", 30.0),
+        ("0.25", 0.25),
+        (30, 30.0),
+        (0.5, 0.5),
+        ("200us", 0.0002),
+    ],
 )
-def test_durations(text: str, seconds: float) -> None:
+def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        (30, "a duration is a string with a unit"),
-        (True, "a duration is a string with a unit"),
-        ("30", "use a number and a unit"),
-        ("30h", "use a number and a unit"),
+        (True, "a duration is like '30s'"),
+        (None, "a duration is like '30s'"),
+        (-3, "cannot be negative"),
+        ("30 parsecs", "unknown unit 'parsecs'"),
         ("-1s", "use a number and a unit"),
         ("s", "use a number and a unit"),
+        ("", "use a number and a unit"),
+        ("1s and more", "use a number and a unit"),
     ],
 )
 def test_bad_durations(value: object, message: str) -> None:

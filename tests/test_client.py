@@ -1,0 +1,171 @@
+"""supervisorctl: it judges no config, never locks the operator out, and keeps
+the conventions a command line is expected to keep."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from supervisor import __version__, ctl, manpage
+from supervisor.config import DEFAULT_CONTROL_SOCKET
+from tests.harness import DEMO, Background, Daemon, free_port, service_toml
+
+CTL = [sys.executable, "-m", "supervisor.ctl"]
+
+
+def supervisorctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CTL, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[supervisor]\ncontrol_socket = "/run/x.sock"\n', "/run/x.sock"),
+        # a TOML error elsewhere: the key is found line by line
+        ('[supervisor]\ncontrol_socket = "/run/x.sock"  # ours\n[services.web\n', "/run/x.sock"),
+        ("[supervisor]\ncontrol_socket = 'rel/x.sock'\n", "{dir}/rel/x.sock"),
+        # a bad field is not the client's business
+        (
+            '[supervisor]\ncontrol_socket = "/run/x.sock"\n[services.web]\nworkers = "x"\n',
+            "/run/x.sock",
+        ),
+        ("[services.web]\ncommand = ['x']\n", str(DEFAULT_CONTROL_SOCKET)),  # not set: default
+        ('[other]\ncontrol_socket = "/nope"\n[broken\n', str(DEFAULT_CONTROL_SOCKET)),
+    ],
+)
+def test_the_client_reads_only_control_socket(
+    tmp_path: Path, text: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "s.toml"
+    config.write_text(text)
+    found = ctl.find_socket(None, config)
+    assert str(found) == expected.format(dir=tmp_path.resolve())
+    assert capsys.readouterr().err == "", "a file that can be read needs no note"
+
+
+@pytest.mark.parametrize(
+    ("text", "note"),
+    [
+        (None, "cannot read"),
+        ("[supervisor]\ncontrol_socket = 5\n", "control_socket is not a string"),
+    ],
+)
+def test_a_key_that_cannot_be_read_falls_back_to_the_default_and_says_so(
+    tmp_path: Path, text: str | None, note: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "s.toml"
+    if text is not None:
+        config.write_text(text)
+    assert ctl.find_socket(None, config) == DEFAULT_CONTROL_SOCKET
+    err = capsys.readouterr().err
+    assert note in err and f"using {DEFAULT_CONTROL_SOCKET}" in err
+
+
+def test_version_and_bad_durations() -> None:
+    version = supervisorctl("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"supervisorctl {__version__}"
+    bad = supervisorctl("-s", "/nonexistent", "reload", "--timeout", "soon")
+    assert bad.returncode == 2
+    assert "invalid duration 'soon'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ctrl_c_exits_130_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ctl, "run", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        ctl.main(["-s", "/nonexistent", "status"])
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == "supervisorctl: interrupted (the daemon carries on)\n"
+
+
+@pytest.mark.kernel
+@pytest.mark.slow
+@pytest.mark.parametrize("broken", ["bad TOML", "bad field", "missing file"])
+def test_a_broken_config_never_locks_the_operator_out(
+    start_daemon: Callable[..., Daemon], broken: str
+) -> None:
+    daemon = start_daemon(service_toml("web", port=free_port(), workers=1))
+    good = daemon.config.read_text()
+    if broken == "bad TOML":
+        daemon.config.write_text(good + "\n[services.web\n")
+    elif broken == "bad field":
+        daemon.config.write_text(good.replace("workers = 1", 'workers = "many"'))
+    else:
+        daemon.config.unlink()
+    where = ["-s", str(daemon.control)] if broken == "missing file" else ["-c", str(daemon.config)]
+    status = supervisorctl(*where, "status")
+    assert status.returncode == 0, status.stderr
+    assert "web: RUNNING" in status.stdout
+    reload = supervisorctl(*where, "reload")
+    assert reload.returncode == 1, (reload.stdout, reload.stderr)
+    assert "error: config rejected" in reload.stderr  # the daemon's verdict, not the client's
+    reason = {
+        "bad TOML": "TOML syntax",
+        "bad field": "services.web.workers",
+        "missing file": "cannot read",
+    }[broken]
+    assert reason in reload.stderr, reload.stderr
+    assert "Traceback" not in reload.stderr + status.stderr
+    stop = supervisorctl(*where, "shutdown")
+    assert stop.returncode == 0, stop.stderr
+    assert daemon.proc.wait(60) == 0
+
+
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_status_exits_3_for_a_service_not_running_and_reload_can_time_out(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    port = free_port()
+    daemon = start_daemon(service_toml("web", port=port, workers=1))
+    sock = str(daemon.control)
+    running = supervisorctl("-s", sock, "status", "web")
+    assert running.returncode == 0
+    assert supervisorctl("-s", sock, "status").returncode == 0, "no service named: always 0"
+    daemon.rewrite(service_toml("web", port=port, workers=1, command=[*DEMO, "--delay", "3"]))
+    mark = daemon.mark()
+    impatient = supervisorctl("-s", sock, "reload", "--timeout", "500ms")
+    assert impatient.returncode == 2
+    assert "no answer within 500ms; the reload goes on in the daemon" in impatient.stderr
+    reloading = supervisorctl("-s", sock, "status", "web")
+    assert reloading.returncode == 3, "RELOADING is not RUNNING"
+    assert "web: RELOADING" in reloading.stdout
+    finished = daemon.wait_event("rollout_finished", after=mark, timeout=60)
+    assert finished["outcome"] == "succeeded", "the reload went on without its client"
+    assert supervisorctl("-s", sock, "status", "web").returncode == 0
+    reload = Background(daemon)
+    assert reload.result().ok
+
+
+def test_the_man_pages_are_made_from_the_parsers() -> None:
+    """docs/man holds what `make man` makes now: regenerate after changing an option."""
+    committed = Path(__file__).resolve().parent.parent / "docs" / "man"
+    for name, text in manpage.pages().items():
+        assert (committed / name).read_text() == text, f"docs/man/{name} is stale: make man"
+    ctl_page = manpage.pages()["supervisorctl.1"]
+    for command in ("status", "reload", "upgrade", "shutdown", "metrics", "--timeout"):
+        assert command.replace("-", "\\-") in ctl_page
+
+
+@pytest.mark.parametrize("program", ["supervisorctl", "supervisord"])
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_shell_completions_come_from_the_parsers(program: str, shell: str) -> None:
+    module = {"supervisorctl": "supervisor.ctl", "supervisord": "supervisor.daemon"}[program]
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--print-completion", shell],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert program in done.stdout
+    if program == "supervisorctl":
+        assert all(word in done.stdout for word in ("status", "reload", "upgrade", "--timeout"))
