@@ -339,6 +339,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("supervisorctl: interrupted (the daemon carries on)", file=sys.stderr)
         code = EXIT_INTERRUPTED
+    except BrokenPipeError:  # `supervisorctl status | head`: the reader left
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        code = EXIT_FAILED
     sys.exit(code)
 
 

@@ -79,6 +79,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Exit 0 on a clean stop, 1 on failure, 2 on bad config."""
+    try:
+        _main(argv)
+    except BrokenPipeError:  # `supervisord --check | head`: the reader left
+        quiet_stdout()
+        sys.exit(EXIT_FAILED)
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the exit does not fail flushing it again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None) -> None:
     args = _parse_args(argv)
     if args.state_fd is not None:
         if args.check:
