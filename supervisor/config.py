@@ -73,6 +73,8 @@ class SupervisorSection(Model):
     # (NOTIFY_SOCKET set and FileDescriptorStoreMax= in the unit): a crash or a
     # restart then loses no queued connection. "off": never.
     fd_store: Literal["auto", "off"] = "auto"
+    # A served certificate this close to its end gets a daily tls_expires_soon warning.
+    tls_warn_before: Duration = 14 * 86400.0
 
     @field_validator("control_socket")
     @classmethod

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 import trio
 
-from supervisor import __version__
+from supervisor import __version__, expiry
 from supervisor.capabilities import Capabilities, check
 from supervisor.config import Config
 from supervisor.control import protocol
@@ -265,6 +265,9 @@ class Daemon:
                 if self.handed is not None:
                     handover.finish(self, root)
                 root.start_soon(self._keep_watching)
+                root.start_soon(
+                    expiry.warn_daily, lambda: self.services, self.config.supervisor.tls_warn_before
+                )
                 shutdown = await self._request_loop(root)
             self.notifier.stopping()
             root.start_soon(self._escalate, services.cancel_scope)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import structlog
 import trio
 
+from supervisor import tls
 from supervisor.capabilities import Capabilities
 from supervisor.config import ServiceConfig
 from supervisor.fdstore import NO_STORE, FdStore
@@ -33,7 +34,7 @@ from supervisor.rollout import (
     run_rollout,
 )
 from supervisor.spawner import Spawner
-from supervisor.status import ServiceStatus
+from supervisor.status import CertificateStatus, ServiceStatus
 from supervisor.steering import Backend, Role, Steering, SteeringGroup
 from supervisor.values import ListenAddress
 from supervisor.worker import SlotSettings
@@ -115,6 +116,7 @@ class Service:
         self.last_generation = 0
         self.last_rollout: RolloutReport | None = None
         self.inherited: TookOver | None = None  # what the start took over
+        self.certificate: tls.Served | None = None  # what the serving generation loaded
         self._preserve = False
         self._rolling_out = False
         self._busy = Watched(False)  # a rollout runs or waits
@@ -192,6 +194,7 @@ class Service:
                 keep_if_failed=found is not None,
             )
             self.current = await nursery.start(run_generation, spec)
+            self.certificate = None if self.config.tls is None else tls.served(self.config.tls.cert)
             if found is not None:
                 self._took_over(found)
             task_status.started()
@@ -285,6 +288,7 @@ class Service:
     def _promoted(self, generation: Generation, config: ServiceConfig) -> None:
         """The cutover happened: ``generation`` serves, with ``config``."""
         self.current, self.config = generation, config
+        self.certificate = None if config.tls is None else tls.served(config.tls.cert)
 
     def _refused(self, why: str) -> RolloutReport:
         current = None if self.current is None else self.current.number
@@ -324,8 +328,20 @@ class Service:
             workers=workers,
             candidate=None if stage.candidate is None else stage.candidate.number,
             retiring=None if stage.retiring is None else stage.retiring.number,
+            certificate=_certificate(self.certificate),
             last_rollout=None if last is None else last.to_dict(),
         )
+
+
+def _certificate(served: tls.Served | None) -> CertificateStatus | None:
+    if served is None:
+        return None
+    return CertificateStatus(
+        path=str(served.path),
+        subject=served.subject,
+        not_after=served.not_after.isoformat(),
+        days_left=round(served.seconds_left() / 86400, 2),
+    )
 
 
 def _crashed(name: str, generation: int, current: int, exc: Exception) -> RolloutResult:

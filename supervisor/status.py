@@ -32,6 +32,13 @@ class WorkerStatus(Snapshot):
     listeners: list[ListenerStatus]
 
 
+class CertificateStatus(Snapshot):
+    path: str
+    subject: str
+    not_after: str  # ISO 8601, UTC
+    days_left: float
+
+
 class ServiceStatus(Snapshot):
     name: str
     generation: int
@@ -41,6 +48,7 @@ class ServiceStatus(Snapshot):
     workers: list[WorkerStatus]  # during a rollout: the serving, candidate and retiring ones
     candidate: int | None = None  # a generation started but not yet serving
     retiring: int | None = None  # a generation steered away from, being retired
+    certificate: CertificateStatus | None = None  # tls.cert as the serving generation loaded it
     last_rollout: dict[str, Any] | None = None
 
 
@@ -72,6 +80,12 @@ def render(status: Status) -> list[str]:
             f"{service.name}: {service.state}  generation {service.generation}{stage}  "
             f"retire={service.retire}  steering={service.steering}"
         )
+        cert = service.certificate
+        if cert is not None:
+            lines.append(
+                f"  certificate {cert.subject}: valid until {cert.not_after} "
+                f"({cert.days_left:.1f} days left)"
+            )
         for worker in service.workers:
             pid = "-" if worker.pid is None else str(worker.pid)
             queued = sum(lst.queued or 0 for lst in worker.listeners)

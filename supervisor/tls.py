@@ -124,6 +124,29 @@ def _check_key(files: TlsFiles, leaf: x509.Certificate) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Served:
+    """A certificate a generation serves: what status and the expiry warning show."""
+
+    path: Path
+    subject: str
+    not_after: datetime.datetime  # UTC
+
+    def seconds_left(self, now: datetime.datetime | None = None) -> float:
+        now = now or datetime.datetime.now(datetime.UTC)
+        return (self.not_after - now).total_seconds()
+
+
+def served(path: Path) -> Served | None:
+    """The leaf of ``path`` as a generation starting now loads it; None if it
+    cannot be read (the rollout's own check said why)."""
+    try:
+        leaf = load_certificates(path)[0]
+    except (TlsError, IndexError):
+        return None
+    return Served(path, leaf.subject.rfc4514_string(), leaf.not_valid_after_utc)
+
+
 def check_config(config: Config) -> Iterable[ConfigIssue]:
     """A config issue for every service whose certificate and key are not fit to serve."""
     for name, service in config.services.items():

@@ -135,3 +135,24 @@ def test_cutover_waits_for_the_new_certificate_to_be_served(
     assert "served certificate (CN=web.test" in report["reasons"][0]
     assert f"is not {cert}" in report["reasons"][0]
     assert daemon.status()["services"]["web"]["generation"] == 1
+
+
+def test_a_certificate_near_its_end_is_shown_and_warned_about(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    ca = issue("ca.test", ca=True)
+    cert, key = write_pair(tmp_path, issue("web.test", issuer=ca, not_after=NOW + 2 * DAY), ca)
+    daemon = start_daemon(tls_service(free_port(), cert, key))
+    warning = daemon.wait_event("tls_expires_soon", service="web")
+    assert warning["subject"] == "CN=web.test" and 1.9 < warning["days_left"] <= 2.0
+    shown = daemon.status()["services"]["web"]["certificate"]
+    assert shown["subject"] == "CN=web.test" and shown["path"] == str(cert)
+    assert shown["not_after"].startswith((NOW + 2 * DAY).date().isoformat())
+    assert 1.9 < shown["days_left"] <= 2.0
+    # Renewed: the rollout serves the new one, and status follows it.
+    rotate(cert, key, issue("web.test", issuer=ca, not_after=NOW + 90 * DAY))
+    wait_until(
+        lambda: daemon.status()["services"]["web"]["certificate"]["days_left"] > 89,
+        60,
+        "the renewed certificate to be served",
+    )
