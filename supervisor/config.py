@@ -75,6 +75,16 @@ class SupervisorSection(Model):
     fd_store: Literal["auto", "off"] = "auto"
     # A served certificate this close to its end gets a daily tls_expires_soon warning.
     tls_warn_before: Duration = 14 * 86400.0
+    # Opt-in: serve GET /metrics (OpenMetrics) over HTTP here. Off by default:
+    # `supervisorctl metrics` gives the same text over the control socket.
+    metrics_listen: Listen | None = None
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_over_tcp(cls, value: ListenAddress | None) -> ListenAddress | None:
+        if value is not None and value.proto != "tcp":
+            raise ValueError("metrics are served over HTTP: a TCP address like '127.0.0.1:9464'")
+        return value
 
     @field_validator("control_socket")
     @classmethod

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 import trio
 
-from supervisor import __version__, expiry
+from supervisor import __version__, expiry, metrics, metrics_http
 from supervisor.capabilities import Capabilities, check
 from supervisor.config import Config
 from supervisor.control import protocol
@@ -60,6 +60,8 @@ class Handed:
     software: str
     last_reload: str | None
     watch_seen: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # metrics.Tally.export()
+    metrics_sock: socket.socket | None = None
 
 
 @dataclass
@@ -94,7 +96,10 @@ class Daemon:
         self._reloaded = trio.Event()  # set (and replaced) after every reload
         self.config_path = config_path
         self._caps = caps
-        self._env = ServiceEnv(spawner, self.capabilities, store=store)
+        self.tally = metrics.Tally() if handed is None else metrics.Tally.restore(handed.metrics)
+        self._env = ServiceEnv(
+            spawner, self.capabilities, store=store, on_rollout=self.tally.rollout
+        )
         inheritances = inheritances or {}
         self.services = {
             name: Service(name, service, self._env, inheritances.get(name))
@@ -111,6 +116,7 @@ class Daemon:
         self._services_nursery: trio.Nursery | None = None
         self.control: ControlServer | None = None
         self.control_sock: socket.socket | None = None  # the listening control socket
+        self.metrics_sock: socket.socket | None = None  # metrics_listen's, if configured
         self.upgrade: UpgradeRun | None = None
         self._reloads = 0  # reload tasks under way
         self._reloads_done = trio.Event()
@@ -217,22 +223,51 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 section.control_socket.unlink()
 
+    def metrics_text(self) -> str:
+        return metrics.render(self.tally, self.services)
+
     async def _run_with(self, sock: socket.socket) -> None:
         section = self.config.supervisor
         self.control_sock = sock
-        async with trio.open_nursery() as root:
-            startup = trio.CancelScope()
-            root.start_soon(self._forward_signals, startup)
-            root.start_soon(self.notifier.keep_watchdog)
-            control = ControlServer(self._send, self.status, Access.from_config(section))
-            self.control = control
-            await root.start(self._serve_control, control, sock, root.cancel_scope)
-            log.info("control_socket_ready", path=str(section.control_socket))
-            shutdown = await self._serve_services(startup, root)
-            if shutdown is not None and shutdown.reply is not None:
-                async with shutdown.reply:
-                    await shutdown.reply.send(protocol.result(message="all services stopped"))
-            control.close()
+        with self._metrics_socket() as metrics_sock:
+            self.metrics_sock = metrics_sock
+            async with trio.open_nursery() as root:
+                startup = trio.CancelScope()
+                root.start_soon(self._forward_signals, startup)
+                root.start_soon(self.notifier.keep_watchdog)
+                control = ControlServer(
+                    self._send, self.status, Access.from_config(section), self.metrics_text
+                )
+                self.control = control
+                await root.start(self._serve_control, control, sock, root.cancel_scope)
+                log.info("control_socket_ready", path=str(section.control_socket))
+                if metrics_sock is not None:
+                    await root.start(metrics_http.serve, metrics_sock, self.metrics_text)
+                    log.info("metrics_ready", address=str(section.metrics_listen))
+                await self._serve(startup, root, control)
+
+    @contextlib.contextmanager
+    def _metrics_socket(self) -> Iterator[socket.socket | None]:
+        """metrics_listen's socket: bound, or the one an upgrade handed over."""
+        address = self.config.supervisor.metrics_listen
+        sock = None if self.handed is None else self.handed.metrics_sock
+        if sock is None and address is not None:
+            sock = metrics_http.bind(address)
+        try:
+            yield sock
+        finally:
+            if sock is not None:
+                sock.close()
+
+    async def _serve(
+        self, startup: trio.CancelScope, root: trio.Nursery, control: ControlServer
+    ) -> None:
+        shutdown = await self._serve_services(startup, root)
+        if shutdown is not None and shutdown.reply is not None:
+            async with shutdown.reply:
+                await shutdown.reply.send(protocol.result(message="all services stopped"))
+        control.close()
+        root.cancel_scope.cancel()  # the metrics endpoint ends with the control socket
 
     @staticmethod
     async def _serve_control(

@@ -138,6 +138,8 @@ def export(daemon: Daemon, run: UpgradeRun, *, with_clients: bool = True) -> Dae
         pending=pending,
         watch_seen=daemon.watch_seen,
         last_reload=daemon.last_reload,
+        metrics=daemon.tally.export(),
+        metrics_fd=-1 if daemon.metrics_sock is None else daemon.metrics_sock.fileno(),
     )
 
 
@@ -149,6 +151,7 @@ def finish(daemon: Daemon, root: trio.Nursery) -> None:
     assert daemon.control is not None
     result = _result(daemon)
     daemon.last_upgrade = result
+    daemon.tally.upgrades += 1
     log.info("upgrade_finished", **result)
     for client in handed.clients:
         if client.command == "upgrade":

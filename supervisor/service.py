@@ -93,6 +93,8 @@ class ServiceEnv:
     capabilities: Callable[[], Capabilities]
     groups: GroupFactory | None = None  # steering groups; None: the backend's own
     store: FdStore = NO_STORE  # systemd's fd store, where listeners outlive the daemon
+    # Told of every finished rollout, with the restarts of the generation it retired.
+    on_rollout: Callable[[RolloutReport, int], None] = lambda _report, _restarts: None
 
 
 class Service:
@@ -239,6 +241,7 @@ class Service:
 
     async def _rollout(self, nursery: trio.Nursery, tickets: list[Ticket]) -> None:
         assert self.current is not None
+        old = self.current
         reasons = sorted({t.reason for t in tickets if t.reason})
         snapshot = next(t.snapshot for t in reversed(tickets) if t.snapshot is not None)
         self.last_generation += 1
@@ -281,6 +284,7 @@ class Service:
         if report.generation is None:
             self.last_generation -= 1  # rejected before a candidate existed: no number used
         self.last_rollout = report
+        self._env.on_rollout(report, sum(s.restarts for s in old.slots) if report.ok else 0)
         log.info("rollout_finished", **report.to_dict())
         for ticket in tickets:
             ticket.finish(report)

@@ -250,6 +250,8 @@ def _continue_upgrade(fd: int) -> None:
         software=document.software,
         last_reload=document.last_reload,
         watch_seen={k: dict(v) for k, v in document.watch_seen.items()},
+        metrics=dict(document.metrics),
+        metrics_sock=None if document.metrics_fd < 0 else fds.adopt_socket(document.metrics_fd),
     )
     spawner = ProcessSpawner(environment_for_workers(os.environ))
     _serve(

@@ -97,10 +97,12 @@ class DaemonState(Doc):
     watch_seen: dict[str, dict[str, str | None]] = Field(default_factory=dict)
     last_reload: str | None = None
     identities: dict[int, tuple[int, int]] = Field(default_factory=dict)  # fd -> (dev, inode)
+    metrics: dict[str, Any] = Field(default_factory=dict)  # the counters (metrics.Tally)
+    metrics_fd: int = -1  # the metrics_listen socket, if any
 
     def fds(self) -> list[int]:
         """Every fd the document names: what must survive the exec (-1: none)."""
-        out = [self.control_fd, *(client.fd for client in self.clients)]
+        out = [self.control_fd, self.metrics_fd, *(client.fd for client in self.clients)]
         for service in self.services:
             out += [lst.fd for lst in service.listeners]
             out += [worker.notify_fd for worker in service.workers]
@@ -151,6 +153,7 @@ class DaemonState(Doc):
         return self.model_copy(
             update={
                 "control_fd": fd(self.control_fd),
+                "metrics_fd": fd(self.metrics_fd),
                 "clients": [c for c in self.clients if c.fd not in lost],
                 "services": services,
             }

@@ -1,7 +1,7 @@
 """The control protocol: one JSON request line, then JSON response lines.
 
-Request: ``{"command": "status" | "reload" | "shutdown" | "upgrade", "service": str|null,
-"reason": str|null}``. Responses: any number of ``{"type": "progress", ...}``
+Request: ``{"command": "status" | "reload" | "shutdown" | "upgrade" | "metrics",
+"service": str|null, "reason": str|null}``. Responses: any number of ``{"type": "progress", ...}``
 lines, then exactly one ``{"type": "result", "ok": true, ...}`` or
 ``{"type": "error", "ok": false, "error": str, "reasons": [str]}``; then the
 server closes the connection.
@@ -20,7 +20,7 @@ MAX_LINE = 64 * 1024
 class ControlRequest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    command: Literal["status", "reload", "shutdown", "upgrade"]
+    command: Literal["status", "reload", "shutdown", "upgrade", "metrics"]
     service: str | None = Field(default=None, max_length=64)
     reason: str | None = Field(default=None, max_length=1024)
 

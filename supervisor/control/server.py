@@ -105,9 +105,11 @@ class ControlServer:
         requests: trio.MemorySendChannel[Request],
         status: Callable[[], Status],
         access: Access | None = None,
+        metrics: Callable[[], str] = lambda: "# EOF\n",
     ) -> None:
         self._requests = requests
         self._status = status
+        self._metrics = metrics
         self._access = access or Access(frozenset(), frozenset())
         self._accepting = trio.CancelScope()
         self._closed = False
@@ -236,6 +238,9 @@ class ControlServer:
                 await _send(stream, protocol.error(f"no service named {request.service!r}"))
                 return
             await _send(stream, protocol.result(status=snapshot.model_dump(mode="json")))
+            return
+        if request.command == "metrics":
+            await _send(stream, protocol.result(text=self._metrics()))
             return
         source = f"control (pid {peer.pid}, uid {peer.uid})"
         fd = stream.socket.fileno()
