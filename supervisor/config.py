@@ -212,6 +212,10 @@ class ServiceConfig(Model):
     tls: TlsFiles | None = None
     watch: list[Path] = Field(default_factory=list)
     watch_debounce: Duration = 1.0
+    # "events": the workers' stdout and stderr become worker_output log events
+    # (service, generation, worker, stream); "inherit": they write to the
+    # daemon's own stdout and stderr, untouched (workers that log to files).
+    output: Literal["events", "inherit"] = "events"
 
     @field_validator("watch")
     @classmethod

@@ -35,6 +35,7 @@ from supervisor.kernel.proc import adopt_child, fd_of
 from supervisor.kernel.sockets import accept_queue, socket_cookie
 from supervisor.lifecycle import WorkerState
 from supervisor.listener import Inherited, Listener
+from supervisor.output import Pipe
 from supervisor.plan import FIRST_LISTEN_FD
 from supervisor.state import ListenerState, ServiceState
 from supervisor.state import WorkerState as SavedWorker
@@ -144,6 +145,10 @@ def _worker(found: Inheritance, index: int, worker: SavedWorker) -> Handover:
     notify = _socket(worker.notify_fd, None)
     if notify is None and process is not None:
         found.note(f"worker {index}: its NOTIFY_SOCKET was lost; later notifications are lost")
+    pipes = _pipes(worker.output_fds)
+    if worker.output_fds and pipes is None:
+        found.note(f"worker {index}: its output pipes were lost: a rollout gives it new ones")
+        found.repair = True  # a pipe nobody reads would stop its writer once full
     return Handover(
         state=state,
         process=process,
@@ -152,7 +157,15 @@ def _worker(found: Inheritance, index: int, worker: SavedWorker) -> Handover:
         last_exit=worker.last_exit,
         start_seconds=worker.start_seconds,
         notify=notify,
+        pipes=pipes,
     )
+
+
+def _pipes(numbers: Sequence[int]) -> tuple[Pipe, Pipe] | None:
+    """The handed-over output pipes, if all four ends are there."""
+    if len(numbers) != 4 or min(numbers) < 0:
+        return None
+    return Pipe("stdout", numbers[0], numbers[1]), Pipe("stderr", numbers[2], numbers[3])
 
 
 def _from_worker(

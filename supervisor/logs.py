@@ -1,7 +1,9 @@
 """Logging: structlog, configured once, in the entry point.
 
 JSON lines when stdout is not a terminal (systemd, pipes, tests), colourless
-console lines otherwise. Every line carries ``service``, ``generation``,
+console lines otherwise. Under journald (stdout is ``$JOURNAL_STREAM``) each
+line starts with its sd-daemon priority (``<3>`` error, ``<4>`` warning,
+``<6>`` info, ``<7>`` debug). Every line carries ``service``, ``generation``,
 ``worker`` and ``pid`` (null where they do not apply); they are bound as
 context variables before a task starts, so each task's lines carry its own.
 """
@@ -27,6 +29,29 @@ def _ensure_keys(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMap
     return event
 
 
+_PRIORITIES = {"critical": 2, "error": 3, "exception": 3, "warning": 4, "info": 6, "debug": 7}
+
+
+def to_journal(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Is stdout the journal? ``$JOURNAL_STREAM`` names its device and inode."""
+    value = (environ if environ is not None else os.environ).get("JOURNAL_STREAM", "")
+    device, sep, inode = value.partition(":")
+    if not sep:
+        return False
+    try:
+        st = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
+    return f"{st.st_dev}:{st.st_ino}" == f"{device}:{inode}"
+
+
+def _priority(_: Any, method: str, event: Any) -> str:
+    """``<6>`` before a rendered line: journald files it with that priority, so
+    ``journalctl -p warning`` shows warnings and errors only. (The renderer
+    before it has turned the event into its line.)"""
+    return f"<{_PRIORITIES.get(method, 6)}>{event}"
+
+
 def configure(
     fmt: Literal["auto", "json", "console"] = "auto",
     level: str = "info",
@@ -38,6 +63,7 @@ def configure(
         if as_json
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    journal: list[structlog.typing.Processor] = [_priority] if to_journal() else []
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -46,6 +72,7 @@ def configure(
             _ensure_keys,
             structlog.processors.format_exc_info,
             renderer,
+            *journal,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]

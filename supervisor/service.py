@@ -67,6 +67,7 @@ def slot_settings(config: ServiceConfig) -> SlotSettings:
         stop_signal=signal.Signals[config.stop_signal],
         stop_timeout=config.stop_timeout,
         certificate=None if config.tls is None else config.tls.cert,
+        output=config.output,
     )
 
 

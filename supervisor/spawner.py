@@ -40,10 +40,15 @@ class ProcessHandle(Protocol):
 
 
 class Spawner(Protocol):
-    """Start the process of ``plan`` with ``fds`` as its listeners (3, 4, ...)."""
+    """Start the process of ``plan`` with ``fds`` as its listeners (3, 4, ...) and
+    ``output`` (stdout, stderr) as its 1 and 2 (None: the daemon's own)."""
 
     def __call__(
-        self, plan: WorkerPlan, fds: Sequence[int], notify_socket: str | None
+        self,
+        plan: WorkerPlan,
+        fds: Sequence[int],
+        notify_socket: str | None,
+        output: tuple[int, int] | None = None,
     ) -> ProcessHandle: ...
 
     async def run_command(self, plan: WorkerPlan, argv: Sequence[str]) -> CommandResult:
@@ -58,17 +63,24 @@ class ProcessSpawner:
         self._base = dict(base_environment)
 
     def __call__(
-        self, plan: WorkerPlan, fds: Sequence[int], notify_socket: str | None
+        self,
+        plan: WorkerPlan,
+        fds: Sequence[int],
+        notify_socket: str | None,
+        output: tuple[int, int] | None = None,
     ) -> ChildProcess:
         env = {**self._base, **dict(plan.environment)}
         if notify_socket is not None:
             env["NOTIFY_SOCKET"] = notify_socket
+        stdout, stderr = output or (None, None)
         return spawn(
             plan.argv,
             env=env,
             fds=fds,
             cwd=plan.working_directory,
             credentials=resolve_credentials(plan.user, plan.group),
+            stdout=stdout,
+            stderr=stderr,
         )
 
     async def run_command(self, plan: WorkerPlan, argv: Sequence[str]) -> CommandResult:

@@ -51,6 +51,8 @@ class WorkerState(Doc):
     last_exit: str | None
     start_seconds: float | None
     notify_fd: int  # its NOTIFY_SOCKET (an abstract datagram socket)
+    # Its output pipes, read and write ends: stdout's, then stderr's (empty: inherit).
+    output_fds: list[int] = Field(default_factory=list)
 
 
 class GroupState(Doc):
@@ -106,6 +108,7 @@ class DaemonState(Doc):
         for service in self.services:
             out += [lst.fd for lst in service.listeners]
             out += [worker.notify_fd for worker in service.workers]
+            out += [fd for worker in service.workers for fd in worker.output_fds]
             for group in service.groups:
                 out += list((group.ebpf or {}).values())
         return [fd for fd in out if fd >= 0]
@@ -134,7 +137,13 @@ class DaemonState(Doc):
                 update={
                     "listeners": [x.model_copy(update={"fd": fd(x.fd)}) for x in svc.listeners],
                     "workers": [
-                        w.model_copy(update={"notify_fd": fd(w.notify_fd)}) for w in svc.workers
+                        w.model_copy(
+                            update={
+                                "notify_fd": fd(w.notify_fd),
+                                "output_fds": [fd(x) for x in w.output_fds],
+                            }
+                        )
+                        for w in svc.workers
                     ],
                     "groups": [
                         g.model_copy(

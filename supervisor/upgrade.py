@@ -106,6 +106,7 @@ def export_service(service: Service) -> ServiceState:
                 last_exit=handover.last_exit,
                 start_seconds=handover.start_seconds,
                 notify_fd=slot.notify_fd,
+                output_fds=[fd for pipe in handover.pipes or () for fd in (pipe.read, pipe.write)],
             )
         )
     groups = []

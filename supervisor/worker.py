@@ -13,22 +13,32 @@ runs in a row make the slot FATAL.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import structlog
 import trio
 
 from supervisor.config import Health
-from supervisor.errors import HealthCheckFailed, SpawnError, SupervisorError, WorkerFatal
+from supervisor.errors import (
+    HealthCheckFailed,
+    SpawnError,
+    SupervisorError,
+    WorkerFatal,
+    leaves,
+)
 from supervisor.health import Connector, ProbeTarget, make_probe
 from supervisor.kernel.notify import NotifyReceiver
 from supervisor.kernel.proc import describe_exit
 from supervisor.lifecycle import RestartPolicy, Watched, WorkerState, check_transition
+from supervisor.output import Pipe, open_pipes, relay
 from supervisor.plan import WorkerPlan
 from supervisor.spawner import ProcessHandle, Spawner
 from supervisor.values import ListenAddress
@@ -46,6 +56,7 @@ class SlotSettings:
     stop_timeout: float = 30.0
     policy: RestartPolicy = field(default_factory=RestartPolicy)
     certificate: Path | None = None  # tls.cert, for the tls health check
+    output: Literal["events", "inherit"] = "events"  # workers' stdout and stderr
 
 
 @dataclass
@@ -59,6 +70,7 @@ class Handover:
     last_exit: str | None = None
     start_seconds: float | None = None
     notify: socket.socket | None = None  # its NOTIFY_SOCKET, bound by the earlier image
+    pipes: tuple[Pipe, Pipe] | None = None  # its stdout and stderr pipes
 
 
 @dataclass
@@ -102,6 +114,7 @@ class WorkerSlot:
         self._notify: NotifyReceiver | None = None
         self._short_runs = 0  # short runs in a row (RestartPolicy)
         self.process: ProcessHandle | None = None  # the live process, if any
+        self.pipes: tuple[Pipe, Pipe] | None = None  # stdout and stderr, relayed as events
 
     @property
     def label(self) -> str:
@@ -121,6 +134,7 @@ class WorkerSlot:
             short_runs=self._short_runs,
             last_exit=self.last_exit,
             start_seconds=self.start_seconds,
+            pipes=self.pipes,
         )
 
     @property
@@ -151,19 +165,52 @@ class WorkerSlot:
             raise SpawnError(
                 self.label, f"cannot create its NOTIFY_SOCKET: {_os_error(exc)}"
             ) from exc
-        with receiver as notify:
+        with receiver as notify, self._relayed_output(handover) as output:
             self._notify = notify
-            if handover is not None:
-                task_status.started()  # its generation serves already
-                await self._guarded(self._resume(handover))
-                return
-            first = await self._run_process(task_status.started)
-            if self._stop_requested.is_set():
-                return
-            if not first.reached_running:
-                self._set(WorkerState.FATAL)
-                raise first.failure or SpawnError(self.label, "exited before it was ready")
-            await self._guarded(self._respawn_loop(first))
+            self.pipes = output
+            try:
+                async with trio.open_nursery() as relays:
+                    for pipe in output or ():
+                        relays.start_soon(relay, pipe, lambda: self.pid)
+                    await self._live(handover, task_status)
+                    relays.cancel_scope.cancel()
+            except* SupervisorError as group:  # the nursery wraps the one error: unwrap it
+                raise leaves(group)[0] from None
+
+    @contextlib.contextmanager
+    def _relayed_output(self, handover: Handover | None) -> Iterator[tuple[Pipe, Pipe] | None]:
+        """The slot's output pipes (its own, or the ones it was handed), closed at its end.
+
+        Raises:
+            SpawnError: no pipe could be made (out of fds).
+        """
+        if self.settings.output != "events":
+            yield None
+            return
+        try:
+            pipes = handover.pipes if handover is not None and handover.pipes else open_pipes()
+        except OSError as exc:
+            self._set(WorkerState.FATAL)
+            raise SpawnError(self.label, f"cannot make its output pipes: {_os_error(exc)}") from exc
+        try:
+            yield pipes
+        finally:
+            for pipe in pipes:
+                os.close(pipe.read)
+                os.close(pipe.write)
+
+    async def _live(self, handover: Handover | None, task_status: trio.TaskStatus[None]) -> None:
+        if handover is not None:
+            task_status.started()  # its generation serves already
+            await self._guarded(self._resume(handover))
+            return
+        first = await self._run_process(task_status.started)
+        if self._stop_requested.is_set():
+            return
+        if not first.reached_running:
+            self._set(WorkerState.FATAL)
+            raise first.failure or SpawnError(self.label, "exited before it was ready")
+        await self._guarded(self._respawn_loop(first))
 
     async def _guarded(self, serving: Awaitable[None]) -> None:
         """Run the slot's life after its start. A bug there must not take the
@@ -242,7 +289,8 @@ class WorkerSlot:
             proc = existing
         else:
             try:
-                proc = self._spawner(self.plan, self.fds, self._notify_address())
+                output = None if self.pipes is None else (self.pipes[0].write, self.pipes[1].write)
+                proc = self._spawner(self.plan, self.fds, self._notify_address(), output)
             except OSError as exc:
                 failure = SpawnError(self.label, _os_error(exc))
                 self.last_exit = failure.reason

@@ -79,7 +79,11 @@ class FakeSpawner:
         self._send, self.spawned = trio.open_memory_channel[FakeProcess](1000)
 
     def __call__(
-        self, plan: WorkerPlan, fds: Sequence[int], notify_socket: str | None
+        self,
+        plan: WorkerPlan,
+        fds: Sequence[int],
+        notify_socket: str | None,
+        output: tuple[int, int] | None = None,
     ) -> FakeProcess:
         if self.fail is not None:
             raise self.fail
