@@ -50,11 +50,17 @@ class Generation:
         self.plan = plan
         self.number = plan.generation
         self.listeners = listeners
+        self._of: dict[int, list[Listener]] = {}  # worker index -> its listeners
+        for lst in listeners:
+            self._of.setdefault(lst.worker, []).append(lst)
         self.slots = slots
         self.role = role  # of the generation; a listener's own role follows its worker
         self.state: Watched[GenerationState] = Watched(GenerationState.STARTING)
         self._stop_requested = trio.Event()
         self.preserve = False
+
+    def listeners_of(self, worker: int) -> list[Listener]:
+        return self._of.get(worker, [])
 
     def admit(self, role: Role) -> dict[int, SteeringGroup]:
         """Give the generation ``role`` in its groups; return the groups to ``apply()``.
@@ -71,8 +77,8 @@ class Generation:
     def _place(self, slot: WorkerSlot) -> dict[int, SteeringGroup]:
         """Set the roles of ``slot``'s listeners; return the groups that changed."""
         changed: dict[int, SteeringGroup] = {}
-        for lst in self.listeners:
-            if lst.worker != slot.plan.index or not lst.in_group:
+        for lst in self.listeners_of(slot.plan.index):
+            if not lst.in_group:
                 continue
             role = self.role
             if role is Role.ACTIVE and slot.state.value is not WorkerState.RUNNING:
@@ -120,8 +126,8 @@ class Generation:
         """A FATAL worker never accepts again: shut its TCP listeners down so the
         kernel moves their queued connections to the active listeners (where
         migration is possible; elsewhere they are reset instead of hanging)."""
-        for lst in self.listeners:
-            if lst.worker != slot.plan.index or not lst.tcp or not lst.in_group:
+        for lst in self.listeners_of(slot.plan.index):
+            if not lst.tcp or not lst.in_group:
                 continue
             if lst.role is Role.ACTIVE:
                 continue  # the address's last active listener: keep it for the next reload
@@ -157,7 +163,7 @@ class Generation:
         (``RETIRING`` while its generation is being retired)."""
         out = []
         for slot in self.slots:
-            mine = [lst.status() for lst in self.listeners if lst.worker == slot.plan.index]
+            mine = [lst.status() for lst in self.listeners_of(slot.plan.index)]
             state = slot.state.value
             alive = state not in _NO_PROCESS and state is not WorkerState.EXITED
             out.append(

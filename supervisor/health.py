@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from supervisor import tls
 from supervisor.config import Health, HealthExec, HealthHttp, HealthNone, HealthTcp, HealthTls
-from supervisor.errors import SupervisorError, TlsError
+from supervisor.errors import DiagError, SupervisorError, TlsError
+from supervisor.kernel import diag
 from supervisor.kernel.notify import NotifyMessage
 from supervisor.kernel.proc import CommandResult, describe_exit
 from supervisor.listener import Listener
@@ -27,6 +28,7 @@ from supervisor.plan import substitute
 from supervisor.values import ListenAddress, connect_address
 
 _MAX_OUTPUT = 2000
+ACCEPT_POLL = 0.01
 
 
 Connector = Callable[[], Awaitable[trio.SocketStream]]
@@ -107,7 +109,13 @@ class NotifyProbe(Probe):
 
 
 class TcpProbe(Probe):
-    """``tcp``: healthy once a connect to the listen address succeeds."""
+    """``tcp``: healthy once the worker accepted a connection to its own listener.
+
+    The supervisor owns the listener, so the kernel completes a handshake even
+    while the worker accepts nothing: a connect proves the listener, not the
+    worker. The probe waits until sock_diag shows its connection off the
+    accept queue (the server side has a socket file, or was closed already).
+    """
 
     name = "tcp"
 
@@ -132,8 +140,27 @@ class TcpProbe(Probe):
         stream = await self._connect()
         if stream is None:
             return False
-        await stream.aclose()
-        return True
+        try:
+            return await self._accepted(stream)
+        finally:
+            await stream.aclose()
+
+    async def _accepted(self, stream: trio.SocketStream) -> bool:
+        ours, theirs = stream.socket.getsockname(), stream.socket.getpeername()
+        with trio.move_on_after(self.timeout):
+            while True:
+                try:
+                    if diag.accepted(theirs[:2], ours[:2]):
+                        return True
+                except DiagError as exc:
+                    self.last_error = f"cannot see whether the worker accepted: {exc}"
+                    return False
+                await trio.sleep(ACCEPT_POLL)  # the kernel has no event for "accepted"
+        self.last_error = (
+            f"the worker did not accept the probe connection within {self.timeout:g}s "
+            "(the kernel completed the handshake; it waited in the accept queue)"
+        )
+        return False
 
 
 class HttpProbe(TcpProbe):

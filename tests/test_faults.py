@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -174,3 +175,33 @@ def test_crash_loop_goes_fatal_and_the_others_serve(
     assert released["address"] == f"127.0.0.1:{port}"
     assert status["workers"][0]["listeners"][0]["role"] is None
     lost_at_most(load.result, in_flight)
+
+
+HOLDER = [
+    sys.executable,
+    "-c",
+    "import socket, time; s = socket.socket(fileno=3); time.sleep(600)",  # holds, never accepts
+]
+
+
+def test_a_worker_that_never_accepts_fails_its_tcp_gate(
+    start_daemon: Callable[..., Daemon], migrate_req: Callable[[int], None]
+) -> None:
+    """The kernel completes a probe's handshake on the supervisor's listener by
+    itself: the tcp check passes only once the worker took the connection."""
+    migrate_req(1)
+    port = free_port()
+    tcp = 'kind = "tcp"\ntimeout = "1s"'
+    daemon = start_daemon(service_toml("web", port=port, workers=2, health=tcp))
+    old = daemon.worker_pids()
+    hung = service_toml("web", port=port, workers=2, command=HOLDER, health=tcp)
+    daemon.rewrite(hung.replace('ready_timeout = "15s"', 'ready_timeout = "3s"'))
+    with Load(port, threads=8, duration=120, max_connections=50_000) as load:
+        wait_until(load.answered, 15, "the load to be answered")
+        answer = daemon.reload()
+    assert not answer.ok
+    report = answer.report()
+    assert report["outcome"] == "rolled_back", report
+    assert "did not accept the probe connection" in " ".join(report["reasons"]), report
+    assert daemon.worker_pids() == old, "the old generation serves on"
+    assert load.result.failed == 0, (load.result.failures, load.result.examples)

@@ -114,3 +114,56 @@ def port_owners(address: ListenAddress) -> frozenset[int]:
             (uid,) = struct.unpack_from("<I", msg, _MSG_UID)
             owners.add(uid)
     return frozenset(owners)
+
+
+_ID = struct.Struct(">HH16s16sI8s")  # sport, dport, src, dst (network order), ifindex, cookie
+_NO_COOKIE = b"\xff" * 8
+_MSG_INODE = 68
+_QUEUED_STATES = {1, 3, 8}  # ESTABLISHED, SYN_RECV (fast open), CLOSE_WAIT
+
+
+def accepted(local: tuple[str, int], remote: tuple[str, int]) -> bool:
+    """Has the connection from ``remote`` to ``local`` left its listener's accept
+    queue, that is, been accepted (and maybe closed)? A connection still queued
+    has no socket file: sock_diag reports inode 0 for it, in a state of one
+    that nobody has closed yet.
+
+    Raises:
+        DiagError: sock_diag is unavailable.
+    """
+    with translated(DiagError, "sock_diag lookup"):
+        message = _lookup(local, remote)
+    if message is None:  # gone: accepted and closed already (a reset is the caller's to see)
+        return True
+    (inode,) = struct.unpack_from("<I", message, _MSG_INODE)
+    # A queued child is ESTABLISHED (or CLOSE_WAIT: the client left) with no file;
+    # one the worker accepted has a file, or closed it already (FIN_WAIT and on).
+    return inode != 0 or message[1] not in _QUEUED_STATES
+
+
+def _lookup(local: tuple[str, int], remote: tuple[str, int]) -> bytes | None:
+    ip = ipaddress.ip_address(local[0])
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    sockid = _ID.pack(
+        local[1],
+        remote[1],
+        ip.packed.ljust(16, b"\0"),
+        ipaddress.ip_address(remote[0]).packed.ljust(16, b"\0"),
+        0,
+        _NO_COOKIE,
+    )
+    request = struct.pack("<BBBxI", family, socket.IPPROTO_TCP, 0, ALL_STATES) + sockid
+    header = _NLMSG.pack(_NLMSG.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(_TIMEOUT)
+        nl.send(header + request)
+        buffer = nl.recv(1 << 16)
+    length, kind = _NLMSG.unpack_from(buffer, 0)[:2]
+    if kind == NLMSG_ERROR:
+        (err,) = struct.unpack_from("<i", buffer, _NLMSG.size)
+        if -err == errno.ENOENT:
+            return None
+        if err:
+            raise OSError(-err, f"sock_diag lookup failed: {errno.errorcode.get(-err, -err)}")
+        return None
+    return buffer[_NLMSG.size : length]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
 import os
 import socket
 import struct
@@ -91,6 +92,8 @@ class EbpfGroup:
         self._refused: dict[socket.socket, int] = {}  # cookie, while in the refuse map
         self._bank = 0
         self._attached = False
+        self._freed: list[int] = []  # a heap of slots free below _high
+        self._high = 0  # slots from here on were never used
         self._objects: list[bpf.BpfObject] = []
         given = dict(adopt or {})
         try:
@@ -169,6 +172,9 @@ class EbpfGroup:
                     active.add(struct.unpack("<I", raw)[0])
             for sock, slot in self._slots.items():
                 self._roles[sock] = Role.ACTIVE if slot in active else Role.STANDBY
+            taken = set(self._slots.values())
+            self._high = max(taken, default=-1) + 1
+            self._freed = [slot for slot in range(self._high) if slot not in taken]
             refused = {int(struct.unpack("<Q", key)[0]) for key in self._refuse.all_keys()}
             for cookie in refused:
                 if cookie in by_cookie and by_cookie[cookie] in self._slots:
@@ -219,7 +225,7 @@ class EbpfGroup:
             SteeringError: the slot could not be filled or the program attached;
                 the model is unchanged and the slot is freed again.
         """
-        slot = min(set(range(SLOTS)) - set(self._slots.values()))
+        slot = self._free_slot()
         try:
             with translated(SteeringError, f"add a listener of {self.address} to its steering"):
                 self._socks.update(u32(slot), u64(sock.fileno()))
@@ -230,6 +236,7 @@ class EbpfGroup:
         except SteeringError:
             with contextlib.suppress(OSError):
                 self._socks.delete(u32(slot))
+            self._release_slot(slot)
             raise
         self._slots[sock] = slot
         self._roles[sock] = role
@@ -250,12 +257,27 @@ class EbpfGroup:
         self._attached = True
         self.attaches += 1
 
+    def _free_slot(self) -> int:
+        """The lowest slot no member holds: a freed one, or the next never used."""
+        if self._freed:
+            return heapq.heappop(self._freed)
+        if self._high >= SLOTS:
+            raise SteeringError(
+                f"add a listener of {self.address}", OSError(28, f"all {SLOTS} slots are taken")
+            )
+        self._high += 1
+        return self._high - 1
+
+    def _release_slot(self, slot: int) -> None:
+        heapq.heappush(self._freed, slot)
+
     def leave(self, sock: socket.socket) -> None:
         """Forget ``sock`` (it left the kernel's group); log what the program
         counted for it. The model changes first and cleaning the maps is best
         effort: the kernel membership has changed already. Never raises."""
         since = self._retiring_since.pop(sock, None)
         slot = self._slots.pop(sock)
+        self._release_slot(slot)
         role = self._roles.pop(sock)
         cookie = self._refused.pop(sock, None)
         now: ListenerCounts | None = None
