@@ -16,7 +16,8 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor.kernel.proc import Credentials, describe_exit, spawn
+from supervisor import launch
+from supervisor.kernel.proc import LAUNCHER, Credentials, describe_exit, spawn
 from tests.harness import process_gone, wait_until
 
 REPORT = textwrap.dedent(
@@ -103,6 +104,25 @@ async def test_exec_failure_is_exit_127() -> None:
     proc.close()
     assert code == 127
     assert describe_exit(code) == "exited with status 127"
+
+
+@pytest.mark.parametrize("groups", [None, [], [7, 8]])
+def test_the_spec_survives_its_encoding(groups: list[int] | None) -> None:
+    argv = ["prog", "", "-", "a b", "--", "7,8"]  # the worker's argv is taken as it is
+    fields = {"fds": [9, 4], "parent": 12, "pdeathsig": 9, "uid": None, "gid": 0,
+              "groups": groups, "cwd": "/srv/a dir"}  # fmt: skip
+    spec = launch.Spec(launch.encode(argv, **fields))  # type: ignore[arg-type]
+    assert spec.argv == argv
+    assert {k: getattr(spec, k) for k in fields} == fields
+
+
+def test_a_malformed_spec_is_exit_127_with_the_cause() -> None:
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", str(LAUNCHER), "1", "x"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 127
+    assert "bad launch spec" in done.stderr
 
 
 def test_children_die_with_their_parent() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import grp
-import json
 import os
 import pwd
 import signal
@@ -25,7 +24,9 @@ from pathlib import Path
 import structlog
 import trio
 
-LAUNCHER = Path(__file__).resolve().parent.parent / "launch.py"
+from supervisor import launch
+
+LAUNCHER = Path(launch.__file__).resolve()
 EXIT_LAUNCH_FAILED = 127
 REAP_GRACE = 2.0  # after SIGKILL, how long ``aclose`` waits before reaping in the background
 _UNKNOWN_STATUS = 255 << 8  # an exit status for a child someone else reaped
@@ -221,18 +222,18 @@ def spawn(
     Raises:
         OSError: the launcher itself could not be started (fork, fd limits).
     """
-    spec = {
-        "argv": list(argv),
-        "fds": list(fds),
-        "parent": os.getpid(),
-        "pdeathsig": int(death_signal),
-        "uid": credentials.uid,
-        "gid": credentials.gid,
-        "groups": None if credentials.groups is None else list(credentials.groups),
-        "cwd": None if cwd is None else str(cwd),
-    }
+    spec = launch.encode(
+        list(argv),
+        fds=list(fds),
+        parent=os.getpid(),
+        pdeathsig=int(death_signal),
+        uid=credentials.uid,
+        gid=credentials.gid,
+        groups=None if credentials.groups is None else list(credentials.groups),
+        cwd=None if cwd is None else str(cwd),
+    )
     popen = subprocess.Popen(
-        [sys.executable, "-I", "-S", str(LAUNCHER), json.dumps(spec)],
+        [sys.executable, "-I", "-S", str(LAUNCHER), *spec],
         env=dict(env),
         stdin=subprocess.DEVNULL,
         stdout=stdout,
