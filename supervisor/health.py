@@ -14,10 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
-from supervisor import tls
 from supervisor.config import Health, HealthExec, HealthHttp, HealthNone, HealthTcp, HealthTls
 from supervisor.errors import DiagError, SupervisorError, TlsError
 from supervisor.kernel import diag
@@ -216,6 +213,10 @@ class TlsProbe(TcpProbe):
         if self.target.certificate is None:
             self.last_error = "the service has no tls.cert to compare with"
             return False
+        from cryptography.hazmat.primitives.serialization import Encoding  # noqa: PLC0415
+
+        from supervisor import tls  # noqa: PLC0415  (only with [tls]: see tls.py)
+
         try:
             expected = tls.load_certificates(self.target.certificate)[0]
         except TlsError as exc:
@@ -247,6 +248,8 @@ class TlsProbe(TcpProbe):
 def _describe(der: bytes | None) -> str:
     if not der:
         return "(none)"
+    from cryptography import x509  # noqa: PLC0415
+
     cert = x509.load_der_x509_certificate(der)
     return f"({cert.subject.rfc4514_string()}, serial {cert.serial_number:x})"
 

@@ -14,10 +14,13 @@ It does what must happen in the child and cannot be done safely from a
    clobbers a source) and close the originals;
 4. set ``LISTEN_PID`` to its own pid (exec keeps the pid), chdir, exec.
 
-SPEC is seven positional arguments: ``PARENT PDEATHSIG UID GID GROUPS CWD
-FDS``: pids and numbers in decimal, ``GROUPS`` and ``FDS`` comma-separated
-(``GROUPS`` is ``-`` to keep the groups, empty to drop them all), ``UID``,
-``GID`` and ``CWD`` empty to keep them. The worker's argv follows.
+SPEC is eight positional arguments: ``PARENT PDEATHSIG UID GID GROUPS CWD
+FDS NOFILE``: pids and numbers in decimal, ``GROUPS`` and ``FDS``
+comma-separated (``GROUPS`` is ``-`` to keep the groups, empty to drop them
+all), ``UID``, ``GID``, ``CWD`` and ``NOFILE`` empty to keep them. ``NOFILE``
+is the soft ``RLIMIT_NOFILE`` the worker gets back: the supervisor raises its
+own to the hard limit, and a program that still uses ``select()`` must not
+be handed fds above 1024 by default. The worker's argv follows.
 On failure it prints one line to stderr and exits 127 (before exec) so the
 supervisor reports it as a failed start.
 """
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
 _PR_SET_PDEATHSIG = 1
 _FIRST_FD = 3
 _EXIT_LAUNCH_FAILED = 127
-_SPEC_ARGS = 7
+_SPEC_ARGS = 8
 
 
 class Spec:
@@ -45,7 +48,7 @@ class Spec:
     def __init__(self, args: list[str]) -> None:
         if len(args) <= _SPEC_ARGS:
             raise ValueError(f"expected {_SPEC_ARGS} fields and an argv, got {len(args)} args")
-        parent, pdeathsig, uid, gid, groups, cwd, fds = args[:_SPEC_ARGS]
+        parent, pdeathsig, uid, gid, groups, cwd, fds, nofile = args[:_SPEC_ARGS]
         self.parent = int(parent)
         self.pdeathsig = int(pdeathsig)
         self.uid = int(uid) if uid else None
@@ -53,6 +56,7 @@ class Spec:
         self.groups = None if groups == "-" else _numbers(groups)
         self.cwd = cwd or None
         self.fds = _numbers(fds)
+        self.nofile = int(nofile) if nofile else None
         self.argv = args[_SPEC_ARGS:]
 
 
@@ -70,6 +74,7 @@ def encode(
     gid: int | None,
     groups: list[int] | None,
     cwd: str | None,
+    nofile: int | None = None,
 ) -> list[str]:
     """SPEC and argv as this launcher's arguments (the inverse of ``Spec``)."""
     return [
@@ -80,6 +85,7 @@ def encode(
         "-" if groups is None else ",".join(map(str, groups)),
         cwd or "",
         ",".join(map(str, fds)),
+        "" if nofile is None else str(nofile),
         *argv,
     ]
 
@@ -120,6 +126,13 @@ def _arrange_fds(sources: list[int]) -> None:
         os.close(tmp)
 
 
+def _restore_nofile(soft: int) -> None:
+    import resource  # noqa: PLC0415  (only when asked: every import is start time)
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, hard), hard))
+
+
 def main() -> None:
     try:
         spec = Spec(sys.argv[1:])
@@ -132,6 +145,8 @@ def main() -> None:
     _die_with_parent(spec)
     try:
         _arrange_fds(spec.fds)
+        if spec.nofile is not None:
+            _restore_nofile(spec.nofile)
         if spec.cwd:
             os.chdir(spec.cwd)
     except OSError as exc:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from supervisor import tls
 from supervisor.config import Config, ServiceConfig
 from supervisor.control import access
 from supervisor.errors import ConfigError, ConfigIssue
@@ -87,7 +86,10 @@ def check_host(config: Config) -> Iterable[ConfigIssue]:
     """Yield what this host cannot do of ``config``: missing programs, users, dirs."""
     for name, service in config.services.items():
         yield from _check_service(f"services.{name}", service)
-    yield from tls.check_config(config)
+    if any(service.tls is not None for service in config.services.values()):
+        from supervisor import tls  # noqa: PLC0415  (only with [tls]: see tls.py)
+
+        yield from tls.check_config(config)
     yield from access.check_names(config.supervisor)
 
 

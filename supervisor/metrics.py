@@ -1,4 +1,4 @@
-"""Metrics in Prometheus's naming, as OpenMetrics text (``prometheus_client``).
+"""Metrics in Prometheus's naming, as OpenMetrics text (made in ``exposition.py``).
 
 ``Tally`` is what the daemon counts as it goes: reloads by outcome, their
 durations and the supervisor's own overhead (histograms), the connections
@@ -16,23 +16,9 @@ textfile collector, needs no TCP) and, opt-in, over HTTP at
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
-
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    InfoMetricFamily,
-    Metric,
-)
-from prometheus_client.openmetrics.exposition import generate_latest
-from prometheus_client.registry import Collector, CollectorRegistry
-
-from supervisor import __version__
-from supervisor.errors import SupervisorError
-from supervisor.lifecycle import WorkerState
 
 if TYPE_CHECKING:
     from supervisor.rollout import RolloutReport
@@ -142,111 +128,8 @@ def _histogram(data: Mapping[str, Any]) -> Histogram:
     return Histogram(bounds, counts, float(data["total"]))
 
 
-class Scrape(Collector):
-    """Every metric, from the tally and the live services, at scrape time."""
-
-    def __init__(self, tally: Tally, services: Mapping[str, Service]) -> None:
-        self.tally = tally
-        self.services = services
-
-    def collect(self) -> Iterable[Metric]:
-        yield from self._tallied()
-        yield from self._live()
-
-    def _tallied(self) -> Iterable[Metric]:
-        t = self.tally
-        build = InfoMetricFamily(f"{PREFIX}_build", "The supervisor's version.", labels=[])
-        build.add_metric([], {"version": __version__})
-        yield build
-        reloads = CounterMetricFamily(
-            f"{PREFIX}_reloads", "Rollouts by outcome.", labels=["service", "outcome"]
-        )
-        for name, outcomes in t.reloads.items():
-            for outcome, count in outcomes.items():
-                reloads.add_metric([name, outcome], count)
-        yield reloads
-        for histograms, metric, text in (
-            (t.duration, "reload_duration_seconds", "Successful rollouts' durations."),
-            (t.overhead, "reload_overhead_seconds", "The supervisor's own share of each."),
-        ):
-            family = HistogramMetricFamily(f"{PREFIX}_{metric}", text, labels=["service"])
-            for name, histogram in histograms.items():
-                family.add_metric([name], histogram.buckets(), sum_value=histogram.total)
-            yield family
-        connections = CounterMetricFamily(
-            f"{PREFIX}_retired_connections",
-            "Connections retirements met: queued at cutover, migrated by the kernel, drained "
-            "by the old workers, left at shutdown.",
-            labels=["service", "kind"],
-        )
-        for name, kinds in t.connections.items():
-            for kind, count in kinds.items():
-                connections.add_metric([name, kind], count)
-        yield connections
-        for key, short in KERNEL.items():
-            kernel = CounterMetricFamily(
-                f"{PREFIX}_kernel_{short}",
-                f"Increase of the network namespace's TcpExt:{key} over retirements.",
-                labels=["service"],
-            )
-            for name, counters in t.kernel.items():
-                kernel.add_metric([name], counters.get(key, 0))
-            yield kernel
-        upgrades = CounterMetricFamily(f"{PREFIX}_upgrades", "In-place upgrades.")
-        upgrades.add_metric([], t.upgrades)
-        yield upgrades
-
-    def _live(self) -> Iterable[Metric]:
-        restarts = CounterMetricFamily(
-            f"{PREFIX}_worker_restarts", "Worker processes respawned.", labels=["service"]
-        )
-        workers = GaugeMetricFamily(
-            f"{PREFIX}_workers",
-            "Workers of the serving generation by state.",
-            labels=["service", "state"],
-        )
-        generation = GaugeMetricFamily(
-            f"{PREFIX}_generation", "The serving generation.", labels=["service"]
-        )
-        syns = CounterMetricFamily(
-            f"{PREFIX}_listener_syns",
-            "Client SYNs the eBPF program steered to each listener of the serving generation.",
-            labels=["service", "generation", "worker", "address"],
-        )
-        not_after = GaugeMetricFamily(
-            f"{PREFIX}_tls_certificate_not_after_timestamp_seconds",
-            "When the served certificate expires (Unix time).",
-            labels=["service", "subject"],
-        )
-        for name, service in self.services.items():
-            current = service.current
-            if current is None:
-                continue
-            states = {state.value: 0 for state in WorkerState}
-            for slot in current.slots:
-                states[slot.state.value.value] += 1
-            for state, count in states.items():
-                workers.add_metric([name, state], count)
-            generation.add_metric([name], current.number)
-            lived = sum(slot.restarts for slot in current.slots)
-            restarts.add_metric([name], self.tally.restarts.get(name, 0) + lived)
-            for lst in current.listeners:
-                try:
-                    counts = lst.counts() if lst.in_group else None
-                except SupervisorError:
-                    counts = None
-                if counts is not None:
-                    labels = [name, str(current.number), str(lst.worker), str(lst.address)]
-                    syns.add_metric(labels, counts.syns)
-            cert = service.certificate
-            if cert is not None:
-                not_after.add_metric([name, cert.subject], cert.not_after.timestamp())
-        yield from (restarts, workers, generation, syns, not_after)
-
-
 def render(tally: Tally, services: Mapping[str, Service]) -> str:
     """The OpenMetrics text of everything (ends with ``# EOF``)."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(Scrape(tally, services))
-    text: bytes = generate_latest(registry)  # type: ignore[no-untyped-call]
-    return text.decode()
+    from supervisor import exposition  # noqa: PLC0415  (see its docstring: 12 MB)
+
+    return exposition.render(tally, services)

@@ -34,6 +34,7 @@ from supervisor.capabilities import RetirePath
 from supervisor.errors import DiagError, SupervisorError
 from supervisor.generation import Generation
 from supervisor.kernel import diag
+from supervisor.kernel.proc import thread_schedstat
 from supervisor.listener import Listener
 from supervisor.steering import ListenerCounts
 
@@ -62,6 +63,9 @@ class Retirement:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # kernel failures met on the way
     drain_seconds: float = 0.0  # waiting for the old workers to empty their queues
+    # From the first shutdown (the old workers' accept() fails: many exit then)
+    # to the last one reaped, less the supervisor thread's own CPU meanwhile.
+    stop_seconds: float = 0.0
 
     def problem(self, step: str, exc: SupervisorError) -> None:
         """Record a failure once (a failing read in a poll loop fails every poll)."""
@@ -106,6 +110,7 @@ async def retire(
         result.drain_timed_out = not await drain_tcp(tcp, deadline, result)
     result.datagrams_left = await drain_udp(udp, deadline, result)
     result.drain_seconds = trio.current_time() - drain_start
+    stopping_from, ran = trio.current_time(), thread_schedstat()
     for lst in tcp:
         _shut_down(lst, result)
     result.drained = result.queued_at_cutover - min(
@@ -122,6 +127,9 @@ async def retire(
         problems=result.problems,
     )
     await old.stop()
+    now = thread_schedstat()
+    own = 0.0 if ran is None or now is None else now[0] - ran[0]
+    result.stop_seconds = max(0.0, trio.current_time() - stopping_from - own)
     return result
 
 

@@ -24,7 +24,7 @@ from supervisor.errors import PreflightFailed, RolloutAborted, SupervisorError
 from supervisor.fdstore import NO_STORE, FdStore
 from supervisor.generation import Generation, GenerationSpec, run_generation
 from supervisor.kernel import netstat
-from supervisor.kernel.proc import describe_exit
+from supervisor.kernel.proc import describe_exit, thread_schedstat
 from supervisor.plan import RolloutPlan, ServicePlan, plan_rollout, substitute
 from supervisor.retire import retire
 from supervisor.spawner import Spawner
@@ -254,7 +254,7 @@ async def _cut_over(
     after = _counters()
     timer.lap("retire")
     timer.workers("drain", [retirement.drain_seconds])
-    timer.workers("workers_stop", [s.stop_seconds for s in old.slots])
+    timer.workers("workers_stop", [retirement.stop_seconds])
     result = finish("succeeded", None)
     report = result.report
     report.steering = ctx.steering.backend
@@ -296,8 +296,14 @@ class Timer:
     them, time that belongs to the workers, not to the supervisor: the
     preflight command, ``workers_start`` (the slowest new worker's spawn to
     health check passed), ``drain`` (old workers emptying their queues) and
-    ``workers_stop`` (the slowest old worker's stop signal to exit).
+    ``workers_stop`` (the old workers' stop: from the first shutdown of their
+    listeners, when their ``accept()`` fails and many exit, to the last one
+    reaped, less the supervisor thread's own CPU meanwhile).
     ``overhead`` is the duration less those: the supervisor's own share.
+    Beside them, over the whole reload: ``cpu``, the supervisor thread's own
+    CPU time, and ``waiting_for_cpu``, its time runnable without a CPU (the
+    kernel's schedstat). Where the workers' start and exit saturate the
+    cores, the second is most of the overhead.
     """
 
     _WORKERS = ("preflight", "workers_start", "drain", "workers_stop")
@@ -306,6 +312,7 @@ class Timer:
         self._start = trio.current_time() - already  # the reload's validation came first
         self._last = self._start
         self._laps: dict[str, float] = {}
+        self._sched = thread_schedstat()
 
     def elapsed(self) -> float:
         return trio.current_time() - self._start
@@ -323,6 +330,10 @@ class Timer:
         if "start" in out:
             own = sum(self._laps.get(name, 0.0) for name in self._WORKERS)
             out["overhead"] = round(max(0.0, duration - own), 4)
+        now = thread_schedstat()
+        if self._sched is not None and now is not None:
+            out["cpu"] = round(now[0] - self._sched[0], 4)
+            out["waiting_for_cpu"] = round(now[1] - self._sched[1], 4)
         return out
 
 

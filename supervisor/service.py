@@ -12,11 +12,11 @@ import enum
 import signal
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
 
-from supervisor import tls
 from supervisor.capabilities import Capabilities
 from supervisor.config import ServiceConfig
 from supervisor.fdstore import NO_STORE, FdStore
@@ -38,6 +38,9 @@ from supervisor.status import CertificateStatus, ServiceStatus
 from supervisor.steering import Backend, Role, Steering, SteeringGroup
 from supervisor.values import ListenAddress
 from supervisor.worker import SlotSettings
+
+if TYPE_CHECKING:
+    from supervisor import tls
 
 log = structlog.get_logger("supervisor.service")
 
@@ -197,7 +200,7 @@ class Service:
                 keep_if_failed=found is not None,
             )
             self.current = await nursery.start(run_generation, spec)
-            self.certificate = None if self.config.tls is None else tls.served(self.config.tls.cert)
+            self.certificate = _served(self.config)
             if found is not None:
                 self._took_over(found)
             task_status.started()
@@ -293,7 +296,7 @@ class Service:
     def _promoted(self, generation: Generation, config: ServiceConfig) -> None:
         """The cutover happened: ``generation`` serves, with ``config``."""
         self.current, self.config = generation, config
-        self.certificate = None if config.tls is None else tls.served(config.tls.cert)
+        self.certificate = _served(config)
 
     def _refused(self, why: str) -> RolloutReport:
         current = None if self.current is None else self.current.number
@@ -336,6 +339,14 @@ class Service:
             certificate=_certificate(self.certificate),
             last_rollout=None if last is None else last.to_dict(),
         )
+
+
+def _served(config: ServiceConfig) -> tls.Served | None:
+    if config.tls is None:
+        return None
+    from supervisor import tls  # noqa: PLC0415  (only with [tls]: see tls.py)
+
+    return tls.served(config.tls.cert)
 
 
 def _certificate(served: tls.Served | None) -> CertificateStatus | None:

@@ -59,8 +59,9 @@ class Spawner(Protocol):
 class ProcessSpawner:
     """Spawns real processes: base environment + the plan's (+ NOTIFY_SOCKET)."""
 
-    def __init__(self, base_environment: Mapping[str, str]) -> None:
+    def __init__(self, base_environment: Mapping[str, str], nofile: int | None = None) -> None:
         self._base = dict(base_environment)
+        self._nofile = nofile  # the soft RLIMIT_NOFILE children get (see raise_fd_limit)
 
     def __call__(
         self,
@@ -81,6 +82,7 @@ class ProcessSpawner:
             credentials=resolve_credentials(plan.user, plan.group),
             stdout=stdout,
             stderr=stderr,
+            nofile=self._nofile,
         )
 
     async def run_command(self, plan: WorkerPlan, argv: Sequence[str]) -> CommandResult:
@@ -92,4 +94,5 @@ class ProcessSpawner:
             env=env,
             cwd=plan.working_directory,
             credentials=resolve_credentials(plan.user, plan.group),
+            nofile=self._nofile,
         )

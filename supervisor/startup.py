@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from supervisor.config import Config, ServiceConfig, SupervisorSection
 from supervisor.daemon import Daemon, Handed
 from supervisor.errors import ConfigError, SupervisorError
 from supervisor.kernel import fds, sysctl
+from supervisor.kernel.proc import raise_fd_limit
 from supervisor.loader import (
     check_host,
     environment_for_workers,
@@ -117,7 +119,8 @@ def _main(argv: Sequence[str] | None) -> None:
     store = _store(config.supervisor, notifier)
     stored = fdstore.received(os.environ)
     inheritances = _recover(config, stored, store)
-    spawner = ProcessSpawner(environment_for_workers(os.environ))
+    nofile = raise_fd_limit()
+    spawner = ProcessSpawner(environment_for_workers(os.environ), nofile)
     _serve(
         lambda: Daemon(
             config,
@@ -135,9 +138,18 @@ def _store(section: SupervisorSection, notifier: SystemdNotifier) -> fdstore.FdS
     return fdstore.FdStore(notifier.address if section.fd_store == "auto" else None)
 
 
+# A reload makes and drops some 2,000 objects a worker; at the default
+# thresholds (700, 10, 10) that ran 1.5 full collections a reload at 512
+# workers, 207 ms of CPU of 1,285. At these: none, and 0.96 s a reload in
+# all (measured with gc.callbacks). Refcounting still frees what is not cyclic.
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
 def _serve(make: Callable[[], Daemon]) -> None:
     async def run() -> None:
         await make().run()
+
+    gc.set_threshold(*GC_THRESHOLDS)
 
     try:
         trio.run(run)
@@ -253,7 +265,8 @@ def _continue_upgrade(fd: int) -> None:
         metrics=dict(document.metrics),
         metrics_sock=None if document.metrics_fd < 0 else fds.adopt_socket(document.metrics_fd),
     )
-    spawner = ProcessSpawner(environment_for_workers(os.environ))
+    nofile = raise_fd_limit()
+    spawner = ProcessSpawner(environment_for_workers(os.environ), nofile)
     _serve(
         lambda: Daemon(
             config,

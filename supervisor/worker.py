@@ -108,8 +108,6 @@ class WorkerSlot:
         self.last_exit: str | None = None
         # The process's own times: spawn to health check passed, stop signal to exit.
         self.start_seconds: float | None = None
-        self.stop_seconds: float | None = None
-        self._stop_sent_at: float | None = None
         self._stop_requested = trio.Event()
         self._notify: NotifyReceiver | None = None
         self._short_runs = 0  # short runs in a row (RestartPolicy)
@@ -298,7 +296,6 @@ class WorkerSlot:
                 return _Run(returncode=-1, lifetime=0.0, reached_running=False, failure=failure)
         self.pid = proc.pid
         self.process = proc
-        self._stop_sent_at = None
         structlog.contextvars.bind_contextvars(pid=proc.pid)
         if existing is None:
             log.info("worker_spawned", argv=list(self.plan.argv))
@@ -318,8 +315,6 @@ class WorkerSlot:
             self.process = None
             await proc.aclose()  # killed and reaped if it still runs (cancellation)
         outcome.lifetime = trio.current_time() - spawned_at
-        if self._stop_sent_at is not None:
-            self.stop_seconds = trio.current_time() - self._stop_sent_at
         self.last_exit = describe_exit(outcome.returncode)
         if outcome.failure is None and not outcome.reached_running:
             outcome.failure = SpawnError(self.label, f"{self.last_exit} before it was ready")
@@ -373,7 +368,6 @@ class WorkerSlot:
         if self.state.value is not WorkerState.STOPPING:
             self._set(WorkerState.STOPPING)
         proc.send_signal(self.settings.stop_signal)
-        self._stop_sent_at = trio.current_time()
         await trio.sleep(self.settings.stop_timeout)
         log.warning("worker_stop_timeout", timeout=self.settings.stop_timeout, action="SIGKILL")
         proc.send_signal(signal.SIGKILL)

@@ -190,7 +190,7 @@ def test_reload_report_splits_the_workers_time_from_the_supervisors(
     timings, duration = report["timings"], report["duration"]
     assert set(timings) == {
         "validate", "start", "workers_start", "cutover", "retire", "drain", "workers_stop",
-        "overhead",
+        "overhead", "cpu", "waiting_for_cpu",
     }  # fmt: skip
     assert timings["workers_start"] >= 0.4
     assert timings["start"] >= timings["workers_start"]
@@ -199,3 +199,22 @@ def test_reload_report_splits_the_workers_time_from_the_supervisors(
     laps = sum(timings[k] for k in ("validate", "start", "cutover", "retire"))
     assert abs(laps - duration) < 0.01, (laps, duration)
     assert timings["overhead"] <= duration - 0.9
+    # The supervisor thread ran, or waited to run, for part of the reload at most.
+    assert timings["cpu"] > 0
+    assert timings["waiting_for_cpu"] >= 0
+    assert timings["cpu"] + timings["waiting_for_cpu"] <= duration + 0.01
+
+
+def test_the_daemon_loads_prometheus_and_cryptography_only_when_used() -> None:
+    # 12 and 9 MB of RSS that a daemon without a scraper or a [tls] service never needs.
+    code = (
+        "import sys, supervisor.daemon, supervisor.startup\n"
+        "print(sorted(m for m in ('prometheus_client', 'cryptography') if m in sys.modules))\n"
+        "from supervisor import metrics\n"
+        "metrics.render(metrics.Tally(), {})\n"
+        "print('prometheus_client' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split("\n")[:2] == ["[]", "True"]

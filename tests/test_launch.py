@@ -110,10 +110,38 @@ async def test_exec_failure_is_exit_127() -> None:
 def test_the_spec_survives_its_encoding(groups: list[int] | None) -> None:
     argv = ["prog", "", "-", "a b", "--", "7,8"]  # the worker's argv is taken as it is
     fields = {"fds": [9, 4], "parent": 12, "pdeathsig": 9, "uid": None, "gid": 0,
-              "groups": groups, "cwd": "/srv/a dir"}  # fmt: skip
+              "groups": groups, "cwd": "/srv/a dir", "nofile": 1024}  # fmt: skip
     spec = launch.Spec(launch.encode(argv, **fields))  # type: ignore[arg-type]
     assert spec.argv == argv
     assert {k: getattr(spec, k) for k in fields} == fields
+
+
+async def test_the_worker_gets_the_soft_fd_limit_it_is_given() -> None:
+    out = await run_child(["/bin/sh", "-c", "ulimit -Sn"], [], nofile=777)
+    assert out.split() == ["777"]
+
+
+@pytest.mark.parametrize(("carried", "expected"), [("", "256"), ("1000", "1000")])
+def test_the_daemon_raises_its_fd_limit_and_remembers_the_first(
+    carried: str, expected: str
+) -> None:
+    # In a child: the limits are the process's own.
+    code = textwrap.dedent(
+        """
+        import resource
+        from supervisor.kernel.proc import raise_fd_limit
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        workers = raise_fd_limit()
+        print(workers, resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard)
+        """
+    )
+    env = {**os.environ, "SUPERVISOR_WORKER_NOFILE": carried}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+        check=True,
+    )  # fmt: skip
+    assert done.stdout.split() == [expected, "True"]
 
 
 def test_a_malformed_spec_is_exit_127_with_the_cause() -> None:

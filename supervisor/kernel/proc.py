@@ -14,6 +14,7 @@ import ctypes
 import grp
 import os
 import pwd
+import resource
 import signal
 import subprocess
 import sys
@@ -71,6 +72,35 @@ def start_time(pid: int) -> int | None:
     except OSError:
         return None
     return int(fields[19])
+
+
+WORKER_NOFILE = "SUPERVISOR_WORKER_NOFILE"  # carried across an upgrade's exec
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit (systemd
+    leaves services at 1024 soft; 512 workers need some 3,600 fds) and return
+    the soft limit its workers get back: the one it started with, or, in the
+    image an upgrade exec'd, the one the first image started with."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    carried = os.environ.get(WORKER_NOFILE, "")
+    original = int(carried) if carried.isdigit() else soft
+    os.environ[WORKER_NOFILE] = str(original)
+    if soft < hard:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return original
+
+
+def thread_schedstat() -> tuple[float, float] | None:
+    """The calling thread's CPU time and its time runnable but waiting for a
+    CPU (seconds, since it started; ``/proc/thread-self/schedstat``), or None
+    where the kernel does not keep them (no ``CONFIG_SCHED_INFO``)."""
+    try:
+        ran, waited, _ = Path("/proc/thread-self/schedstat").read_text().split()
+    except (OSError, ValueError):
+        return None
+    return int(ran) / 1e9, int(waited) / 1e9
 
 
 def parent_of(pid: int) -> int | None:
@@ -211,6 +241,7 @@ def spawn(
     death_signal: int = signal.SIGKILL,
     stdout: int | None = None,
     stderr: int | None = None,
+    nofile: int | None = None,
 ) -> ChildProcess:
     """Start ``argv`` through the launcher with ``fds`` as 3, 4, ... in the child.
 
@@ -231,6 +262,7 @@ def spawn(
         gid=credentials.gid,
         groups=None if credentials.groups is None else list(credentials.groups),
         cwd=None if cwd is None else str(cwd),
+        nofile=nofile,
     )
     popen = subprocess.Popen(
         [sys.executable, "-I", "-S", str(LAUNCHER), *spec],
@@ -265,6 +297,7 @@ async def run_command(
     credentials: Credentials = Credentials(),
     fds: Sequence[int] = (),
     limit: int = 4000,
+    nofile: int | None = None,
 ) -> CommandResult:
     """Run ``argv`` through the launcher (so with ``credentials`` and ``cwd``),
     stdout and stderr captured together; keep the last ``limit`` bytes.
@@ -284,6 +317,7 @@ async def run_command(
             credentials=credentials,
             stdout=write_end,
             stderr=write_end,
+            nofile=nofile,
         )
     except BaseException:
         os.close(read_end)
