@@ -7,7 +7,8 @@ interpreter's own start; with json it cost 29).
 It does what must happen in the child and cannot be done safely from a
 ``preexec_fn`` in a threaded parent:
 
-1. drop privileges (groups, gid, uid) when asked;
+1. give back the soft ``RLIMIT_NOFILE``, then drop privileges (groups, gid,
+   uid) when asked;
 2. set the parent-death signal *after* the credential change (which would
    clear it), then check the parent is still the one that forked us;
 3. move the inherited listener fds to 3, 4, ... (two passes, so no target
@@ -138,6 +139,14 @@ def main() -> None:
         spec = Spec(sys.argv[1:])
     except ValueError as exc:
         _fail(f"bad launch spec: {exc}")
+    # Before the privileges go: ``resource`` is an extension module of the
+    # supervisor's interpreter, which the service's user may not be able to
+    # read (a venv under /root), and lowering a soft limit needs no privilege.
+    if spec.nofile is not None:
+        try:
+            _restore_nofile(spec.nofile)
+        except (OSError, ValueError) as exc:
+            _fail(f"cannot restore RLIMIT_NOFILE: {exc}")
     try:
         _drop_privileges(spec)
     except OSError as exc:
@@ -145,8 +154,6 @@ def main() -> None:
     _die_with_parent(spec)
     try:
         _arrange_fds(spec.fds)
-        if spec.nofile is not None:
-            _restore_nofile(spec.nofile)
         if spec.cwd:
             os.chdir(spec.cwd)
     except OSError as exc:
