@@ -77,6 +77,10 @@ def configure(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        # One write() a line, newline included: print() writes the newline
+        # apart when stdout is unbuffered (PYTHONUNBUFFERED, python -u), and a
+        # worker with output = "inherit" shares this stdout, so its lines
+        # could land inside ours.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,
     )

@@ -111,7 +111,9 @@ class Daemon:
             with self._cond:
                 self.raw.append(line)
                 with contextlib.suppress(ValueError):
-                    self.events.append(json.loads(line))
+                    event = json.loads(line)
+                    if isinstance(event, dict):  # a worker's own line may parse too ("1234")
+                        self.events.append(event)
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()

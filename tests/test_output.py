@@ -96,11 +96,45 @@ def test_daemon_lines_carry_journald_priorities(tmp_path: Path) -> None:
     assert not without.stdout.startswith("<"), "not the journal: no prefixes"
 
 
+def test_each_daemon_line_is_one_write_on_an_unbuffered_stdout() -> None:
+    """Under PYTHONUNBUFFERED (python -u) print() writes a line's newline apart;
+    a worker sharing the daemon's stdout (output = "inherit") could then write
+    between the two. The daemon's lines must each be one write()."""
+    script = textwrap.dedent(
+        """
+        import io, sys
+        class Recorder(io.RawIOBase):
+            calls = []
+            def writable(self):
+                return True
+            def write(self, data):
+                self.calls.append(bytes(data))
+                return len(data)
+        recorder = Recorder()
+        sys.stdout = io.TextIOWrapper(recorder, write_through=True)  # as python -u has it
+        import structlog
+        from supervisor import logs
+        logs.configure("json", "info")
+        structlog.get_logger().info("one", detail="x" * 3000)
+        structlog.get_logger().warning("two")
+        sys.__stdout__.write(repr(recorder.calls))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-u", "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    calls = eval(done.stdout)  # noqa: S307  (our own repr of a list of bytes)
+    assert len(calls) == 2, calls
+    assert all(call.startswith(b"{") and call.endswith(b"}\n") for call in calls)
+
+
 CHATTY = [sys.executable, "-u", "-c", textwrap.dedent(
     """
     import os, signal, socket, sys, time
-    print("started", os.getpid())
-    print("trouble ahead", file=sys.stderr, flush=True)
+    # One write() a line: "inherit" shares the daemon's stdout, and print()
+    # under -u writes each argument apart, so other lines could come between.
+    os.write(1, f"started {os.getpid()}\\n".encode())
+    os.write(2, b"trouble ahead\\n")
     socket.socket(fileno=3)  # hold the listener
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
     while True:
