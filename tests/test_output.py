@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -123,7 +124,7 @@ def test_each_daemon_line_is_one_write_on_an_unbuffered_stdout() -> None:
     done = subprocess.run(
         [sys.executable, "-u", "-c", script], capture_output=True, text=True, check=True, timeout=60
     )
-    calls = eval(done.stdout)  # noqa: S307  (our own repr of a list of bytes)
+    calls = ast.literal_eval(done.stdout)
     assert len(calls) == 2, calls
     assert all(call.startswith(b"{") and call.endswith(b"}\n") for call in calls)
 
