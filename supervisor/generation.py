@@ -150,6 +150,14 @@ class Generation:
         self.preserve = self.preserve or preserve
         self._stop_requested.set()
 
+    async def signal_stop(self) -> None:
+        """Send every worker its stop signal, in one batch; return once sent,
+        without waiting for the workers to exit (``stop`` does)."""
+        self.request_stop()
+        await self.state.wait_for(
+            lambda s: s in (GenerationState.STOPPING, GenerationState.STOPPED)
+        )
+
     async def stop(self, *, preserve: bool = False) -> None:
         """Stop the workers and release the listeners; return once all is done."""
         self.request_stop(preserve=preserve)

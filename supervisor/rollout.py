@@ -296,9 +296,9 @@ class Timer:
     them, time that belongs to the workers, not to the supervisor: the
     preflight command, ``workers_start`` (the slowest new worker's spawn to
     health check passed), ``drain`` (old workers emptying their queues) and
-    ``workers_stop`` (the old workers' stop: from the first shutdown of their
-    listeners, when their ``accept()`` fails and many exit, to the last one
-    reaped, less the supervisor thread's own CPU meanwhile).
+    ``workers_stop`` (the old workers' stop: from their stop signal, sent
+    just before their listeners are shut down, to the last one reaped, less
+    the supervisor thread's own CPU meanwhile).
     ``overhead`` is the duration less those: the supervisor's own share.
     Beside them, over the whole reload: ``cpu``, the supervisor thread's own
     CPU time, and ``waiting_for_cpu``, its time runnable without a CPU (the

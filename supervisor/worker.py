@@ -112,6 +112,7 @@ class WorkerSlot:
         self._notify: NotifyReceiver | None = None
         self._short_runs = 0  # short runs in a row (RestartPolicy)
         self.process: ProcessHandle | None = None  # the live process, if any
+        self._signalled: ProcessHandle | None = None  # the process the stop signal went to
         self.pipes: tuple[Pipe, Pipe] | None = None  # stdout and stderr, relayed as events
 
     @property
@@ -119,8 +120,18 @@ class WorkerSlot:
         return self.plan.label
 
     def request_stop(self) -> None:
-        """Ask the slot to stop its process (stop_signal, then SIGKILL) and end."""
+        """Ask the slot to stop its process and end: the stop signal goes now
+        (so a generation signals its workers in one batch, before its
+        listeners are shut down), SIGKILL after ``stop_timeout``."""
+        if not self._stop_requested.is_set() and self.process is not None:
+            self._signal_stop(self.process)
         self._stop_requested.set()
+
+    def _signal_stop(self, proc: ProcessHandle) -> None:
+        if self.state.value is not WorkerState.STOPPING:
+            self._set(WorkerState.STOPPING)
+        proc.send_signal(self.settings.stop_signal)
+        self._signalled = proc
 
     def handover(self) -> Handover:
         """What the next image needs to go on with this slot (its process, if one
@@ -365,9 +376,8 @@ class WorkerSlot:
 
     async def _stop_when_asked(self, proc: ProcessHandle) -> None:
         await self._stop_requested.wait()
-        if self.state.value is not WorkerState.STOPPING:
-            self._set(WorkerState.STOPPING)
-        proc.send_signal(self.settings.stop_signal)
+        if self._signalled is not proc:  # asked before this process was spawned
+            self._signal_stop(proc)
         await trio.sleep(self.settings.stop_timeout)
         log.warning("worker_stop_timeout", timeout=self.settings.stop_timeout, action="SIGKILL")
         proc.send_signal(signal.SIGKILL)
