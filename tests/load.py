@@ -234,6 +234,11 @@ class Load:
         with self._lock:
             return bool(self._live)
 
+    def pids(self) -> list[str]:
+        """The pids that have answered this load so far."""
+        with self._lock:
+            return sorted({p for p, _ in self._live})
+
     def served_by(self, pid: int) -> bool:
         """Has a process with this pid answered a request of this load yet?"""
         with self._lock:

@@ -84,16 +84,23 @@ class Unit:
             check=False,
         )
 
-    def load(self, duration: float = 60) -> Load:
+    def load(self, duration: float = 180) -> Load:
+        # A bound, not the test's length: the load stops when its block ends, and
+        # must outlast every wait in it (a restart, then the new workers' start).
         return Load(PORT, threads=16, duration=duration, netns=self.ns.netns())
 
-    def wait(self, done: Callable[[], bool], timeout: float, what: str) -> None:
-        """``wait_until``, with the daemon's last log lines if it times out."""
+    def wait(
+        self, done: Callable[[], bool], timeout: float, what: str, load: Load | None = None
+    ) -> None:
+        """``wait_until``, with the daemon's last log lines (less the test's own
+        status polling) and the load's counts if it times out."""
         try:
             wait_until(done, timeout, what)
         except TimeoutError as exc:
-            tail = self.log.read_text(errors="replace").splitlines()[-25:]
-            raise AssertionError(f"{exc}; daemon log:\n" + "\n".join(tail)) from None
+            lines = self.log.read_text(errors="replace").splitlines()
+            tail = [line for line in lines if '"control_request"' not in line][-40:]
+            counts = "" if load is None else f"; answers so far from pids {load.pids()}"
+            raise AssertionError(f"{exc}{counts}; daemon log:\n" + "\n".join(tail)) from None
 
     def restarted_from(self, old: int) -> int:
         """Wait until the unit runs again under a new main pid, ready; return it."""
@@ -172,7 +179,7 @@ def test_a_crash_or_a_restart_refuses_no_connection(unit: Unit, how: str) -> Non
         else:
             unit.ctl("restart", UNIT)
         unit.restarted_from(first)
-        unit.wait(lambda: _served_by_new_workers(unit, load), 30, "the new workers to serve")
+        unit.wait(lambda: _served_by_new_workers(unit, load), 30, "the new workers to serve", load)
         time.sleep(1)
     result = load.result
     report(how, result)
@@ -203,7 +210,7 @@ def test_a_hung_daemon_is_restarted_by_the_watchdog_and_loses_nothing_queued(
         wait_until(load.answered, 15, "the load to be answered")
         os.kill(first, signal.SIGSTOP)  # hung: no more WATCHDOG=1
         unit.restarted_from(first)
-        unit.wait(lambda: _served_by_new_workers(unit, load), 30, "the new workers to serve")
+        unit.wait(lambda: _served_by_new_workers(unit, load), 30, "the new workers to serve", load)
     result = load.result
     report("watchdog", result)
     # Nothing but the watchdog could restart it: it was stopped, not told anything.
@@ -235,7 +242,7 @@ def test_a_config_changed_while_down_starts_like_a_reload(unit: Unit) -> None:
         )
         unit.ctl("kill", "-s", "KILL", UNIT)
         unit.restarted_from(first)
-        unit.wait(lambda: _served_by_new_workers(unit, load), 30, "the new workers to serve")
+        unit.wait(lambda: _served_by_new_workers(unit, load), 30, "the new workers to serve", load)
     inherited = unit.events("service_inherited")[-1]
     assert inherited["listeners"] == 2, inherited
     assert len(inherited["retired"]) == 2, inherited
