@@ -6,10 +6,13 @@ then runs four sections and writes ``bench/RESULTS.md``, ``results.json``
 and PNG plots (see ``bench/report.py``):
 
 1. compare: every system under the same wrk load (``Connection: close``),
-   steady, then with a reload every ``interval`` s for ``seconds`` s;
+   steady, then with a reload every ``interval`` s for ``seconds`` s; the
+   rows a target compares run ``--rounds`` times, interleaved (A B A B),
+   and are judged on the median; a run that measured nothing is an error;
 2. spread: 8 workers, per-worker SO_REUSEPORT listeners vs one shared one;
-3. scale: reload duration, the supervisor's overhead and CPU per reload
-   for 1, 4, 8 and 64 workers; the supervisor's RSS;
+3. scale: a worker that starts in milliseconds (``tiny_worker.py``) at 1,
+   64, 256 and 512 workers: time to first serve at start, reload duration,
+   the supervisor's overhead and CPU per reload, its RSS and fds;
 4. soak: consecutive reloads under load: failures, fds, RSS, zombies;
 5. survive: the supervisor's in-place upgrade, a kill -9 and a restart under
    real systemd, beside nginx's kill -9 of the master and binary upgrade and
@@ -61,6 +64,7 @@ from supervisor.values import parse_listen  # noqa: E402
 
 PORT = 8080
 WORKERS = 4
+TINY = [sys.executable, "-I", "-S", str(HERE / "tiny_worker.py")]
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,12 @@ class Contender:
     migrate_req: int
     make: Callable[[Path], System]
     needs: str = ""  # a program that must be on PATH
+    baseline: bool = False  # a target compares a supervisor row with this one
+
+    @property
+    def compared(self) -> bool:
+        """Does a target read this row? Those run every round; the rest once."""
+        return self.kind == "supervisor" or self.baseline
 
 
 def _sup(steering: str, retire: str) -> Callable[[Path], System]:
@@ -88,9 +98,14 @@ CONTENDERS = [
               _sup("ebpf", "migrate")),
     Contender("supervisor: drain, eBPF", "supervisor", 0, _sup("ebpf", "drain")),
     Contender("supervisor: drain, classic BPF", "supervisor", 0, _sup("cbpf", "drain")),
+    # The same reloads with a worker that starts in milliseconds: what is left of
+    # the spike once the new workers' own start costs (almost) no CPU.
+    Contender("supervisor: migrate, eBPF policy, tiny workers", "supervisor", 0,
+              lambda d: Supervised(d, PORT, WORKERS, "ebpf", "migrate", command=TINY)),
     Contender("supervisor: migrate, eBPF policy, nginx workers", "supervisor", 0,
               lambda d: nginx_workers(d, PORT, WORKERS, "ebpf"), "nginx"),
-    Contender("nginx -s reload", "other", 0, lambda d: Nginx(d, PORT, reuseport=False), "nginx"),
+    Contender("nginx -s reload", "other", 0, lambda d: Nginx(d, PORT, reuseport=False), "nginx",
+              baseline=True),
     Contender("nginx -s reload, reuseport", "other", 0,
               lambda d: Nginx(d, PORT, reuseport=True), "nginx"),
     Contender("gunicorn HUP (sync workers)", "other", 0, lambda d: Gunicorn(d, PORT)),
@@ -100,26 +115,54 @@ CONTENDERS = [
 
 
 @dataclass
-class Row:
-    name: str
-    kind: str
+class Run:
+    """One row's measurement in one round."""
+
     steady: wrk.WrkResult = field(default_factory=wrk.WrkResult)
     reloading: wrk.WrkResult = field(default_factory=wrk.WrkResult)
     reloads: list[float] = field(default_factory=list)
     failed_reloads: int = 0
     overhead: list[float] = field(default_factory=list)  # the supervisor's own share
-    error: str | None = None
+    cpu: list[float] = field(default_factory=list)  # the supervisor thread's CPU per reload
+    waiting: list[float] = field(default_factory=list)  # ... and its time runnable without a CPU
+    error: str | None = None  # a run that measured nothing, or broke, says why
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str
+    runs: list[Run] = field(default_factory=list)
+    skipped: str | None = None  # a program it needs is not installed
 
 
 def set_migrate_req(value: int) -> None:
     Path("/proc/sys/net/ipv4/tcp_migrate_req").write_text(str(value))
 
 
-def compare(c: Contender, seconds: float, steady: float, interval: float, warm: float) -> Row:
-    row = Row(c.name, c.kind)
-    if c.needs and shutil.which(c.needs) is None:
-        row.error = f"{c.needs} is not installed"
-        return row
+def compare(
+    contenders: list[Contender], rounds: int, phases: tuple[float, float, float, float]
+) -> list[Row]:
+    """The rows a target compares once per round, in order, ``rounds`` times
+    (A B C A B C); the others in the first round only. On 2 shared cores one
+    run is noise; interleaving spreads the machine's drift over every row alike."""
+    rows = [Row(c.name, c.kind) for c in contenders]
+    for row, c in zip(rows, contenders, strict=True):
+        if c.needs and shutil.which(c.needs) is None:
+            row.skipped = f"{c.needs} is not installed"
+    for n in range(rounds):
+        for row, c in zip(rows, contenders, strict=True):
+            if row.skipped is None and (n == 0 or c.compared):
+                row.runs.append(_measure(c, *phases))
+                last = row.runs[-1]
+                print(f"compare {n + 1}/{rounds}: {c.name}: {last.reloading.failed} failed, "
+                      f"{len(last.reloads)} reloads{', ' + last.error if last.error else ''}",
+                      flush=True)  # fmt: skip
+    return rows
+
+
+def _measure(c: Contender, seconds: float, steady: float, interval: float, warm: float) -> Run:
+    run = Run()
     set_migrate_req(c.migrate_req)
     address = parse_listen(f"127.0.0.1:{PORT}")
     wait_for(lambda: not diag.port_owners(address), 30, f"port {PORT} to be free")
@@ -128,23 +171,28 @@ def compare(c: Contender, seconds: float, steady: float, interval: float, warm: 
         try:
             system.start()
             wrk.Wrk(PORT, warm).result()  # warm-up, not recorded
-            row.steady = wrk.Wrk(PORT, steady).result()
+            run.steady = wrk.Wrk(PORT, steady).result()
             client = wrk.Wrk(PORT, seconds)
-            stop_at = time.monotonic() + seconds - 1.0
+            # wrk checks one connection first and exits if it is refused: a naive
+            # restart at once would leave the phase with no measurement at all.
+            time.sleep(0.5)
+            stop_at = time.monotonic() + seconds - 1.5
             while time.monotonic() < stop_at:
                 done: Reload = system.reload()
-                row.reloads.append(done.seconds)
-                row.failed_reloads += not done.ok
-                row.overhead += timing([done], "overhead")
+                run.reloads.append(done.seconds)
+                run.failed_reloads += not done.ok
+                run.overhead += timing([done], "overhead")
+                run.cpu += timing([done], "cpu")
+                run.waiting += timing([done], "waiting_for_cpu")
                 time.sleep(interval)
-            row.reloading = client.result()
-        except Exception as exc:  # noqa: BLE001  (a row that could not run says why)
-            row.error = f"{type(exc).__name__}: {exc}"
+            run.reloading = client.result()
+            if not run.reloads:
+                run.error = "no reload completed within the phase"
+        except Exception as exc:  # noqa: BLE001  (a run that could not finish says why)
+            run.error = f"{type(exc).__name__}: {exc}"
         finally:
             system.stop()
-    print(f"compare: {c.name}: {row.reloading.failed} failed, {len(row.reloads)} reloads"
-          f"{', ' + row.error if row.error else ''}", flush=True)  # fmt: skip
-    return row
+    return run
 
 
 def spread(seconds: float, workers: int = 8) -> dict[str, dict[str, int]]:
@@ -176,19 +224,39 @@ def spread(seconds: float, workers: int = 8) -> dict[str, dict[str, int]]:
 
 
 def timing(reloads: list[Reload], key: str) -> list[float]:
-    return [float(r.report["timings"][key]) for r in reloads if r.report and r.ok]
+    return [
+        float(r.report["timings"][key])
+        for r in reloads
+        if r.report and r.ok and key in r.report["timings"]
+    ]
+
+
+def answers(port: int) -> bool:
+    """Does ``GET /`` on ``port`` get a 200 now?"""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            return conn.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
 
 
 def scale(counts: list[int], reloads: int) -> list[dict[str, Any]]:
-    """Reloads without load, so the times are the rollout's, not the client's."""
+    """Tiny workers (milliseconds to start), reloads without load: the times
+    are the rollout's and the supervisor's, not a client's or a slow worker's."""
     set_migrate_req(0)
     rows = []
     for n in counts:
         with tempfile.TemporaryDirectory() as tmp:
-            sup = Supervised(Path(tmp), PORT, n, "auto", "migrate")
-            sup.start()
+            sup = Supervised(Path(tmp), PORT, n, "auto", "migrate", command=TINY)
+            began = time.monotonic()
+            sup.launch()
+            wait_for(lambda: answers(PORT), 300, "the first answer")
+            first = time.monotonic() - began
+            sup.wait_serving()
+            all_running = time.monotonic() - began
             try:
-                k = max(2, reloads // (3 if n >= 64 else 1))
+                k = reloads if n <= 64 else max(2, reloads // 2)
                 cpu = cpu_seconds(sup.pid)
                 done = [sup.reload() for _ in range(k)]
                 cpu = (cpu_seconds(sup.pid) - cpu) / k
@@ -197,7 +265,12 @@ def scale(counts: list[int], reloads: int) -> list[dict[str, Any]]:
                     "duration": [r.seconds for r in done],
                     "overhead": timing(done, "overhead"),
                     "workers_start": timing(done, "workers_start"),
+                    "workers_stop": timing(done, "workers_stop"),
+                    "thread_cpu": timing(done, "cpu"),
+                    "waiting_for_cpu": timing(done, "waiting_for_cpu"),
                     "cpu_per_reload": cpu, "rss_kib": rss_kib(sup.pid),
+                    "fds": settled_fd_count(sup.pid),
+                    "first_serve": first, "all_running": all_running,
                 })  # fmt: skip
             finally:
                 sup.stop()
@@ -207,9 +280,8 @@ def scale(counts: list[int], reloads: int) -> list[dict[str, Any]]:
 
 def soak(reloads: int, warm_up: int = 20) -> dict[str, Any]:
     set_migrate_req(0)
-    tiny = [sys.executable, "-I", "-S", str(HERE / "tiny_worker.py")]
     with tempfile.TemporaryDirectory() as tmp:
-        sup = Supervised(Path(tmp), PORT, 2, "ebpf", "migrate", command=tiny)
+        sup = Supervised(Path(tmp), PORT, 2, "ebpf", "migrate", command=TINY)
         sup.start()
         try:
             client = wrk.Wrk(PORT, 3600, connections=8)
@@ -241,6 +313,11 @@ def main() -> None:
         help="measure this section again (or nothing: only render); the rest comes from "
         "OUT/results.json",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="runs of each row a target compares, interleaved (default 3; 1 with --quick)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("the benchmark needs root (a private network namespace)")
@@ -251,14 +328,14 @@ def main() -> None:
         os.execvpe("unshare", ["unshare", "-n", sys.executable, *sys.argv], env)  # noqa: S606
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     q = args.quick
-    seconds, steady, interval, warm = (3, 1, 0.5, 1) if q else (30, 10, 0.5, 3)
+    # (seconds reloading, seconds steady, pause between reloads, warm-up)
+    phases = (3.0, 1.0, 0.5, 1.0) if q else (15.0, 5.0, 0.5, 2.0)
+    rounds = args.rounds or (1 if q else 3)
     survive_seconds = 8 if q else 30
     sections: dict[str, Callable[[], Any]] = {
-        "compare": lambda: [
-            asdict(compare(c, seconds, steady, interval, warm)) for c in CONTENDERS
-        ],
+        "compare": lambda: [asdict(row) for row in compare(CONTENDERS, rounds, phases)],
         "spread": lambda: spread(3 if q else 10),
-        "scale": lambda: scale([1, 4] if q else [1, 4, 8, 64], 2 if q else 10),
+        "scale": lambda: scale([1, 64] if q else [1, 64, 256, 512], 2 if q else 10),
         "soak": lambda: soak(60 if q else 1000),
         "survive": lambda: survive.run(PORT, survive_seconds, 2.0 if q else 3.0),
     }
@@ -269,14 +346,20 @@ def main() -> None:
             if args.only == "survive":
                 results["survive_seconds"] = survive_seconds
     else:
+        seconds, steady, interval, _ = phases
         results = {"quick": q, "seconds": seconds, "steady": steady, "interval": interval,
-                   "survive_seconds": survive_seconds, "machine": report.machine()}  # fmt: skip
+                   "rounds": rounds, "survive_seconds": survive_seconds,
+                   "machine": report.machine()}  # fmt: skip
         results.update({name: measure() for name, measure in sections.items()})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     text = report.render(results, args.out)
     (args.out / "RESULTS.md").write_text(text)
     print(text)
+    errors = report.errors(results)
+    if errors:
+        # A phase that measured nothing must never pass for "0 failed".
+        raise SystemExit("the benchmark has errors:\n" + "\n".join(f"- {e}" for e in errors))
 
 
 if __name__ == "__main__":

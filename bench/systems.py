@@ -69,12 +69,20 @@ class Supervised:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        self.launch()
+        self.wait_serving()
+
+    def launch(self) -> None:
+        """Start the daemon; return at once."""
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "supervisor.daemon", "-c", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+
+    def wait_serving(self) -> None:
+        """Until every worker is RUNNING."""
         wait_for(self._serving, 300, f"supervisord to start (see {self.log_path})")
 
     @property

@@ -1,4 +1,5 @@
-"""A worker that starts in milliseconds, for the 1,000-reload soak.
+"""A worker that starts in milliseconds, for the soak, the scale section and
+the compare row that shows the spike left without a slow start.
 
 Standard library only, run with ``python -I -S``: the soak measures the
 supervisor across many reloads, and the demo worker's 0.3 s start would

@@ -5,6 +5,9 @@ and a close: what a reload can break. ``Wrk`` runs one phase and parses
 wrk's summary: requests, rate, latency percentiles, failures by cause
 (wrk's socket errors and non-2xx answers) and, with ``count_pids``, how
 many answers each worker pid gave (a Lua script reads ``pid=`` in bodies).
+A phase that measured nothing is never a result: ``result()`` raises
+``NoMeasurement`` when wrk failed, printed no summary, or completed no
+request (a phase of 0 requests would otherwise read as "0 failed").
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 THREADS = 2
+
+
+class NoMeasurement(RuntimeError):
+    """The load client failed, or its phase completed no request."""
+
+
 CONNECTIONS = 32
 PIDS_LUA = Path(__file__).with_name("count_pids.lua")
 
@@ -97,11 +106,21 @@ class Wrk:
                 f"http://127.0.0.1:{port}/",
             ],
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
 
     def result(self, *, stop: bool = False) -> WrkResult:
         if stop:  # wrk prints its summary on SIGINT
             self.proc.send_signal(signal.SIGINT)
-        out, _ = self.proc.communicate(timeout=None if not stop else 30)
-        return parse(out)
+        out, err = self.proc.communicate(timeout=None if not stop else 30)
+        if self.proc.returncode != 0 and not stop:
+            said = err.strip().splitlines()[-1:] or ["no message"]
+            raise NoMeasurement(f"wrk exited with status {self.proc.returncode}: {said[0]}")
+        if not re.search(r"\d+ requests in ", out):
+            raise NoMeasurement("wrk printed no summary")
+        result = parse(out)
+        if result.requests == 0:
+            causes = ", ".join(f"{k} {v}" for k, v in result.errors.items()) or "no errors either"
+            raise NoMeasurement(f"the phase completed no request ({causes})")
+        return result
