@@ -54,7 +54,7 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 bench-deps: $(VENV)/.installed-bench
 	.ci/apt-install wrk=wrk nginx=nginx haproxy=haproxy
 
-# About 15 minutes: writes bench/RESULTS.md and bench/*.png (README shows them).
+# About 25 minutes: writes bench/RESULTS.md and bench/*.png (README shows them).
 bench: bench-deps
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/run.py
 

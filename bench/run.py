@@ -1,4 +1,4 @@
-"""The side-by-side benchmark: ``make bench`` (about 15 min), ``make bench-quick``.
+"""The side-by-side benchmark: ``make bench`` (about 25 min), ``make bench-quick``.
 
 Re-executes itself as root in a private network namespace (loopback only;
 ``net.ipv4.tcp_migrate_req`` is set in that namespace, never the host's),
