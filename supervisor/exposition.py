@@ -6,7 +6,7 @@ needs (``metrics.render``)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -22,6 +22,7 @@ from supervisor import __version__
 from supervisor.errors import SupervisorError
 from supervisor.lifecycle import WorkerState
 from supervisor.metrics import KERNEL, PREFIX, Tally
+from supervisor.rollout import Outcome
 
 if TYPE_CHECKING:
     from supervisor.service import Service
@@ -46,9 +47,12 @@ class Scrape(Collector):
         reloads = CounterMetricFamily(
             f"{PREFIX}_reloads", "Rollouts by outcome.", labels=["service", "outcome"]
         )
-        for name, outcomes in t.reloads.items():
-            for outcome, count in outcomes.items():
-                reloads.add_metric([name, outcome], count)
+        # Every outcome of every service, 0 until it first happens: a series that
+        # appears only at its first increment hides that increment from rate().
+        for name in {**dict.fromkeys(self.services), **dict.fromkeys(t.reloads)}:
+            outcomes = t.reloads.get(name, {})
+            for outcome in {**dict.fromkeys(get_args(Outcome)), **dict.fromkeys(outcomes)}:
+                reloads.add_metric([name, outcome], outcomes.get(outcome, 0))
         yield reloads
         for histograms, metric, text in (
             (t.duration, "reload_duration_seconds", "Successful rollouts' durations."),

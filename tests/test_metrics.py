@@ -59,6 +59,10 @@ def test_metrics_over_the_control_socket_and_http(start_daemon: Callable[..., Da
         service_toml("web", port=port, workers=2),
         supervisor_extra=f'metrics_listen = "127.0.0.1:{metrics}"',
     )
+    before = _get(f"http://127.0.0.1:{metrics}/metrics")
+    for outcome in ("succeeded", "rejected", "rolled_back", "cancelled"):
+        # There before the first reload, so rate() sees the first increment.
+        assert f'{PREFIX}_reloads_total{{outcome="{outcome}",service="web"}} 0.0' in before
     assert daemon.reload().ok
     cli = subprocess.run(
         [sys.executable, "-m", "supervisor.ctl", "-s", str(daemon.control), "metrics"],
