@@ -16,7 +16,7 @@ import structlog
 
 from supervisor.config import Config, SupervisorSection
 from supervisor.errors import ConfigIssue
-from supervisor.kernel import cbpf, sysctl
+from supervisor.kernel import cbpf, fastspawn, sysctl
 from supervisor.steering import Backend
 from supervisor.steering.cbpf import build_program
 from supervisor.steering.ebpf import available as ebpf_available
@@ -86,7 +86,10 @@ def prepare(config: SupervisorSection) -> Capabilities:
         except OSError as exc:
             log.warning("tcp_migrate_req_not_enabled", error=str(exc))
     caps = detect(config.steering)
-    log.info("capabilities", **caps.describe())
+    # How a worker that keeps the daemon's credentials starts (checked once, here):
+    # posix_spawn + sh + setpriv, or the Python launcher (kernel/fastspawn.py).
+    start = "posix_spawn" if fastspawn.available() else "launcher"
+    log.info("capabilities", **caps.describe(), worker_start=start)
     return caps
 
 

@@ -10,13 +10,14 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import trio
 import trio.testing
 
 from supervisor import launch
+from supervisor.kernel import fastspawn
 from supervisor.kernel.proc import LAUNCHER, Credentials, describe_exit, spawn
 from tests.harness import process_gone, wait_until
 
@@ -34,6 +35,17 @@ REPORT = textwrap.dedent(
                       "groups": os.getgroups(), "cwd": os.getcwd()}), flush=True)
     """
 )
+
+
+def _via(path: str) -> Literal["auto", "launcher"]:
+    if path == "auto" and fastspawn.available() is None:
+        pytest.skip("no /bin/sh or no setpriv with --pdeathsig: every start uses the launcher")
+    return "auto" if path == "auto" else "launcher"
+
+
+# Both ways a worker starts: posix_spawn + sh + setpriv ("auto" for a worker
+# that keeps the supervisor's credentials) and the Python launcher.
+VIA = pytest.mark.parametrize("via", ["auto", "launcher"], ids=["fastspawn", "launcher"])
 
 
 def listener() -> socket.socket:
@@ -60,17 +72,18 @@ async def run_child(argv: list[str], fds: list[int], **kwargs: Any) -> str:
     return out
 
 
-async def run_report(fds: list[int]) -> dict[str, Any]:
-    return dict(json.loads(await run_child([sys.executable, "-c", REPORT], fds)))
+async def run_report(fds: list[int], via: str = "auto") -> dict[str, Any]:
+    return dict(json.loads(await run_child([sys.executable, "-c", REPORT], fds, via=_via(via))))
 
 
-async def test_listeners_arrive_at_3_and_up_with_listen_pid() -> None:
+@VIA
+async def test_listeners_arrive_at_3_and_up_with_listen_pid(via: str) -> None:
     socks = [listener() for _ in range(3)]
     ports = [s.getsockname()[1] for s in socks]
     try:
         # Hand them over in reverse fd order to exercise the two-pass move.
         fds = [s.fileno() for s in reversed(socks)]
-        report = await run_report(fds)
+        report = await run_report(fds, via)
     finally:
         for s in socks:
             s.close()
@@ -97,8 +110,9 @@ async def test_privileges_are_dropped_in_the_child() -> None:
     assert listen_pid == pid
 
 
-async def test_exec_failure_is_exit_127() -> None:
-    proc = spawn(["/nonexistent/program"], env=dict(os.environ), fds=[])
+@VIA
+async def test_exec_failure_is_exit_127(via: str) -> None:
+    proc = spawn(["/nonexistent/program"], env=dict(os.environ), fds=[], via=_via(via))
     with trio.fail_after(30):
         code = await proc.wait()
     proc.close()
@@ -116,9 +130,38 @@ def test_the_spec_survives_its_encoding(groups: list[int] | None) -> None:
     assert {k: getattr(spec, k) for k in fields} == fields
 
 
-async def test_the_worker_gets_the_soft_fd_limit_it_is_given() -> None:
-    out = await run_child(["/bin/sh", "-c", "ulimit -Sn"], [], nofile=777)
-    assert out.split() == ["777"]
+@VIA
+async def test_the_worker_gets_the_soft_fd_limit_and_the_directory_it_is_given(
+    via: str, tmp_path: Path
+) -> None:
+    out = await run_child(
+        ["/bin/sh", "-c", "ulimit -Sn; pwd"], [], nofile=777, cwd=tmp_path, via=_via(via)
+    )
+    assert out.split() == ["777", str(tmp_path)]
+
+
+def test_an_fd_the_supervisor_inherited_never_reaches_a_worker() -> None:
+    # posix_spawn closes nothing: an inheritable fd the daemon got from its own
+    # parent must be sealed before the first start (in a fresh process).
+    code = textwrap.dedent(
+        """
+        import json, os, sys, time
+        from supervisor.kernel.proc import spawn
+        stray = os.dup2(os.pipe()[0], 100, inheritable=True)  # above the child's own
+        read, write = os.pipe()
+        listing = "import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')))"
+        child = spawn([sys.executable, "-c", listing], env=dict(os.environ), fds=[], stdout=write)
+        os.close(write)
+        print(json.dumps({"stray": stray, "child": os.read(read, 4096).decode()}))
+        while os.waitpid(child.pid, 0)[0] != child.pid:
+            pass
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    seen = json.loads(done.stdout)
+    assert seen["stray"] not in json.loads(seen["child"]), seen
 
 
 @pytest.mark.parametrize(("carried", "expected"), [("", "256"), ("1000", "1000")])
@@ -153,14 +196,15 @@ def test_a_malformed_spec_is_exit_127_with_the_cause() -> None:
     assert "bad launch spec" in done.stderr
 
 
-def test_children_die_with_their_parent() -> None:
-    # A middleman process spawns a sleeper through our launcher and is then
-    # SIGKILLed: the parent-death signal must take the sleeper with it.
+@VIA
+def test_children_die_with_their_parent(via: str) -> None:
+    # A middleman process spawns a sleeper and is then SIGKILLed: the
+    # parent-death signal must take the sleeper with it.
     code = textwrap.dedent(
-        """
+        f"""
         import os, sys, time
         from supervisor.kernel.proc import spawn
-        child = spawn(["sleep", "300"], env=dict(os.environ), fds=[])
+        child = spawn(["sleep", "300"], env=dict(os.environ), fds=[], via={_via(via)!r})
         print(child.pid, flush=True)
         time.sleep(300)
         """

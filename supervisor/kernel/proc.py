@@ -1,4 +1,4 @@
-"""Child processes: spawn through the launcher, wait by pidfd, signal by pidfd.
+"""Child processes: spawn (``fastspawn``, or the launcher), wait and signal by pidfd.
 
 Why not ``trio.lowlevel.open_process``: it forks from a worker thread, and
 the kernel sends ``PR_SET_PDEATHSIG`` when the *thread* that forked the
@@ -21,11 +21,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import structlog
 import trio
 
 from supervisor import launch
+from supervisor.kernel import fastspawn
 
 LAUNCHER = Path(launch.__file__).resolve()
 EXIT_LAUNCH_FAILED = 127
@@ -242,17 +244,39 @@ def spawn(
     stdout: int | None = None,
     stderr: int | None = None,
     nofile: int | None = None,
+    via: Literal["auto", "launcher"] = "auto",
 ) -> ChildProcess:
-    """Start ``argv`` through the launcher with ``fds`` as 3, 4, ... in the child.
+    """Start ``argv`` with ``fds`` as 3, 4, ... in the child.
 
     The child gets its own session (a Ctrl-C on the supervisor's terminal
     reaches only the supervisor, which then stops workers in order), stdin
     from /dev/null, and the supervisor's stdout and stderr unless
-    ``stdout`` or ``stderr`` name other fds.
+    ``stdout`` or ``stderr`` name other fds. A worker that keeps the
+    supervisor's credentials starts through ``fastspawn`` where the system
+    allows it, any other (or ``via="launcher"``) through the Python launcher.
 
     Raises:
-        OSError: the launcher itself could not be started (fork, fd limits).
+        OSError: the child could not be started (fork, fd limits).
     """
+    setpriv = fastspawn.available() if via == "auto" and credentials == Credentials() else None
+    if setpriv is not None:
+        pid = fastspawn.spawn(
+            setpriv,
+            argv,
+            env=env,
+            fds=fds,
+            cwd=cwd,
+            death_signal=death_signal,
+            stdout=stdout,
+            stderr=stderr,
+            nofile=nofile,
+        )
+        try:
+            return ChildProcess(pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)  # just SIGKILLed: exits at once
+            raise
     spec = launch.encode(
         list(argv),
         fds=list(fds),
