@@ -259,6 +259,7 @@ def spawn(
         OSError: the child could not be started (fork, fd limits).
     """
     setpriv = fastspawn.available() if via == "auto" and credentials == Credentials() else None
+    popen: subprocess.Popen[bytes] | None = None
     if setpriv is not None:
         pid = fastspawn.spawn(
             setpriv,
@@ -271,37 +272,35 @@ def spawn(
             stderr=stderr,
             nofile=nofile,
         )
-        try:
-            return ChildProcess(pid)
-        except OSError:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)  # just SIGKILLed: exits at once
-            raise
-    spec = launch.encode(
-        list(argv),
-        fds=list(fds),
-        parent=os.getpid(),
-        pdeathsig=int(death_signal),
-        uid=credentials.uid,
-        gid=credentials.gid,
-        groups=None if credentials.groups is None else list(credentials.groups),
-        cwd=None if cwd is None else str(cwd),
-        nofile=nofile,
-    )
-    popen = subprocess.Popen(
-        [sys.executable, "-I", "-S", str(LAUNCHER), *spec],
-        env=dict(env),
-        stdin=subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=stderr,
-        pass_fds=tuple(fds),
-        start_new_session=True,
-    )
+    else:
+        spec = launch.encode(
+            list(argv),
+            fds=list(fds),
+            parent=os.getpid(),
+            pdeathsig=int(death_signal),
+            uid=credentials.uid,
+            gid=credentials.gid,
+            groups=None if credentials.groups is None else list(credentials.groups),
+            cwd=None if cwd is None else str(cwd),
+            nofile=nofile,
+        )
+        popen = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(LAUNCHER), *spec],
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            pass_fds=tuple(fds),
+            start_new_session=True,
+        )
+        pid = popen.pid
     try:
-        return ChildProcess(popen.pid, popen)
-    except OSError:
-        popen.kill()
-        popen.wait()  # just SIGKILLed and never ran our code: exits at once
+        return ChildProcess(pid, popen)
+    except OSError:  # no pidfd (out of fds): the child never ran our code yet
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)  # just SIGKILLed: exits at once
+        if popen is not None:
+            popen.returncode = os.waitstatus_to_exitcode(status)  # Popen must not reap it again
         raise
 
 
@@ -323,8 +322,8 @@ async def run_command(
     limit: int = 4000,
     nofile: int | None = None,
 ) -> CommandResult:
-    """Run ``argv`` through the launcher (so with ``credentials`` and ``cwd``),
-    stdout and stderr captured together; keep the last ``limit`` bytes.
+    """Run ``argv`` as ``spawn`` starts a worker (so with ``credentials`` and
+    ``cwd``), stdout and stderr captured together; keep the last ``limit`` bytes.
 
     The caller bounds the time: on cancellation the command is killed and reaped.
 
