@@ -106,7 +106,7 @@ class WorkerSlot:
         self.pid: int | None = None
         self.restarts = 0
         self.last_exit: str | None = None
-        # The process's own times: spawn to health check passed, stop signal to exit.
+        # The process's own start: spawn to health check passed.
         self.start_seconds: float | None = None
         self._stop_requested = trio.Event()
         self._notify: NotifyReceiver | None = None

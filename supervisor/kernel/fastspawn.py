@@ -55,7 +55,6 @@ SCRIPT = (
     'if [ -n "$3" ]; then cd "$3" || exit 127; fi; '
     'sig=$4; setpriv=$5; shift 5; exec "$setpriv" --pdeathsig "$sig" -- "$@"'
 )
-_sealed = False
 
 
 @functools.cache
@@ -128,11 +127,9 @@ def spawn(
         os.close(devnull)
 
 
+@functools.cache
 def _seal_inherited() -> None:
     """Mark every fd from 3 up close-on-exec, once per process (see the module)."""
-    global _sealed  # noqa: PLW0603  (once per process, by nature)
-    if _sealed:
-        return
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd > 2:
@@ -140,4 +137,3 @@ def _seal_inherited() -> None:
                 os.set_inheritable(fd, False)
             except OSError:  # listdir's own fd, closed by now
                 continue
-    _sealed = True
