@@ -6,6 +6,14 @@ test's units on its unit path: no boot unit runs (one would wipe the host's
 tmpfs inside it, so nothing it writes reaches the host. Its files live in a
 directory under /var/lib, outside the tmpfs mounts. ``close()`` kills it
 (which ends the namespace and everything in it) and removes the directory.
+
+The cgroup tree is the host's (there is no cgroup namespace), and systemd
+takes the cgroup it starts in as its root. Started in the host's root, every
+instance would put its units in the very same ``/system.slice/UNIT`` cgroup:
+one instance's processes (pid 0 to another, being in no pid namespace it can
+see) then make the other's ``systemctl kill`` fail with EIO, and a leftover
+keeps a unit's cgroup from ever emptying. So each instance starts in a cgroup
+of its own, named like its directory, and ``close()`` removes that subtree.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /var/tmp
 mount -t tmpfs tmpfs /tmp
 ip link set lo up
+for procs in {cgroups}; do echo $$ > "$procs"; done
 export SYSTEMD_UNIT_PATH={units}
 exec {systemd} --system --unit=test.target --log-target=console --log-level=info
 """
@@ -61,6 +70,7 @@ class SystemdNamespace:
         (self.units / "test.target").write_text("[Unit]\nDescription=test target\n")
         self.pid = 0  # systemd, as the host sees it
         self._unshare: subprocess.Popen[bytes] | None = None
+        self.cgroups = [Path(mount) / self.root.name for mount in _tracking_hierarchies()]
 
     def install(self, name: str, text: str, dropins: dict[str, str] | None = None) -> Path:
         path = self.units / name
@@ -73,7 +83,10 @@ class SystemdNamespace:
 
     def boot(self) -> None:
         script = self.root / "run.sh"
-        script.write_text(RUN.format(units=self.units, systemd=SYSTEMD))
+        for cgroup in self.cgroups:
+            cgroup.mkdir()
+        procs = " ".join(str(cgroup / "cgroup.procs") for cgroup in self.cgroups)
+        script.write_text(RUN.format(units=self.units, systemd=SYSTEMD, cgroups=procs))
         script.chmod(0o755)
         log = (self.root / "systemd.log").open("wb")
         self._unshare = subprocess.Popen(
@@ -174,7 +187,43 @@ class SystemdNamespace:
             except subprocess.TimeoutExpired:
                 self._unshare.kill()
                 self._unshare.wait(10)
+        _remove_cgroups(self.root.name)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _cgroup_mounts() -> list[tuple[str, str, str]]:
+    """(mount point, type, options) of every cgroup hierarchy mounted here."""
+    out = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, point, kind, options = line.split()[:4]
+        if kind in ("cgroup", "cgroup2"):
+            out.append((point, kind, options))
+    return out
+
+
+def _tracking_hierarchies() -> list[str]:
+    """The hierarchies systemd finds its own cgroup in: the cgroup2 one, and
+    the named ``systemd`` one of a hybrid or legacy layout."""
+    return [
+        point
+        for point, kind, options in _cgroup_mounts()
+        if kind == "cgroup2" or "name=systemd" in options.split(",")
+    ]
+
+
+def _remove_cgroups(name: str) -> None:
+    """Remove the cgroup subtree ``name`` from every hierarchy (systemd made it in
+    the controllers' hierarchies too); its processes are gone by now, and a cgroup
+    whose last task is still exiting may take a moment to let go."""
+    for point, _, _ in _cgroup_mounts():
+        top = Path(point) / name
+        deadline = time.monotonic() + 10
+        while top.exists() and time.monotonic() < deadline:
+            for folder, _, _ in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+            if top.exists():
+                time.sleep(0.05)
 
 
 def json_lines(path: Path) -> Iterator[dict[str, Any]]:

@@ -269,6 +269,27 @@ def test_a_config_changed_while_down_starts_like_a_reload(unit: Unit) -> None:
     assert at_connect(load.result) == 0, (load.result.at_connect, load.result.examples)
 
 
+def test_two_instances_keep_their_units_apart(unit: Unit) -> None:
+    """Each namespace's systemd runs its units in a cgroup tree of its own. In a
+    shared one, the other instance's daemon and workers sit in the same unit
+    cgroup, as pid 0 to this systemd, and ``systemctl kill`` fails with EIO."""
+    other = SystemdNamespace()
+    try:
+        config = other.root / "supervisor.toml"
+        config.write_text(config_text(workers=2))
+        install_supervisor(other, config, VENV_BIN)
+        other.boot()
+        other.ctl("start", UNIT)
+        first = unit.main_pid()
+        done = unit.ctl("kill", "-s", "KILL", UNIT, check=False)
+        assert done.returncode == 0, done.stderr
+        unit.restarted_from(first)
+        assert other.show(UNIT, "ActiveState")["ActiveState"] == "active"
+    finally:
+        other.close()
+    assert not any(cgroup.exists() for cgroup in other.cgroups), "close() removes its cgroups"
+
+
 def _workers(unit: Unit) -> list[dict[str, Any]]:
     done = unit.supervisorctl("status", "--json")
     assert done.returncode == 0, done.stderr
