@@ -31,8 +31,8 @@ def tcp_listener() -> socket.socket:
 
 
 @asynccontextmanager
-async def demo(socks: list[socket.socket]) -> AsyncIterator[ChildProcess]:
-    """A demo worker on ``socks``, ready (READY=1 received) when entered."""
+async def demo(socks: list[socket.socket], *args: str) -> AsyncIterator[ChildProcess]:
+    """A demo worker on ``socks`` (with ``args``), ready (READY=1 received) when entered."""
     with NotifyReceiver("demo-test") as notify:
         env = {
             **os.environ,
@@ -42,7 +42,7 @@ async def demo(socks: list[socket.socket]) -> AsyncIterator[ChildProcess]:
             "SUPERVISOR_GENERATION": "5",
             "SUPERVISOR_WORKER": "2",
         }
-        proc = spawn(DEMO, env=env, fds=[s.fileno() for s in socks])
+        proc = spawn([*DEMO, *args], env=env, fds=[s.fileno() for s in socks])
         try:
             with trio.fail_after(30):
                 message = await notify.receive()
@@ -145,6 +145,20 @@ async def test_einval_from_accept_retires_only_that_listener() -> None:
         assert data.startswith(b"HTTP/1.1 200 ")
     first.close()
     second.close()
+
+
+async def test_concurrency_is_per_listener_so_an_idle_one_starves_none() -> None:
+    """``--concurrency 1`` with two listeners, the second never connected to: the
+    first answers request after request. With one limit for both, the idle
+    listener's acceptor held the only slot in accept() and the busy one's
+    connections waited in its queue (at the latest from the second request on)."""
+    busy, idle = tcp_listener(), tcp_listener()
+    async with demo([busy, idle], "--concurrency", "1"):
+        for _ in range(3):
+            data = await exchange(busy.getsockname()[1], b"GET / HTTP/1.0\r\n\r\n")
+            assert data.startswith(b"HTTP/1.1 200 ")
+    busy.close()
+    idle.close()
 
 
 async def test_udp_listener_answers_datagrams() -> None:

@@ -83,8 +83,10 @@ class Server:
         self._idle: set[trio.CancelScope] = set()  # keep-alive, between requests
         self._fresh: set[trio.CancelScope] = set()  # accepted, first request not read yet
         # Like a sync worker: with a limit, the next accept() waits for a free
-        # slot, so connections queue in the kernel under load.
-        self._slots = trio.CapacityLimiter(concurrency) if concurrency > 0 else None
+        # slot, so connections queue in the kernel under load. The limit is per
+        # listener: an acceptor waits in accept() holding a slot, and with one
+        # limiter for all, an idle listener's acceptor starved a busy one.
+        self._concurrency = concurrency
         self._work = work
 
     def drain(self) -> None:
@@ -103,15 +105,16 @@ class Server:
     async def accept_loop(self, sock: socket.socket, handlers: trio.Nursery) -> None:
         cookie = socket_cookie(sock)
         listener = trio.socket.from_stdlib_socket(sock)
+        slots = trio.CapacityLimiter(self._concurrency) if self._concurrency > 0 else None
         while True:
             token = object()  # the limiter's borrower: one per connection
-            if self._slots is not None:
-                await self._slots.acquire_on_behalf_of(token)
+            if slots is not None:
+                await slots.acquire_on_behalf_of(token)
             try:
                 conn, _ = await listener.accept()
             except OSError as exc:
-                if self._slots is not None:
-                    self._slots.release_on_behalf_of(token)
+                if slots is not None:
+                    slots.release_on_behalf_of(token)
                 if exc.errno == errno.EINVAL:
                     log.info("listener_retired", listener=cookie)
                     return
@@ -120,9 +123,15 @@ class Server:
                     await trio.sleep(0.05)
                     continue
                 raise
-            handlers.start_soon(self._serve_slot, trio.SocketStream(conn), cookie, token)
+            handlers.start_soon(self._serve_slot, trio.SocketStream(conn), cookie, slots, token)
 
-    async def _serve_slot(self, stream: trio.SocketStream, cookie: int, owner: object) -> None:
+    async def _serve_slot(
+        self,
+        stream: trio.SocketStream,
+        cookie: int,
+        slots: trio.CapacityLimiter | None,
+        owner: object,
+    ) -> None:
         try:
             if self._tls is None:
                 await self.serve_connection(stream, cookie)
@@ -132,8 +141,8 @@ class Server:
                     trio.SSLStream(stream, self._tls, server_side=True), cookie
                 )
         finally:
-            if self._slots is not None:
-                self._slots.release_on_behalf_of(owner)
+            if slots is not None:
+                slots.release_on_behalf_of(owner)
 
     async def serve_connection(self, stream: trio.abc.Stream, cookie: int) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
