@@ -9,8 +9,10 @@ stop ordering, kernel errors at each step, truthful status.
 
 from __future__ import annotations
 
+import gc
 import signal
 import socket
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -134,6 +136,20 @@ async def test_a_reload_starts_standby_promotes_then_retires(
         assert all(p.signals == [signal.SIGTERM] for p in old)
         assert [p.plan.generation for p in rig.spawner.live()] == [2, 2]
         assert rig.service.current is not None and rig.service.current.number == 2
+
+
+async def test_a_retired_generation_is_released_not_kept_by_its_successor(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Nothing of the serving generation holds the one it replaced: its slots,
+    listeners and tasks' frames are freed at the reload, not at the next one."""
+    async with running() as rig:
+        assert rig.service.current is not None
+        first = weakref.ref(rig.service.current)
+        report = await rig.reload()
+        assert report.outcome == "succeeded", report
+        gc.collect()
+        assert first() is None, "generation 1 is still referenced"
 
 
 async def test_requests_during_a_rollout_coalesce_into_one_with_the_newest_config(
