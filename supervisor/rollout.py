@@ -34,6 +34,7 @@ from supervisor.worker import SlotSettings
 log = structlog.get_logger("supervisor.rollout")
 Outcome = Literal["succeeded", "rejected", "rolled_back", "cancelled"]
 _MAX_OUTPUT = 4000
+READY_EVERY = 0.25  # seconds between "workers ready k/n" lines (the last always comes)
 
 
 @dataclass
@@ -200,7 +201,7 @@ async def run_rollout(
         ctx.spawner,
         ctx.steering,
         Role.STANDBY,
-        on_ready=lambda k, n: say(f"workers ready {k}/{n}"),
+        on_ready=ready_progress(say),
         created=lambda generation: ctx.stage.set(generation, None),
         store=ctx.store,
     )
@@ -215,6 +216,21 @@ async def run_rollout(
         return await _cut_over(ctx, candidate, plan, say=say, finish=finish, timer=timer)
     finally:
         ctx.stage.set(None, None)
+
+
+def ready_progress(say: Callable[[str], None]) -> Callable[[int, int], None]:
+    """``workers ready k/n`` at most every READY_EVERY seconds, and at n/n: one
+    line a worker cost each caller a message (and the daemon a send) per worker."""
+    last = -READY_EVERY
+
+    def ready(k: int, n: int) -> None:
+        nonlocal last
+        now = trio.current_time()
+        if k == n or now - last >= READY_EVERY:
+            last = now
+            say(f"workers ready {k}/{n}")
+
+    return ready
 
 
 async def _cut_over(

@@ -28,7 +28,7 @@ from supervisor.kernel import bpf, diag
 from supervisor.loader import parse_config
 from supervisor.reloads import ServiceDirectory, handle_reload
 from supervisor.requests import Reload
-from supervisor.rollout import RolloutReport, Snapshot
+from supervisor.rollout import RolloutReport, Snapshot, ready_progress
 from supervisor.service import Service, ServiceEnv
 from supervisor.steering import Role
 from supervisor.steering.ebpf import available as ebpf_available
@@ -150,6 +150,19 @@ async def test_a_retired_generation_is_released_not_kept_by_its_successor(
         assert report.outcome == "succeeded", report
         gc.collect()
         assert first() is None, "generation 1 is still referenced"
+
+
+async def test_workers_ready_lines_come_at_most_every_quarter_second_and_at_the_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    said: list[str] = []
+    ready = ready_progress(said.append)
+    for k in range(1, 64):
+        ready(k, 100)
+    await trio.sleep(0.3)
+    for k in range(64, 101):
+        ready(k, 100)
+    assert said == ["workers ready 1/100", "workers ready 64/100", "workers ready 100/100"]
 
 
 async def test_requests_during_a_rollout_coalesce_into_one_with_the_newest_config(
