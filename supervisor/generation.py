@@ -23,6 +23,7 @@ from supervisor.fdstore import NO_STORE, FdStore
 from supervisor.health import pinned_connector
 from supervisor.lifecycle import Watched, WorkerState
 from supervisor.listener import Inherited, Listener, open_listeners, release_listeners
+from supervisor.output import OutputHub
 from supervisor.plan import ServicePlan
 from supervisor.spawner import Spawner
 from supervisor.status import WorkerStatus
@@ -237,6 +238,7 @@ async def run_generation(
         raise RolloutAborted(plan.name, [str(exc)]) from exc
     slots = []
     handovers = spec.handovers or {}
+    hub = OutputHub()
     by_worker = by_worker_index(listeners)
     for worker in plan.workers:
         mine = by_worker.get(worker.index, [])
@@ -244,7 +246,9 @@ async def run_generation(
         connect = None if first_tcp is None else pinned_connector(first_tcp)
         fds = [lst.sock.fileno() for lst in mine]
         handover = handovers.get(worker.index)
-        slots.append(WorkerSlot(worker, fds, settings, spawner, connect, handover=handover))
+        slots.append(
+            WorkerSlot(worker, fds, settings, spawner, connect, handover=handover, output=hub)
+        )
     generation = Generation(plan, listeners, slots, role)
     if spec.created is not None:
         spec.created(generation)
@@ -258,10 +262,11 @@ async def run_generation(
     # that one (its slots, their tasks' frames, its listeners) alive until the
     # next reload. Only ``_serve`` gets ``on_ready``, and drops it once started.
     keep_if_failed = spec.keep_if_failed
-    serving = _serve(generation, task_status, spec.on_ready)
+    serving = _serve(generation, task_status, spec.on_ready, hub)
     del spec
     try:
-        await serving
+        with hub:
+            await serving
     finally:
         failed = generation.state.value is GenerationState.STARTING
         preserve = generation.preserve or (keep_if_failed and failed)
@@ -274,24 +279,28 @@ async def _serve(
     generation: Generation,
     task_status: trio.TaskStatus[Generation],
     on_ready: WorkerReady | None,
+    hub: OutputHub,
 ) -> None:
     slots = generation.slots
     try:
-        async with trio.open_nursery() as nursery:
-            await _start_all(generation, nursery, on_ready)
-            on_ready = None  # the rollout's: not held for the generation's life
-            generation.state.set(GenerationState.SERVING)
-            log.info("generation_serving", workers=len(slots))
-            task_status.started(generation)
-            async with trio.open_nursery() as followers:
+        async with trio.open_nursery() as relaying:
+            relaying.start_soon(hub.run)  # until every slot has let go of its pipes
+            async with trio.open_nursery() as nursery:
+                await _start_all(generation, nursery, on_ready)
+                on_ready = None  # the rollout's: not held for the generation's life
+                generation.state.set(GenerationState.SERVING)
+                log.info("generation_serving", workers=len(slots))
+                task_status.started(generation)
+                async with trio.open_nursery() as followers:
+                    for slot in slots:
+                        followers.start_soon(generation.follow_worker, slot)
+                    await generation._stop_requested.wait()
+                    followers.cancel_scope.cancel()
+                generation.state.set(GenerationState.STOPPING)
+                log.info("generation_stopping")
                 for slot in slots:
-                    followers.start_soon(generation.follow_worker, slot)
-                await generation._stop_requested.wait()
-                followers.cancel_scope.cancel()
-            generation.state.set(GenerationState.STOPPING)
-            log.info("generation_stopping")
-            for slot in slots:
-                slot.request_stop()
+                    slot.request_stop()
+            relaying.cancel_scope.cancel()
     except* RolloutAborted as group:
         # The nursery wraps our one RolloutAborted in a group: unwrap it.
         raise leaves(group)[0] from None

@@ -2,9 +2,9 @@
 
 Each worker slot owns two pipes (stdout, stderr) for its whole life, so a
 respawned process writes into the same ones and an in-place upgrade hands
-them over. A reader task per pipe turns what arrives into ``worker_output``
-events, one per line. Bounds, so a worker that floods never slows the
-daemon or another worker:
+them over. One reader per generation (``OutputHub``) turns what arrives on
+any of them into ``worker_output`` events, one per line. Bounds, so a worker
+that floods never slows the daemon or another worker:
 
 - a line longer than ``MAX_LINE`` bytes is cut (the event says how much);
 - each pipe holds ``PIPE_BUFFER`` bytes; the reader empties it as fast as it
@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Self
 
 import structlog
 import trio
@@ -95,47 +97,125 @@ def level_of(line: str, stream: str) -> tuple[int, str]:
     return _DEFAULT[stream], line
 
 
-async def relay(pipe: Pipe, pid: Callable[[], int | None]) -> None:
-    """Turn ``pipe``'s lines into events until cancelled (it owns no fd: the slot does)."""
-    bucket = Bucket()
-    pending = b""
-    dropped = 0
-    last_report = trio.current_time()
-    fd = pipe.read
-    os.set_blocking(fd, False)
-    while True:
+class _Reader:
+    """One pipe's state in the hub: its partial line, its rate, what it dropped."""
+
+    def __init__(self, pipe: Pipe, worker: int, pid: Callable[[], int | None]) -> None:
+        self.pipe, self.worker, self.pid = pipe, worker, pid
+        self.bucket = Bucket()
+        self.pending = b""
+        self.dropped = 0
+        self.last_report = trio.current_time()
+
+    def read(self) -> bool:
+        """Read what the pipe holds (one read) into events; False at end of file."""
         try:
-            chunk = os.read(fd, PIPE_BUFFER)
+            chunk = os.read(self.pipe.read, PIPE_BUFFER)
         except BlockingIOError:
-            # Idle: wait for more, but not past the time to report what was dropped.
-            with trio.move_on_at(last_report + 1.0 if dropped else float("inf")):
-                await trio.lowlevel.wait_readable(fd)
-            chunk = b""
-        else:
-            if not chunk:  # every writer closed (not while the slot holds one)
-                await trio.sleep_forever()
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        if len(pending) > MAX_LINE:  # no newline yet, but too long to hold
-            lines.append(pending)
-            pending = b""
+            return True
+        if not chunk:  # every writer closed (not while the slot holds one)
+            return False
+        self.pending += chunk
+        *lines, self.pending = self.pending.split(b"\n")
+        if len(self.pending) > MAX_LINE:  # no newline yet, but too long to hold
+            lines.append(self.pending)
+            self.pending = b""
         for raw in lines:
-            if bucket.take():
-                _emit(pipe.stream, raw, pid())
+            if self.bucket.take():
+                _emit(self.pipe.stream, raw, self.worker, self.pid())
             else:
-                dropped += 1
-        now = trio.current_time()
-        if dropped and now - last_report >= 1.0:
-            log.warning("worker_output_dropped", stream=pipe.stream, lines=dropped, rate=RATE)
-            dropped, last_report = 0, now
-        await trio.lowlevel.checkpoint()
+                self.dropped += 1
+        return True
+
+    def report(self, now: float) -> None:
+        """Say how many lines were dropped, at most once a second."""
+        if self.dropped and now - self.last_report >= 1.0:
+            log.warning(
+                "worker_output_dropped",
+                worker=self.worker,
+                stream=self.pipe.stream,
+                lines=self.dropped,
+                rate=RATE,
+            )
+            self.dropped, self.last_report = 0, now
 
 
-def _emit(stream: str, raw: bytes, pid: int | None) -> None:
+class OutputHub:
+    """Turns the lines of every pipe it watches into events, from one task.
+
+    A generation has one: its slots ``watch`` their pipes and ``unwatch`` them
+    before closing them, and ``run`` reads whatever is readable, through an
+    epoll set of its own. One task for all, instead of a task per pipe, which
+    cost each worker two tasks, two cancel scopes and their wakeups at every
+    start and stop. The hub owns no pipe, only its epoll set, which exists
+    while the hub is entered (``with hub:``).
+    """
+
+    def __init__(self) -> None:
+        self._epoll: select.epoll | None = None
+        self._readers: dict[int, _Reader] = {}
+        self._dropping: set[_Reader] = set()  # readers with lines to report
+
+    def __enter__(self) -> Self:
+        self._epoll = select.epoll()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._poller().close()
+        self._epoll = None
+
+    def _poller(self) -> select.epoll:
+        if self._epoll is None:
+            raise RuntimeError("the output hub is used outside its `with` block")
+        return self._epoll
+
+    def watch(self, pipe: Pipe, worker: int, pid: Callable[[], int | None]) -> None:
+        """Relay ``pipe`` (its lines carry ``worker`` and the pid ``pid()`` gives).
+
+        Raises:
+            OSError: the epoll set is full (out of memory).
+        """
+        os.set_blocking(pipe.read, False)
+        self._poller().register(pipe.read, select.EPOLLIN)
+        self._readers[pipe.read] = _Reader(pipe, worker, pid)
+
+    def unwatch(self, pipe: Pipe) -> None:
+        """Stop relaying ``pipe``, after one last read of what it holds."""
+        reader = self._readers.pop(pipe.read, None)
+        if reader is None:
+            return
+        self._poller().unregister(pipe.read)
+        reader.read()
+        reader.report(reader.last_report + 1.0)
+        self._dropping.discard(reader)
+
+    async def run(self) -> None:
+        """Relay until cancelled."""
+        epoll = self._poller()
+        while True:
+            due = min((r.last_report + 1.0 for r in self._dropping), default=float("inf"))
+            with trio.move_on_at(due):
+                await trio.lowlevel.wait_readable(epoll.fileno())
+            for fd, _ in epoll.poll(0):
+                reader = self._readers.get(fd)
+                if reader is not None and not reader.read():
+                    epoll.unregister(fd)  # its writers are gone: nothing more comes
+                    self._readers.pop(fd)
+                elif reader is not None and reader.dropped:
+                    self._dropping.add(reader)
+            now = trio.current_time()
+            for reader in list(self._dropping):
+                reader.report(now)
+                if not reader.dropped:
+                    self._dropping.discard(reader)
+            await trio.lowlevel.checkpoint()
+
+
+def _emit(stream: str, raw: bytes, worker: int, pid: int | None) -> None:
     cut = len(raw) - MAX_LINE
     text = raw[:MAX_LINE].decode(errors="replace").rstrip("\r")
     level, text = level_of(text, stream)
-    fields: dict[str, object] = {"stream": stream, "line": text, "pid": pid}
+    fields: dict[str, object] = {"worker": worker, "stream": stream, "line": text, "pid": pid}
     if cut > 0:
         fields["truncated"] = cut
     log.log(level, "worker_output", **fields)

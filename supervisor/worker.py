@@ -32,13 +32,12 @@ from supervisor.errors import (
     SpawnError,
     SupervisorError,
     WorkerFatal,
-    leaves,
 )
 from supervisor.health import Connector, ProbeTarget, make_probe
 from supervisor.kernel.notify import NotifyReceiver
 from supervisor.kernel.proc import describe_exit
 from supervisor.lifecycle import RestartPolicy, Watched, WorkerState, check_transition
-from supervisor.output import Pipe, open_pipes, relay
+from supervisor.output import OutputHub, Pipe, open_pipes
 from supervisor.plan import WorkerPlan
 from supervisor.spawner import ProcessHandle, Spawner
 from supervisor.values import ListenAddress
@@ -95,9 +94,14 @@ class WorkerSlot:
         connect: Connector | None = None,
         *,
         handover: Handover | None = None,
+        output: OutputHub | None = None,
     ) -> None:
+        """``output``: the generation's reader of worker output, for ``output =
+        "events"``; without one the processes write to the daemon's own stdout
+        and stderr."""
         self.plan = plan
         self._handover = handover
+        self._output = output
         self.fds = tuple(fds)
         self._connect = connect
         self.settings = settings
@@ -177,36 +181,43 @@ class WorkerSlot:
         with receiver as notify, self._relayed_output(handover) as output:
             self._notify = notify
             self.pipes = output
-            try:
-                async with trio.open_nursery() as relays:
-                    for pipe in output or ():
-                        relays.start_soon(relay, pipe, lambda: self.pid)
-                    await self._live(handover, task_status)
-                    relays.cancel_scope.cancel()
-            except* SupervisorError as group:  # the nursery wraps the one error: unwrap it
-                raise leaves(group)[0] from None
+            await self._live(handover, task_status)
 
     @contextlib.contextmanager
     def _relayed_output(self, handover: Handover | None) -> Iterator[tuple[Pipe, Pipe] | None]:
-        """The slot's output pipes (its own, or the ones it was handed), closed at its end.
+        """The slot's output pipes (its own, or the ones it was handed), watched by
+        the generation's hub; unwatched (after a last read) and closed at its end.
 
         Raises:
             SpawnError: no pipe could be made (out of fds).
         """
-        if self.settings.output != "events":
+        hub = self._output
+        if self.settings.output != "events" or hub is None:
             yield None
             return
+        pipes: tuple[Pipe, Pipe] | None = None
+        watched: list[Pipe] = []
         try:
             pipes = handover.pipes if handover is not None and handover.pipes else open_pipes()
+            for pipe in pipes:
+                hub.watch(pipe, self.plan.index, lambda: self.pid)
+                watched.append(pipe)
         except OSError as exc:
             self._set(WorkerState.FATAL)
+            self._close_pipes(hub, watched, pipes)
             raise SpawnError(self.label, f"cannot make its output pipes: {_os_error(exc)}") from exc
         try:
             yield pipes
         finally:
-            for pipe in pipes:
-                os.close(pipe.read)
-                os.close(pipe.write)
+            self._close_pipes(hub, watched, pipes)
+
+    @staticmethod
+    def _close_pipes(hub: OutputHub, watched: list[Pipe], pipes: tuple[Pipe, Pipe] | None) -> None:
+        for pipe in watched:
+            hub.unwatch(pipe)  # reads what is left first
+        for pipe in pipes or ():
+            os.close(pipe.read)
+            os.close(pipe.write)
 
     async def _live(self, handover: Handover | None, task_status: trio.TaskStatus[None]) -> None:
         if handover is not None:

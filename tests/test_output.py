@@ -16,7 +16,7 @@ import structlog
 import trio
 import trio.testing
 
-from supervisor.output import BURST, MAX_LINE, Pipe, level_of, open_pipes, relay
+from supervisor.output import BURST, MAX_LINE, OutputHub, Pipe, level_of, open_pipes
 from tests.harness import Daemon, free_port, service_toml, wait_until
 
 
@@ -29,9 +29,10 @@ def test_sd_daemon_prefixes_set_the_level() -> None:
 
 
 async def _relayed(pipe: Pipe, data: bytes, wait: float) -> list[MutableMapping[str, Any]]:
-    with structlog.testing.capture_logs() as events:
+    with structlog.testing.capture_logs() as events, OutputHub() as hub:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(relay, pipe, lambda: 4242)
+            nursery.start_soon(hub.run)
+            hub.watch(pipe, 3, lambda: 4242)
             os.write(pipe.write, data)
             await trio.sleep(wait)
             nursery.cancel_scope.cancel()
@@ -53,7 +54,7 @@ async def test_lines_become_events_and_long_ones_are_cut() -> None:
         ("careful", "warning"),
     ]
     assert lines[2]["truncated"] == 100 and len(str(lines[2]["line"])) == MAX_LINE
-    assert all(e["stream"] == "stdout" and e["pid"] == 4242 for e in lines)
+    assert all(e["stream"] == "stdout" and e["pid"] == 4242 and e["worker"] == 3 for e in lines)
     assert len(lines) == 3, "a line without its newline waits for it"
 
 
