@@ -214,6 +214,14 @@ def survive_table(rows: list[dict[str, Any]]) -> list[str]:
     return out + (["", *notes] if notes else [])
 
 
+def _remeasured(results: dict[str, Any], section: str) -> list[str]:
+    """A line saying when ``section`` was run on its own (``--only``), if it was."""
+    when = results.get("remeasured", {}).get(section)
+    if when is None:
+        return []
+    return ["", f"This section was measured again on its own, {when}, after the full run."]
+
+
 def _verdict(ok: bool, measured: str) -> str:
     return f"met ({measured})" if ok else f"**missed** ({measured})"
 
@@ -435,6 +443,7 @@ def render(results: dict[str, Any], out: Path) -> str:
         "hold both cores. fds are the fewest over 0.5 s.",
         "",
         *scale_lines(results["scale"]),
+        *_remeasured(results, "scale"),
         "",
         "## Soak",
         "",
