@@ -184,8 +184,9 @@ class OutputHub:
         reader = self._readers.pop(pipe.read, None)
         if reader is None:
             return
-        self._poller().unregister(pipe.read)
-        reader.read()
+        with contextlib.suppress(OSError):  # closed behind our back: epoll let go already
+            self._poller().unregister(pipe.read)
+        self._read(reader)
         reader.report(reader.last_report + 1.0)
         self._dropping.discard(reader)
 
@@ -198,10 +199,13 @@ class OutputHub:
                 await trio.lowlevel.wait_readable(epoll.fileno())
             for fd, _ in epoll.poll(0):
                 reader = self._readers.get(fd)
-                if reader is not None and not reader.read():
-                    epoll.unregister(fd)  # its writers are gone: nothing more comes
+                if reader is None:
+                    continue
+                if not self._read(reader):  # nothing more comes: its writers are gone
+                    with contextlib.suppress(OSError):
+                        epoll.unregister(fd)
                     self._readers.pop(fd)
-                elif reader is not None and reader.dropped:
+                elif reader.dropped:
                     self._dropping.add(reader)
             now = trio.current_time()
             for reader in list(self._dropping):
@@ -209,6 +213,21 @@ class OutputHub:
                 if not reader.dropped:
                     self._dropping.discard(reader)
             await trio.lowlevel.checkpoint()
+
+    @staticmethod
+    def _read(reader: _Reader) -> bool:
+        """``reader.read()``; a pipe that fails is logged and given up, so one
+        worker's pipe never takes the generation's other workers' output down."""
+        try:
+            return reader.read()
+        except OSError as exc:
+            log.error(
+                "worker_output_failed",
+                worker=reader.worker,
+                stream=reader.pipe.stream,
+                error=str(exc),
+            )
+            return False
 
 
 def _emit(stream: str, raw: bytes, worker: int, pid: int | None) -> None:
