@@ -196,28 +196,18 @@ class WorkerSlot:
             yield None
             return
         pipes: tuple[Pipe, Pipe] | None = None
-        watched: list[Pipe] = []
         try:
             pipes = handover.pipes if handover is not None and handover.pipes else open_pipes()
             for pipe in pipes:
                 hub.watch(pipe, self.plan.index, lambda: self.pid)
-                watched.append(pipe)
         except OSError as exc:
             self._set(WorkerState.FATAL)
-            self._close_pipes(hub, watched, pipes)
+            _close_pipes(hub, pipes)
             raise SpawnError(self.label, f"cannot make its output pipes: {_os_error(exc)}") from exc
         try:
             yield pipes
         finally:
-            self._close_pipes(hub, watched, pipes)
-
-    @staticmethod
-    def _close_pipes(hub: OutputHub, watched: list[Pipe], pipes: tuple[Pipe, Pipe] | None) -> None:
-        for pipe in watched:
-            hub.unwatch(pipe)  # reads what is left first
-        for pipe in pipes or ():
-            os.close(pipe.read)
-            os.close(pipe.write)
+            _close_pipes(hub, pipes)
 
     async def _live(self, handover: Handover | None, task_status: trio.TaskStatus[None]) -> None:
         if handover is not None:
@@ -392,6 +382,15 @@ class WorkerSlot:
         await trio.sleep(self.settings.stop_timeout)
         log.warning("worker_stop_timeout", timeout=self.settings.stop_timeout, action="SIGKILL")
         proc.send_signal(signal.SIGKILL)
+
+
+def _close_pipes(hub: OutputHub, pipes: tuple[Pipe, Pipe] | None) -> None:
+    """Unwatch (a pipe never watched is a no-op; a watched one is read once more
+    first) and close both ends of each pipe."""
+    for pipe in pipes or ():
+        hub.unwatch(pipe)
+        os.close(pipe.read)
+        os.close(pipe.write)
 
 
 def _os_error(exc: OSError) -> str:
