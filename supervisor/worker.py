@@ -117,6 +117,7 @@ class WorkerSlot:
         self._short_runs = 0  # short runs in a row (RestartPolicy)
         self.process: ProcessHandle | None = None  # the live process, if any
         self._signalled: ProcessHandle | None = None  # the process the stop signal went to
+        self._waiting: trio.CancelScope | None = None  # around the wait for the live process
         self.pipes: tuple[Pipe, Pipe] | None = None  # stdout and stderr, relayed as events
 
     @property
@@ -136,6 +137,8 @@ class WorkerSlot:
             self._set(WorkerState.STOPPING)
         proc.send_signal(self.settings.stop_signal)
         self._signalled = proc
+        if self._waiting is not None:  # SIGKILL once stop_timeout has passed (_wait)
+            self._waiting.deadline = trio.current_time() + self.settings.stop_timeout
 
     def handover(self) -> Handover:
         """What the next image needs to go on with this slot (its process, if one
@@ -320,8 +323,7 @@ class WorkerSlot:
             async with trio.open_nursery() as nursery:
                 if not running:
                     nursery.start_soon(self._gate, proc, outcome, on_first_ready, spawned_at)
-                nursery.start_soon(self._stop_when_asked, proc)
-                outcome.returncode = await proc.wait()
+                outcome.returncode = await self._wait(proc)
                 nursery.cancel_scope.cancel()
         finally:
             self.process = None
@@ -375,13 +377,23 @@ class WorkerSlot:
             log.info("worker_running", check=self.settings.health.kind)
             on_first_ready()
 
-    async def _stop_when_asked(self, proc: ProcessHandle) -> None:
-        await self._stop_requested.wait()
-        if self._signalled is not proc:  # asked before this process was spawned
-            self._signal_stop(proc)
-        await trio.sleep(self.settings.stop_timeout)
+    async def _wait(self, proc: ProcessHandle) -> int:
+        """Wait for ``proc`` to exit; once it has its stop signal (``request_stop``,
+        or a stop asked before it was spawned), SIGKILL it after ``stop_timeout``.
+        The timeout is a deadline on this wait, not a task per process."""
+        with trio.CancelScope() as waiting:
+            self._waiting = waiting
+            if self._stop_requested.is_set() and self._signalled is not proc:
+                self._signal_stop(proc)  # asked before this process was spawned
+            elif self._signalled is proc:  # signalled before this wait began
+                waiting.deadline = trio.current_time() + self.settings.stop_timeout
+            try:
+                return await proc.wait()
+            finally:
+                self._waiting = None
         log.warning("worker_stop_timeout", timeout=self.settings.stop_timeout, action="SIGKILL")
         proc.send_signal(signal.SIGKILL)
+        return await proc.wait()
 
 
 def _close_pipes(hub: OutputHub, pipes: tuple[Pipe, Pipe] | None) -> None:
