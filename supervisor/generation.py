@@ -11,8 +11,10 @@ listeners out of their groups, whatever happened.
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -66,6 +68,7 @@ class Generation:
         self.state: Watched[GenerationState] = Watched(GenerationState.STARTING)
         self._stop_requested = trio.Event()
         self.preserve = False
+        self._down: set[int] = set()  # workers whose listeners were placed out of rotation
 
     def listeners_of(self, worker: int) -> list[Listener]:
         return self._of.get(worker, [])
@@ -98,37 +101,45 @@ class Generation:
                 changed[id(lst.group)] = lst.group
         return changed
 
-    async def follow_worker(self, slot: WorkerSlot) -> None:
-        """Keep ``slot``'s listeners out of rotation while its worker is down."""
+    @contextlib.contextmanager
+    def following(self) -> Iterator[None]:
+        """While inside, keep each worker's listeners out of rotation while its
+        worker is down: followed as each slot's state is set, not by a task per
+        worker. A worker already down when this begins is placed at once."""
+        with contextlib.ExitStack() as stack:
+            for slot in self.slots:
+                follow = functools.partial(self._follow, slot)
+                stack.enter_context(slot.state.observing(follow))
+                if slot.state.value is not WorkerState.RUNNING:
+                    follow(slot.state.value)
+            yield
 
-        def down(state: WorkerState) -> bool:
-            return state is not WorkerState.RUNNING
-
-        def up_or_fatal(state: WorkerState) -> bool:
-            return state in (WorkerState.RUNNING, WorkerState.FATAL)
-
-        running = True
-        while True:
-            await slot.state.wait_for(down if running else up_or_fatal)
-            running = slot.state.value is WorkerState.RUNNING
-            groups = self._place(slot)
-            for group in groups.values():
-                try:
-                    group.apply()
-                except SupervisorError as exc:
-                    # The kernel keeps the table it had: the worker's listener
-                    # stays where it was (its queue waits for the respawn).
-                    log.error("worker_steering_failed", worker=slot.plan.index, error=str(exc))
-            if groups:
-                log.info(
-                    "worker_steered",
-                    worker=slot.plan.index,
-                    state=slot.state.value.value,
-                    role="in rotation" if running else "out of rotation",
-                )
-            if slot.state.value is WorkerState.FATAL:
-                self._release_fatal(slot)
-                return
+    def _follow(self, slot: WorkerSlot, state: WorkerState) -> None:
+        running = state is WorkerState.RUNNING
+        was_down = slot.plan.index in self._down  # as last placed
+        if state is not WorkerState.FATAL and running != was_down:
+            return
+        if running:
+            self._down.discard(slot.plan.index)
+        else:
+            self._down.add(slot.plan.index)
+        groups = self._place(slot)
+        for group in groups.values():
+            try:
+                group.apply()
+            except SupervisorError as exc:
+                # The kernel keeps the table it had: the worker's listener
+                # stays where it was (its queue waits for the respawn).
+                log.error("worker_steering_failed", worker=slot.plan.index, error=str(exc))
+        if groups:
+            log.info(
+                "worker_steered",
+                worker=slot.plan.index,
+                state=state.value,
+                role="in rotation" if running else "out of rotation",
+            )
+        if state is WorkerState.FATAL:
+            self._release_fatal(slot)
 
     def _release_fatal(self, slot: WorkerSlot) -> None:
         """A FATAL worker never accepts again: shut its TCP listeners down so the
@@ -291,11 +302,8 @@ async def _serve(
                 generation.state.set(GenerationState.SERVING)
                 log.info("generation_serving", workers=len(slots))
                 task_status.started(generation)
-                async with trio.open_nursery() as followers:
-                    for slot in slots:
-                        followers.start_soon(generation.follow_worker, slot)
+                with generation.following():
                     await generation._stop_requested.wait()
-                    followers.cancel_scope.cancel()
                 generation.state.set(GenerationState.STOPPING)
                 log.info("generation_stopping")
                 for slot in slots:

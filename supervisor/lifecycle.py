@@ -7,8 +7,9 @@ polling it.
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -54,12 +55,14 @@ class Watched(Generic[T]):
     """A value tasks can wait on: ``await w.wait_for(lambda v: v is READY)``.
 
     Each change wakes every waiter, who re-checks its own predicate, so no
-    transition is missed and nobody polls.
+    transition is missed and nobody polls. An observer (``observing``) is
+    called with each new value as it is set: it must not block.
     """
 
     def __init__(self, value: T) -> None:
         self._value = value
-        self._changed = trio.Event()
+        self._changed: trio.Event | None = None  # made when someone waits
+        self._observers: list[Callable[[T], None]] = []
 
     @property
     def value(self) -> T:
@@ -69,14 +72,28 @@ class Watched(Generic[T]):
         if value == self._value:
             return
         self._value = value
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+        for observer in self._observers:
+            observer(value)
 
     async def wait_for(self, predicate: Callable[[T], bool]) -> T:
         """Return the first value (current or future) for which ``predicate`` holds."""
         while not predicate(self._value):
+            if self._changed is None:
+                self._changed = trio.Event()
             await self._changed.wait()
         return self._value
+
+    @contextlib.contextmanager
+    def observing(self, observer: Callable[[T], None]) -> Iterator[None]:
+        """Call ``observer`` with every value set while inside."""
+        self._observers.append(observer)
+        try:
+            yield
+        finally:
+            self._observers.remove(observer)
 
 
 @dataclass(frozen=True)
