@@ -77,6 +77,17 @@ async def test_watched_wakes_waiters_on_change() -> None:
     assert seen == [3]
 
 
+def test_watched_observer_sees_every_value_set_while_inside() -> None:
+    value = Watched("a")
+    seen: list[str] = []
+    with value.observing(seen.append):
+        value.set("b")
+        value.set("b")  # no change: no call
+        value.set("c")
+    value.set("d")  # after the block: not observed
+    assert seen == ["b", "c"]
+
+
 async def test_start_respawn_and_stop(autojump_clock: trio.testing.MockClock) -> None:
     spawner = FakeSpawner()
     slot = make_slot(spawner)
