@@ -116,9 +116,9 @@ class Generation:
 
     def _follow(self, slot: WorkerSlot, state: WorkerState) -> None:
         running = state is WorkerState.RUNNING
-        was_down = slot.plan.index in self._down  # as last placed
-        if state is not WorkerState.FATAL and running != was_down:
-            return
+        placed_up = slot.plan.index not in self._down
+        if state is not WorkerState.FATAL and running == placed_up:
+            return  # placed as it is already
         if running:
             self._down.discard(slot.plan.index)
         else:
