@@ -171,8 +171,9 @@ def scale_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| workers | first serve / all running at start | reloads | reload p50 / p99 | "
         "supervisor overhead p50 / p99 (per worker) | supervisor CPU per reload (per worker) | "
-        "its thread waiting for CPU p50 | supervisor RSS | supervisor fds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "its thread waiting for CPU p50 | machine CPU per reload (the supervisor's share) | "
+        "supervisor RSS | supervisor fds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         n = r["workers"]
@@ -184,10 +185,19 @@ def scale_lines(rows: list[dict[str, Any]]) -> list[str]:
             f"{over * 1000:.0f} / {pct(r['overhead'], 0.99) * 1000:.0f} ms "
             f"({over / n * 1000:.2f} ms) | "
             f"{r['cpu_per_reload'] * 1000:.0f} ms ({r['cpu_per_reload'] / n * 1000:.2f} ms) | "
-            f"{pct(r['waiting_for_cpu'], 0.5) * 1000:.0f} ms | "
+            f"{pct(r['waiting_for_cpu'], 0.5) * 1000:.0f} ms | {_machine(r)} | "
             f"{r['rss_kib'] / 1024:.1f} MiB | {r['fds']:,} |"
         )
     return lines
+
+
+def _machine(row: dict[str, Any]) -> str:
+    """The whole machine's CPU per reload, and the daemon's part of it (older
+    results lack it)."""
+    machine = row.get("machine_cpu_per_reload")
+    if not machine:
+        return "n/a"
+    return f"{machine * 1000:,.0f} ms ({row['cpu_per_reload'] / machine:.0%})"
 
 
 def survive_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -440,7 +450,9 @@ def render(results: dict[str, Any], out: Path) -> str:
         "running: to every worker RUNNING. Supervisor CPU is the daemon process's user+system "
         "time per reload; waiting for CPU is its trio thread's time runnable without a core "
         "(schedstat), which is where the overhead goes when hundreds of starting workers "
-        "hold both cores. fds are the fewest over 0.5 s.",
+        "hold both cores. Machine CPU is every core's busy time per reload (/proc/stat): "
+        "the workers' start and exit, the supervisor's part beside it; on 2 cores a reload "
+        "can take no less than half of it. fds are the fewest over 0.5 s.",
         "",
         *scale_lines(results["scale"]),
         *_remeasured(results, "scale"),

@@ -43,6 +43,7 @@ from bench.procs import (  # noqa: E402
     HERE,
     SelfBound,
     cpu_seconds,
+    machine_busy_seconds,
     rss_kib,
     settled_fd_count,
     wait_for,
@@ -257,9 +258,10 @@ def scale(counts: list[int], reloads: int) -> list[dict[str, Any]]:
             all_running = time.monotonic() - began
             try:
                 k = reloads if n <= 64 else max(2, reloads // 2)
-                cpu = cpu_seconds(sup.pid)
+                cpu, machine = cpu_seconds(sup.pid), machine_busy_seconds()
                 done = [sup.reload() for _ in range(k)]
                 cpu = (cpu_seconds(sup.pid) - cpu) / k
+                machine = (machine_busy_seconds() - machine) / k
                 rows.append({
                     "workers": n, "reloads": k, "failed": sum(not r.ok for r in done),
                     "duration": [r.seconds for r in done],
@@ -268,7 +270,8 @@ def scale(counts: list[int], reloads: int) -> list[dict[str, Any]]:
                     "workers_stop": timing(done, "workers_stop"),
                     "thread_cpu": timing(done, "cpu"),
                     "waiting_for_cpu": timing(done, "waiting_for_cpu"),
-                    "cpu_per_reload": cpu, "rss_kib": rss_kib(sup.pid),
+                    "cpu_per_reload": cpu, "machine_cpu_per_reload": machine,
+                    "rss_kib": rss_kib(sup.pid),
                     "fds": settled_fd_count(sup.pid),
                     "first_serve": first, "all_running": all_running,
                 })  # fmt: skip
