@@ -53,11 +53,27 @@ def test_maps_update_lookup_delete() -> None:
         assert table.delete(key) is False
         with pytest.raises(ValueError, match="key of 2 bytes"):
             table.lookup(b"xx")
+        with pytest.raises(ValueError, match="value of 4 bytes"):
+            table.update(key, struct.pack("<I", 1))
         with pytest.raises(bpf.BpfError) as err:
             table.update(key, struct.pack("<Q", 1), flags=2)  # BPF_EXIST on a missing key
         assert err.value.errno == errno.ENOENT
     assert table.fd == -1
     table.close()  # idempotent
+
+
+@kernel
+def test_a_map_reuses_its_request_buffers_without_mixing_calls() -> None:
+    with bpf.Map(bpf.MAP_TYPE_HASH, 4, 8, 16, "t_reuse") as table:
+        one, two = struct.pack("<I", 1), struct.pack("<I", 2)
+        table.update(one, struct.pack("<Q", 42))
+        table.update(two, struct.pack("<Q", 7))
+        first = table.lookup(one)
+        assert table.lookup(two) == struct.pack("<Q", 7)
+        assert first == struct.pack("<Q", 42)  # an answer is a copy, not the buffer
+        assert table.delete(one) is True  # a delete after an update: value pointer 0
+        assert table.lookup(one) is None
+        assert table.lookup(two) == struct.pack("<Q", 7)
 
 
 @kernel

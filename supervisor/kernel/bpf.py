@@ -141,6 +141,12 @@ class Map(BpfObject):
             fd = _call(MAP_CREATE, attr, f"map create {name}")
         super().__init__(fd)
         self.key_size, self.value_size, self.entries = key_size, value_size, entries
+        # One request for every element call, written in place: three fresh
+        # ctypes buffers a call were a third of a reload's eBPF time. A call
+        # is synchronous and the daemon has one thread, so none overlap.
+        self._key = ctypes.create_string_buffer(key_size)
+        self._value = ctypes.create_string_buffer(value_size)
+        self._attr = ctypes.create_string_buffer(_ATTR_SIZE)  # the tail stays zero
 
     def all_keys(self) -> list[bytes]:
         """Every key of a hash map (BPF_MAP_GET_NEXT_KEY from no key on)."""
@@ -159,32 +165,44 @@ class Map(BpfObject):
             if len(out) > self.entries:  # a map changing under us: stop, do not spin
                 return out
 
-    def _elem(
-        self, key: bytes, value: ctypes.Array[ctypes.c_char] | None, flags: int
-    ) -> tuple[ctypes.Array[ctypes.c_char], ctypes.Array[ctypes.c_char]]:
+    def _request(
+        self, key: bytes, value: bytes | None, flags: int, *, answer: bool = False
+    ) -> ctypes.Array[ctypes.c_char]:
+        """The attr of an element call on ``key``: ``value`` is copied in (update),
+        or the value buffer receives the answer (lookup, ``answer``). Without
+        either the value pointer is 0: the kernel wants every field after the
+        last one a command reads zero (delete reads only the key)."""
         if len(key) != self.key_size:
             raise ValueError(f"key of {len(key)} bytes, map wants {self.key_size}")
-        kbuf = ctypes.create_string_buffer(key, len(key))
-        attr = ctypes.create_string_buffer(_ATTR_SIZE)
-        vaddr = 0 if value is None else ctypes.addressof(value)
-        struct.pack_into("<IxxxxQQQ", attr, 0, self.fd, ctypes.addressof(kbuf), vaddr, flags)
-        return attr, kbuf
+        if value is not None and len(value) != self.value_size:
+            raise ValueError(f"value of {len(value)} bytes, map wants {self.value_size}")
+        self._key.raw = key
+        if value is not None:
+            self._value.raw = value
+        struct.pack_into(
+            "<IxxxxQQQ",
+            self._attr,
+            0,
+            self.fd,
+            ctypes.addressof(self._key),
+            ctypes.addressof(self._value) if value is not None or answer else 0,
+            flags,
+        )
+        return self._attr
 
     def update(self, key: bytes, value: bytes, flags: int = ANY) -> None:
-        vbuf = ctypes.create_string_buffer(value, len(value))
-        attr, _keep = self._elem(key, vbuf, flags)
-        _call(MAP_UPDATE_ELEM, attr, "map update")
+        _call(MAP_UPDATE_ELEM, self._request(key, value, flags), "map update")
 
     def lookup(self, key: bytes) -> bytes | None:
         """The value, or None where there is none (ENOENT)."""
-        vbuf = ctypes.create_string_buffer(self.value_size)
-        attr, _keep = self._elem(key, vbuf, 0)
-        return vbuf.raw if _call_unless_missing(MAP_LOOKUP_ELEM, attr, "map lookup") else None
+        found = _call_unless_missing(
+            MAP_LOOKUP_ELEM, self._request(key, None, 0, answer=True), "map lookup"
+        )
+        return self._value.raw if found else None
 
     def delete(self, key: bytes) -> bool:
         """Delete ``key``; False if it was not there."""
-        attr, _keep = self._elem(key, None, 0)
-        return _call_unless_missing(MAP_DELETE_ELEM, attr, "map delete")
+        return _call_unless_missing(MAP_DELETE_ELEM, self._request(key, None, 0), "map delete")
 
 
 class Program(BpfObject):
