@@ -12,7 +12,8 @@ and PNG plots (see ``bench/report.py``):
 2. spread: 8 workers, per-worker SO_REUSEPORT listeners vs one shared one;
 3. scale: a worker that starts in milliseconds (``tiny_worker.py``) at 1,
    64, 256 and 512 workers: time to first serve at start, reload duration,
-   the supervisor's overhead and CPU per reload, its RSS and fds;
+   the supervisor's overhead and CPU per reload, its RSS and fds, and the
+   same reloads done with only the kernel's part (``bench/floor.py``);
 4. soak: consecutive reloads under load: failures, fds, RSS, zombies;
 5. survive: the supervisor's in-place upgrade, a kill -9 and a restart under
    real systemd, beside nginx's kill -9 of the master and binary upgrade and
@@ -38,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import report, survive, wrk  # noqa: E402
+from bench import floor, report, survive, wrk  # noqa: E402
 from bench.procs import (  # noqa: E402
     HERE,
     SelfBound,
@@ -277,6 +278,8 @@ def scale(counts: list[int], reloads: int) -> list[dict[str, Any]]:
                 })  # fmt: skip
             finally:
                 sup.stop()
+        least = floor.measure(n, k)  # the same reloads with only the kernel's part
+        rows[-1].update(floor_cpu_per_worker=least.cpu_per_worker, floor_duration=least.durations)
         print(f"scale: {n} workers done", flush=True)
     return rows
 
