@@ -112,14 +112,14 @@ async def worker(setpriv: str, env: dict[str, str], batch: Batch) -> None:
 
 
 @dataclass
-class Floor:
-    """What the floor measured: CPU per reload per worker, and each reload's duration (s)."""
+class Measured:
+    """CPU per reload per worker, and each reload's duration (s)."""
 
     cpu_per_worker: float
     durations: list[float]
 
 
-async def reloads(workers: int, count: int) -> Floor:
+async def reloads(workers: int, count: int) -> Measured:
     """Start ``workers``, then reload ``count`` times."""
     setpriv = fastspawn.available()
     if setpriv is None:
@@ -146,10 +146,10 @@ async def reloads(workers: int, count: int) -> Floor:
             current = new
         spent = cpu_seconds(os.getpid()) - before
         current.stop.set()
-    return Floor(spent / count / workers, durations)
+    return Measured(spent / count / workers, durations)
 
 
-def measure(workers: int, count: int) -> Floor:
+def measure(workers: int, count: int) -> Measured:
     """The floor at ``workers``, with the soft fd limit raised as supervisord raises its own."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -159,7 +159,7 @@ def measure(workers: int, count: int) -> Floor:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def supervised(workers: int, count: int) -> Floor:
+def supervised(workers: int, count: int) -> Measured:
     """supervisord on the same workers, measured the same way (not a floor)."""
     with tempfile.TemporaryDirectory() as tmp:
         sup = Supervised(Path(tmp), PORT, workers, "auto", "migrate", command=TINY)
@@ -173,7 +173,7 @@ def supervised(workers: int, count: int) -> Floor:
     failed = sum(not r.ok for r in done)
     if failed:
         raise SystemExit(f"{failed} of supervisord's reloads failed")
-    return Floor(spent / count / workers, [r.seconds for r in done])
+    return Measured(spent / count / workers, [r.seconds for r in done])
 
 
 def main() -> None:
@@ -188,7 +188,7 @@ def main() -> None:
         env = {**os.environ, "BENCH_IN_NETNS": "1"}
         os.execvpe("unshare", ["unshare", "-n", sys.executable, *sys.argv], env)  # noqa: S606
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    rows: dict[str, list[Floor]] = {"supervisord": [], "floor": []}
+    rows: dict[str, list[Measured]] = {"supervisord": [], "floor": []}
     for _ in range(args.rounds):
         rows["supervisord"].append(supervised(args.workers, args.reloads))
         rows["floor"].append(measure(args.workers, args.reloads))
@@ -200,7 +200,7 @@ def main() -> None:
         print(f"{name}: {_line(runs)}")
 
 
-def _line(runs: list[Floor]) -> str:
+def _line(runs: list[Measured]) -> str:
     cpu = [r.cpu_per_worker * 1000 for r in runs]
     took = [statistics.median(r.durations) * 1000 for r in runs]
     low, high = min(cpu), max(cpu)
