@@ -16,7 +16,10 @@ Each round runs supervisord on the same tiny workers first, then the floor,
 so the machine's drift falls on both. The CPU is each process's own, user
 plus system (``/proc/PID/stat``; the children's is not counted), per reload
 per worker. The difference between the two is the supervisor's machinery
-(its tasks, states, eBPF, health gate, reports), not the kernel work.
+(its tasks, states, eBPF, health gate, reports), not the kernel work. A
+floor reload's duration runs from the first new worker's start to the last
+old worker reaped. The scale section of ``bench/run.py`` runs ``measure``
+after each of its rows.
 """
 
 from __future__ import annotations
