@@ -31,7 +31,6 @@ import resource
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.procs import HERE, cpu_seconds  # noqa: E402
+from bench.procs import HERE, cpu_seconds, enter_private_netns  # noqa: E402
 from bench.systems import Supervised  # noqa: E402
 from supervisor.kernel import fastspawn  # noqa: E402
 from supervisor.kernel.proc import ChildProcess  # noqa: E402
@@ -185,20 +184,13 @@ def main() -> None:
     parser.add_argument("--reloads", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("the floor needs root (a private network namespace)")
-    if os.environ.get("BENCH_IN_NETNS") != "1":
-        env = {**os.environ, "BENCH_IN_NETNS": "1"}
-        os.execvpe("unshare", ["unshare", "-n", sys.executable, *sys.argv], env)  # noqa: S606
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    enter_private_netns("the floor")
     rows: dict[str, list[Measured]] = {"supervisord": [], "floor": []}
     for _ in range(args.rounds):
         rows["supervisord"].append(supervised(args.workers, args.reloads))
         rows["floor"].append(measure(args.workers, args.reloads))
         print(", ".join(f"{name} {_line([runs[-1]])}" for name, runs in rows.items()), flush=True)
-    print(
-        f"{args.rounds} rounds of {args.reloads} reloads of {args.workers} workers, median (range):"
-    )
+    print(f"{args.rounds} rounds of {args.reloads} reloads of {args.workers} workers:")
     for name, runs in rows.items():
         print(f"{name}: {_line(runs)}")
 

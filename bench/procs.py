@@ -17,6 +17,17 @@ DEMO = [sys.executable, "-m", "supervisor.demo"]
 POLL = 0.005  # the benchmark's own waits; the supervisor does not poll like this
 
 
+def enter_private_netns(why: str) -> None:
+    """Run the rest of this program as root in a network namespace of its own,
+    loopback up: re-exec under ``unshare -n`` unless that was done already."""
+    if os.geteuid() != 0:
+        raise SystemExit(f"{why} needs root (a private network namespace)")
+    if os.environ.get("BENCH_IN_NETNS") != "1":
+        env = {**os.environ, "BENCH_IN_NETNS": "1"}
+        os.execvpe("unshare", ["unshare", "-n", sys.executable, *sys.argv], env)  # noqa: S606
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+
+
 def _stat(pid: int | str) -> list[str]:
     """The fields of /proc/PID/stat after the command name: state, ppid, ..."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +42,7 @@ from bench.procs import (  # noqa: E402
     HERE,
     SelfBound,
     cpu_seconds,
+    enter_private_netns,
     machine_busy_seconds,
     rss_kib,
     settled_fd_count,
@@ -325,14 +324,9 @@ def main() -> None:
         help="runs of each row a target compares, interleaved (default 3; 1 with --quick)",
     )
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("the benchmark needs root (a private network namespace)")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get install wrk (make bench-deps does)")
-    if os.environ.get("BENCH_IN_NETNS") != "1":
-        env = {**os.environ, "BENCH_IN_NETNS": "1"}
-        os.execvpe("unshare", ["unshare", "-n", sys.executable, *sys.argv], env)  # noqa: S606
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    enter_private_netns("the benchmark")
     q = args.quick
     # (seconds reloading, seconds steady, pause between reloads, warm-up)
     phases = (3.0, 1.0, 0.5, 1.0) if q else (15.0, 5.0, 0.5, 2.0)
