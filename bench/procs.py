@@ -14,6 +14,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEMO = [sys.executable, "-m", "supervisor.demo"]
+# A worker that starts in milliseconds (scale, soak, the floor).
+TINY = [sys.executable, "-I", "-S", str(HERE / "tiny_worker.py")]
 POLL = 0.005  # the benchmark's own waits; the supervisor does not poll like this
 
 

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from bench import floor, report, survive, wrk  # noqa: E402
 from bench.procs import (  # noqa: E402
     HERE,
+    TINY,
     SelfBound,
     cpu_seconds,
     enter_private_netns,
@@ -65,7 +66,6 @@ from supervisor.values import parse_listen  # noqa: E402
 
 PORT = 8080
 WORKERS = 4
-TINY = [sys.executable, "-I", "-S", str(HERE / "tiny_worker.py")]
 
 
 @dataclass(frozen=True)
