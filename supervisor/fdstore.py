@@ -96,8 +96,8 @@ class FdStore:
         if not self.address:
             return
         try:
-            notify.send(f"FDSTORE=1\nFDNAME={name}", self.address, fds)
-        except OSError as exc:
+            notify.send(notify.message(FDSTORE=1, FDNAME=name), self.address, fds)
+        except (OSError, ValueError) as exc:
             log.warning("fdstore_keep_failed", name=name, error=str(exc))
 
     def drop(self, name: str) -> None:
@@ -105,8 +105,8 @@ class FdStore:
         if not self.address:
             return
         try:
-            notify.send(f"FDSTOREREMOVE=1\nFDNAME={name}", self.address)
-        except OSError as exc:
+            notify.send(notify.message(FDSTOREREMOVE=1, FDNAME=name), self.address)
+        except (OSError, ValueError) as exc:
             log.warning("fdstore_drop_failed", name=name, error=str(exc))
 
 

@@ -22,6 +22,7 @@ from supervisor.kernel.notify import NotifyMessage
 from supervisor.kernel.proc import CommandResult, describe_exit
 from supervisor.listener import Listener
 from supervisor.plan import substitute
+from supervisor.text import printable
 from supervisor.values import ListenAddress, connect_address
 
 _MAX_OUTPUT = 2000
@@ -59,7 +60,17 @@ class Probe:
 
     def __init__(self, target: ProbeTarget) -> None:
         self.target = target
-        self.last_error = "not checked yet"
+        self._last_error = "not checked yet"
+
+    @property
+    def last_error(self) -> str:
+        """Why the last attempt failed, as one printable line: it quotes what the
+        worker answered, and it reaches reports, logs and systemd's ``STATUS=``."""
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, text: str) -> None:
+        self._last_error = printable(text, limit=_MAX_OUTPUT)
 
     async def attempt(self) -> bool:
         raise NotImplementedError

@@ -29,6 +29,7 @@ from supervisor.plan import RolloutPlan, ServicePlan, plan_rollout, substitute
 from supervisor.retire import retire
 from supervisor.spawner import Spawner
 from supervisor.steering import Role, Steering
+from supervisor.text import printable
 from supervisor.worker import SlotSettings
 
 log = structlog.get_logger("supervisor.rollout")
@@ -374,5 +375,8 @@ async def run_preflight(spawner: Spawner, plan: ServicePlan) -> None:
         raise PreflightFailed(plan.name, argv, f"could not run: {exc}", "") from exc
     if done.returncode != 0:
         raise PreflightFailed(
-            plan.name, argv, describe_exit(done.returncode), done.output[-_MAX_OUTPUT:]
+            plan.name,
+            argv,
+            describe_exit(done.returncode),
+            printable(done.output[-_MAX_OUTPUT:], lines=True),
         )

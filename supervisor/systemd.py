@@ -23,10 +23,12 @@ import structlog
 import trio
 
 from supervisor.kernel import notify
+from supervisor.text import printable
 
 log = structlog.get_logger("supervisor.systemd")
 
 _VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+STATUS_LIMIT = 1000  # systemctl status shows one line; a datagram is at most 4 KiB here
 
 
 def monotonic_usec() -> int:
@@ -77,9 +79,18 @@ class SystemdNotifier:
         return out
 
     def send(self, **fields: object) -> None:
+        """Send ``fields``; ``STATUS=`` is made printable first (it carries words
+        a worker chose: a probe's answer, a preflight's output). Any other value
+        with a control character is refused and logged, never sent."""
         if not self.address:
             return
-        message = "\n".join(f"{key}={value}" for key, value in fields.items())
+        if "STATUS" in fields:
+            fields["STATUS"] = printable(str(fields["STATUS"]), limit=STATUS_LIMIT)
+        try:
+            message = notify.message(**fields)
+        except ValueError as exc:
+            log.error("systemd_notify_refused", error=str(exc))
+            return
         try:
             notify.send(message, self.address)
         except OSError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +34,8 @@ class FakeSystemd:
         self.sock.settimeout(timeout)
         while True:
             message = parse(self.sock.recv(4096))  # attached fds are closed by the kernel
-            if "FDSTORE" in message or "FDSTOREREMOVE" in message:
+            about_store = "FDSTORE" in message or "FDSTOREREMOVE" in message
+            if about_store and "STATUS" not in message:
                 self.stored.append(message)
                 continue
             self.messages.append(message)
@@ -174,3 +176,47 @@ def test_an_upgrade_is_announced_as_a_reload_with_the_same_main_pid(
     assert daemon.reload().ok, "and the new image talks to systemd as the old one did"
     assert systemd.next()["RELOADING"] == "1"
     assert systemd.next()["READY"] == "1"
+
+
+# A worker that answers every connection on fd 3 with one status line of its
+# choosing: here, a 503 whose reason phrase smuggles notify commands after bare
+# newlines (the audit's reproducer), plus an ANSI escape for the console.
+_HOSTILE = r"""
+import os, socket
+answer = (b"HTTP/1.1 503 x\nWATCHDOG=trigger\nFDSTOREREMOVE=1\nFDNAME=web/x\n"
+          b"MAINPID=1\x1b[2J\r\n\r\n")
+lst = socket.socket(fileno=3)
+while True:
+    conn, _ = lst.accept()
+    conn.recv(4096)
+    conn.sendall(answer)
+    conn.close()
+"""
+
+
+def test_a_worker_cannot_send_notify_commands_through_a_failed_reload(
+    start_daemon: Callable[..., Daemon], systemd: FakeSystemd
+) -> None:
+    port = free_port()
+    http = 'kind = "http"\npath = "/healthz"\ninterval = "50ms"'
+    good = service_toml("web", port=port, workers=1, health=http)
+    daemon = start_daemon(good, env={"NOTIFY_SOCKET": str(systemd.path)})
+    assert systemd.next()["READY"] == "1"
+
+    hostile = [sys.executable, "-c", _HOSTILE]
+    bad = service_toml("web", port=port, workers=1, health=http, command=hostile)
+    daemon.rewrite(bad.replace('ready_timeout = "15s"', 'ready_timeout = "2s"'))
+    answer = daemon.reload()
+    assert not answer.ok
+    assert systemd.next()["RELOADING"] == "1"
+    failed = systemd.next()
+    # One READY=1 with one STATUS=: no command of the worker's became a line.
+    assert set(failed) == {"READY", "STATUS"}, failed
+    assert "503 x WATCHDOG=trigger FDSTOREREMOVE=1" in failed["STATUS"]
+    assert "\x1b" not in failed["STATUS"]
+    removed = [m["FDNAME"] for m in systemd.stored if "FDSTOREREMOVE" in m]
+    assert removed == [f"web/tcp-127.0.0.1-{port}/g2/w0"], "only the candidate's own listener"
+    # The reasons the client and the log show are printable too.
+    reasons = " ".join(answer.answer["reasons"])
+    assert "503 x WATCHDOG=trigger" in reasons and "\n" not in reasons and "\x1b" not in reasons
+    assert daemon.terminate() == 0

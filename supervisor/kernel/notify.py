@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import os
+import re
 import secrets
 import socket
 import struct
@@ -21,6 +22,31 @@ import trio
 
 _MAX_DATAGRAM = 4096
 _UCRED = struct.Struct("iII")  # pid, uid, gid
+# Anything systemd's parser would take as the end of a line (it splits on
+# newlines) or that has no place in a notify value.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def message(**fields: object) -> str:
+    """The datagram for ``fields``: one ``KEY=value`` line each.
+
+    systemd reads a datagram line by line, so a value holding a newline would
+    add a command of its own choosing. Every value is checked here, the one
+    place notify messages are made.
+
+    Raises:
+        ValueError: a key or value holds a control character, or a key is not
+            an upper-case name.
+    """
+    lines = []
+    for key, value in fields.items():
+        text = str(value)
+        if not key.replace("_", "").isalnum() or not key.isupper():
+            raise ValueError(f"not a notify key: {key!r}")
+        if _UNSAFE.search(text):
+            raise ValueError(f"{key}= value holds a control character: {text[:80]!r}")
+        lines.append(f"{key}={text}")
+    return "\n".join(lines)
 
 
 def send(message: str, address: str | None = None, fds: Sequence[int] = ()) -> bool:

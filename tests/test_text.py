@@ -1,0 +1,36 @@
+"""Text from outside the daemon (a worker's answer or output) made printable,
+and notify messages that cannot carry a second command."""
+
+from __future__ import annotations
+
+import pytest
+
+from supervisor.kernel.notify import message, parse
+from supervisor.text import has_controls, printable
+
+
+def test_printable_makes_one_line_without_escapes() -> None:
+    text = "503 x\nWATCHDOG=trigger\r\nMAINPID=1\x1b[31mred\x1b[0m\x00\x7f\u2028end\x1b]0;title\x07"
+    out = printable(text)
+    assert out == "503 x WATCHDOG=trigger MAINPID=1red?? end"
+    assert not has_controls(out)
+
+
+def test_printable_keeps_lines_when_asked_and_cuts_at_the_limit() -> None:
+    assert printable("a\r\nb\tc\x1b[1m", lines=True) == "a\nb\tc"
+    assert printable("x" * 50, limit=10) == "x" * 9 + "…"
+
+
+@pytest.mark.parametrize(
+    "value", ["ok\nWATCHDOG=trigger", "a\rb", "nul\x00", "sep\u2028x", "bell\x07"]
+)
+def test_a_notify_value_with_a_control_character_is_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="control character"):
+        message(READY=1, STATUS=value)
+
+
+def test_a_notify_message_is_one_line_per_field() -> None:
+    text = message(FDSTORE=1, FDNAME="web/tcp-127.0.0.1-8080/g1/w0")
+    assert parse(text.encode()) == {"FDSTORE": "1", "FDNAME": "web/tcp-127.0.0.1-8080/g1/w0"}
+    with pytest.raises(ValueError, match="not a notify key"):
+        message(**{"READY=1\nX": 1})
