@@ -22,11 +22,13 @@ from pydantic import (
     model_validator,
 )
 
-from supervisor.values import Duration, Listen, ListenAddress, SignalName
+from supervisor.values import Duration, Listen, ListenAddress, SignalName, Text
 
 DEFAULT_CONTROL_SOCKET = Path("/run/reuseport-supervisor/control.sock")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Matched whole (fullmatch): "$" would let a trailing newline through, and a
+# service name becomes part of fd-store names and systemd's STATUS=.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Variables the supervisor sets itself for each worker; configuring them is an error.
 RESERVED_ENV = frozenset(
     {
@@ -139,8 +141,16 @@ class HealthHttp(Model):
     @field_validator("path")
     @classmethod
     def _absolute_path(cls, value: str) -> str:
-        if not value.startswith("/") or any(c in value for c in " \r\n"):
+        if not value.startswith("/") or not value.isprintable() or " " in value:
             raise ValueError("must be an absolute request path like '/healthz'")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host_header(cls, value: str | None) -> str | None:
+        # It becomes a line of the probe's request: no spaces, no line breaks.
+        if value is not None and (not value.isprintable() or " " in value or not value):
+            raise ValueError("must be a host name like 'example.com' (no spaces or controls)")
         return value
 
 
@@ -148,7 +158,7 @@ class HealthExec(Model):
     """Healthy once ``command`` exits 0 (placeholders {worker}, {generation}, {fd})."""
 
     kind: Literal["exec"]
-    command: list[str] = Field(min_length=1)
+    command: list[Text] = Field(min_length=1)
     timeout: Duration = 5.0
     interval: Duration = 0.5
 
@@ -172,10 +182,12 @@ Health = Annotated[
 class SocketOptions(Model):
     """Options set on every listener of a service before it listens."""
 
-    defer_accept: Duration | None = None
+    # The kernel takes whole seconds as an int; past an hour it waits no longer.
+    defer_accept: Annotated[Duration, Field(le=3600)] | None = None
     fastopen: int | None = Field(default=None, ge=1, le=65535)
-    rcvbuf: int | None = Field(default=None, ge=1024)
-    sndbuf: int | None = Field(default=None, ge=1024)
+    # setsockopt takes a C int; the kernel caps the value at net.core.[rw]mem_max.
+    rcvbuf: int | None = Field(default=None, ge=1024, le=2**31 - 1)
+    sndbuf: int | None = Field(default=None, ge=1024, le=2**31 - 1)
 
 
 class TlsFiles(Model):
@@ -193,7 +205,7 @@ class TlsFiles(Model):
 class ServiceConfig(Model):
     """``[services.NAME]``: one program run as N workers on M listen addresses."""
 
-    command: list[str] = Field(min_length=1)
+    command: list[Text] = Field(min_length=1)
     workers: int = Field(default=1, ge=1, le=1024)
     listen: list[Listen] = Field(min_length=1)
     backlog: int = Field(default=1024, ge=1, le=65535)
@@ -202,11 +214,11 @@ class ServiceConfig(Model):
     stop_timeout: Duration = 30.0
     drain_timeout: Duration = 30.0
     ready_timeout: Duration = 30.0
-    environment: dict[str, str] = Field(default_factory=dict)
-    user: str | None = None
-    group: str | None = None
+    environment: dict[str, Text] = Field(default_factory=dict)
+    user: Text | None = None
+    group: Text | None = None
     working_directory: Path | None = None
-    preflight: list[str] | None = Field(default=None, min_length=1)
+    preflight: list[Text] | None = Field(default=None, min_length=1)
     socket: SocketOptions = SocketOptions()
     health: Health = HealthNone()
     tls: TlsFiles | None = None
@@ -242,7 +254,7 @@ class ServiceConfig(Model):
     @classmethod
     def _environment(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
-            if not _ENV_NAME.match(key):
+            if not _ENV_NAME.fullmatch(key):
                 raise ValueError(f"{key!r} is not a valid environment variable name")
             if key in RESERVED_ENV:
                 raise ValueError(f"{key} is set by the supervisor for each worker")
@@ -274,7 +286,7 @@ class Config(Model):
     @classmethod
     def _service_names(cls, value: dict[str, ServiceConfig]) -> dict[str, ServiceConfig]:
         for name in value:
-            if not _NAME.match(name):
+            if not _NAME.fullmatch(name):
                 raise ValueError(
                     f"service name {name!r}: use letters, digits, '_', '-', '.' (at most 64)"
                 )

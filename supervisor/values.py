@@ -7,13 +7,14 @@ the operator; pydantic turns those into field-path errors.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import signal
 import socket
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, PlainSerializer
+from pydantic import AfterValidator, BeforeValidator, PlainSerializer
 
 # systemd.time(7)'s units; "m" is minutes there too.
 _UNIT_SECONDS = {
@@ -27,6 +28,10 @@ _UNIT_SECONDS = {
 }
 _PART = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
 _UNITS_HELP = "us, ms, s, min (or m), h, d, w"
+# The longest duration a setting may have. Every duration becomes a trio
+# deadline or a timer somewhere; nan and inf pass a "not negative" check and
+# then crash the daemon where they are used (trio refuses a NaN deadline).
+DURATION_MAX = 366 * 86400.0
 
 
 def parse_duration(value: object) -> float:
@@ -42,7 +47,7 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError(f"a duration cannot be negative: {value!r}")
-        return float(value)
+        return _bounded(float(value), value)
     if not isinstance(value, str):
         raise ValueError(f"a duration is like '30s' or '1m30s', not {value!r}")
     text = value.strip().lower()
@@ -59,7 +64,13 @@ def parse_duration(value: object) -> float:
         position = match.end()
     if not text or position != len(text) or text[position:].strip():
         raise ValueError(f"invalid duration {value!r}: use a number and a unit ({_UNITS_HELP})")
-    return total
+    return _bounded(total, value)
+
+
+def _bounded(seconds: float, value: object) -> float:
+    if not math.isfinite(seconds) or seconds > DURATION_MAX:
+        raise ValueError(f"a duration is at most 366d, not {value!r}")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:
@@ -181,3 +192,13 @@ def parse_signal(value: object) -> str:
 
 
 SignalName = Annotated[str, BeforeValidator(parse_signal)]
+
+
+def no_nul(value: str) -> str:
+    """A string the kernel can take (an argument, a name, a variable's value)."""
+    if "\0" in value:
+        raise ValueError(f"{value!r} holds a NUL character, which no argument or name can hold")
+    return value
+
+
+Text = Annotated[str, AfterValidator(no_nul)]

@@ -53,6 +53,45 @@ def test_health_variants_are_discriminated() -> None:
     assert (health.path, health.timeout) == ("/ready", 2.0)
 
 
+# Values a TOML file can hold that once passed validation and then crashed
+# the daemon where they were used (a NaN deadline, setsockopt's C int) or
+# broke a line-based name (fd-store names, STATUS=).
+HOSTILE = [
+    (MINIMAL + "stop_timeout = nan\n", "services.web.stop_timeout: a duration is at most 366d"),
+    (MINIMAL + "drain_timeout = inf\n", "services.web.drain_timeout: a duration is at most 366d"),
+    (MINIMAL + "watch_debounce = -nan\n", "services.web.watch_debounce: a duration"),
+    (MINIMAL + "ready_timeout = '" + "9" * 400 + "s'\n", "services.web.ready_timeout: a duration"),
+    ("[supervisor]\ntls_warn_before = nan\n" + MINIMAL, "supervisor.tls_warn_before: a dur"),
+    (
+        MINIMAL + "[services.web.health]\nkind = 'tcp'\ninterval = nan\n",
+        "services.web.health.interval: a duration is at most 366d",
+    ),
+    (
+        MINIMAL + "[services.web.socket]\nrcvbuf = 2147483648\n",
+        "services.web.socket.rcvbuf: Input should be less than or equal to 2147483647",
+    ),
+    (
+        MINIMAL + "[services.web.socket]\ndefer_accept = 1e30\n",
+        "services.web.socket.defer_accept: a duration is at most 366d",
+    ),
+    (
+        MINIMAL + "[services.web.socket]\ndefer_accept = '2h'\n",
+        "services.web.socket.defer_accept: Input should be less than or equal to 3600",
+    ),
+    (MINIMAL.replace("services.web", 'services."web\\n"'), "services: service name 'web\\n'"),
+    (
+        MINIMAL + "environment = { \"FOO\\n\" = '1' }\n",
+        "services.web.environment: 'FOO\\n' is not a valid environment",
+    ),
+    (MINIMAL + 'environment = { FOO = "a\\u0000b" }\n', "services.web.environment.FOO: "),
+    (MINIMAL + 'user = "www\\u0000"\n', "services.web.user: 'www\\x00' holds a NUL"),
+    (
+        MINIMAL + "[services.web.health]\nkind = 'http'\nhost = \"a\\r\\nX: y\"\n",
+        "services.web.health.host: must be a host name",
+    ),
+]
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -132,6 +171,7 @@ def test_health_variants_are_discriminated() -> None:
             "supervisor.control_socket: /xxx",
         ),
         ("[services.web\n", "TOML syntax"),
+        *HOSTILE,
     ],
 )
 def test_each_error_names_its_field(text: str, expected: str) -> None:
@@ -236,6 +276,16 @@ def test_check_exits_2_with_every_error(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert f"{path}: services.web.workers:" in done.stderr
     assert f"{path}: services.web.stop_timeout:" in done.stderr
+
+
+@pytest.mark.parametrize(("text", "expected"), HOSTILE)
+def test_check_refuses_hostile_values_with_exit_2(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "hostile.toml"
+    path.write_text(text.replace("python3", sys.executable))
+    done = run_check(path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"{path}: {expected}" in done.stderr
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.toml")), ids=lambda p: p.name)

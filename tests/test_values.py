@@ -52,6 +52,10 @@ def test_durations(text: object, seconds: float) -> None:
         ("s", "use a number and a unit"),
         ("", "use a number and a unit"),
         ("1s and more", "use a number and a unit"),
+        (float("nan"), "at most 366d"),
+        (float("inf"), "at most 366d"),
+        ("9" * 400 + "s", "at most 366d"),
+        ("367d", "at most 366d"),
     ],
 )
 def test_bad_durations(value: object, message: str) -> None:
