@@ -20,7 +20,9 @@ from pydantic import ValidationError
 from supervisor.config import Config, ServiceConfig
 from supervisor.control import access
 from supervisor.errors import ConfigError, ConfigIssue
+from supervisor.kernel.files import read_regular
 
+CONFIG_LIMIT = 4 << 20
 _HEALTH_KINDS = frozenset({"none", "notify", "tcp", "http", "tls", "exec"})
 _MESSAGE_REWRITES = {
     "Extra inputs are not permitted": "unknown key",
@@ -36,7 +38,7 @@ def load_config(path: Path, *, check_host_facts: bool = True) -> Config:
     """
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, CONFIG_LIMIT).decode("utf-8")
     except OSError as exc:
         raise ConfigError(source, [ConfigIssue("", f"cannot read {path}: {exc.strerror}")]) from exc
     except UnicodeDecodeError as exc:

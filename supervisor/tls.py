@@ -24,7 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from supervisor.config import Config, TlsFiles
 from supervisor.errors import ConfigIssue, TlsError
+from supervisor.kernel.files import read_regular
 
+PEM_LIMIT = 1 << 20  # a chain of ten 4096-bit certificates is about 20 KiB
 _PRIVATE_KEYS = (
     rsa.RSAPrivateKey,
     ec.EllipticCurvePrivateKey,
@@ -53,7 +55,7 @@ class Certificate:
 
 def _read(path: Path, what: str) -> bytes:
     try:
-        return path.read_bytes()
+        return read_regular(path, PEM_LIMIT)
     except OSError as exc:
         raise TlsError(f"{what} {path}: cannot read: {exc.strerror or exc}") from exc
 

@@ -10,6 +10,7 @@ resolves to), so touching a file or rewriting it identically does nothing.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,11 +19,15 @@ from pathlib import Path
 import structlog
 import trio
 
+from supervisor.kernel.files import read_regular
 from supervisor.kernel.inotify import Inotify
 
 log = structlog.get_logger("supervisor.watch")
 
 Fingerprints = dict[Path, str | None]
+# Hashed in the event loop at every change: a certificate or a config file is
+# far smaller. A larger file (a binary) is compared by its metadata instead.
+HASH_LIMIT = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -37,14 +42,24 @@ class WatchSpec:
 
 
 def fingerprints(paths: Iterable[Path]) -> Fingerprints:
-    """The content hash of each path (through symlinks); None if it cannot be read."""
+    """The content hash of each path (through symlinks); None if it cannot be
+    read or is not a regular file (a FIFO would block the daemon, a device
+    never end). A file over ``HASH_LIMIT`` is known by its size, time and inode."""
     out: Fingerprints = {}
     for path in paths:
         try:
-            out[path] = hashlib.sha256(path.read_bytes()).hexdigest()
-        except OSError:
-            out[path] = None
+            out[path] = hashlib.sha256(read_regular(path, HASH_LIMIT)).hexdigest()
+        except OSError as exc:
+            out[path] = _by_stat(path) if exc.errno == errno.EFBIG else None
     return out
+
+
+def _by_stat(path: Path) -> str | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return f"stat:{info.st_size}:{info.st_mtime_ns}:{info.st_dev}:{info.st_ino}"
 
 
 def directories(paths: Iterable[Path]) -> set[Path]:

@@ -1,10 +1,15 @@
 """Text from outside the daemon (a worker's answer or output) made printable,
-and notify messages that cannot carry a second command."""
+notify messages that cannot carry a second command, and files read without
+blocking on what is not a regular file."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
+from supervisor.kernel.files import read_regular
 from supervisor.kernel.notify import message, parse
 from supervisor.text import has_controls, printable
 
@@ -34,3 +39,23 @@ def test_a_notify_message_is_one_line_per_field() -> None:
     assert parse(text.encode()) == {"FDSTORE": "1", "FDNAME": "web/tcp-127.0.0.1-8080/g1/w0"}
     with pytest.raises(ValueError, match="not a notify key"):
         message(**{"READY=1\nX": 1})
+
+
+def test_read_regular_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match=r"not a regular file \(a FIFO\)"):
+        read_regular(fifo, 100)  # returns at once: nobody writes it, nothing blocks
+    with pytest.raises(OSError, match=r"not a regular file \(a character device\)"):
+        read_regular(Path("/dev/zero"), 100)
+    with pytest.raises(OSError, match=r"not a regular file \(a directory\)"):
+        read_regular(tmp_path, 100)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 101)
+    with pytest.raises(OSError, match="larger than 100 bytes"):
+        read_regular(big, 100)
+    exact = tmp_path / "exact"
+    exact.write_bytes(b"y" * 100)
+    assert read_regular(exact, 100) == b"y" * 100
+    # /proc files say they are empty: what counts is what is read.
+    assert read_regular(Path("/proc/self/stat"), 4096).startswith(str(os.getpid()).encode())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import ssl
 import time
 from collections.abc import Callable
@@ -156,3 +158,33 @@ def test_a_certificate_near_its_end_is_shown_and_warned_about(
         60,
         "the renewed certificate to be served",
     )
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_watched_file_replaced_by_a_fifo_or_a_device_is_refused(
+    start_daemon: Callable[..., Daemon], tmp_path: Path, kind: str
+) -> None:
+    # Whoever renews the certificate (an unprivileged ACME client) can write
+    # the watched directory. A FIFO there once blocked the root daemon in
+    # open() for good, and a link to /dev/zero would be read until the OOM.
+    ca = issue("Test CA", ca=True)
+    cert, key = write_pair(tmp_path, issue("web.test", issuer=ca))
+    daemon = start_daemon(tls_service(free_port(), cert, key))
+    daemon.wait_event("watching", service="web")
+    pids = daemon.worker_pids()
+    mark = daemon.mark()
+    cert.unlink()
+    if kind == "fifo":
+        os.mkfifo(cert)
+    else:
+        cert.symlink_to("/dev/zero")
+    answered = daemon.wait_event("reload_answered", after=mark)
+    assert not answered["ok"]
+    what = "a FIFO" if kind == "fifo" else "a character device"
+    assert f"not a regular file ({what})" in json.dumps(answered), answered
+    began = time.monotonic()
+    status = daemon.status()
+    assert time.monotonic() - began < 5
+    assert status["services"]["web"]["generation"] == 1
+    assert daemon.worker_pids() == pids, "the old generation serves on"
+    assert daemon.terminate() == 0

@@ -1,0 +1,51 @@
+"""Reading a file that someone else may have replaced with something else.
+
+The daemon reads files that less trusted users can write: a watched
+certificate that an ACME client renews, a TLS key, the config. Path.read_bytes
+would block the daemon's only thread forever in open() on a FIFO that nobody
+writes, and would read /dev/zero until the OOM killer came. ``read_regular``
+opens without blocking, takes only a regular file, and reads no more than a
+limit.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a directory",
+}
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file at ``path`` (symlinks followed).
+
+    Raises:
+        OSError: it cannot be opened or read; it is not a regular file
+            (``EINVAL``, strerror names what it is); or it holds more than
+            ``limit`` bytes (``EFBIG``).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a file")
+            raise OSError(errno.EINVAL, f"not a regular file ({kind})", str(path))
+        chunks, size = [], 0
+        # A regular file's size may lie (files in /proc say 0), so count what is read.
+        while chunk := os.read(fd, min(1 << 16, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
