@@ -211,6 +211,9 @@ class ServiceConfig(Model):
     backlog: int = Field(default=1024, ge=1, le=65535)
     retire: Literal["auto", "migrate", "drain"] = "auto"
     stop_signal: SignalName = "SIGTERM"
+    # What the workers are sent when the daemon gets SIGUSR1 (logrotate's
+    # postrotate, `systemctl kill -s USR1`): nginx's is SIGUSR1. None: nothing.
+    reopen_signal: SignalName | None = None
     stop_timeout: Duration = 30.0
     drain_timeout: Duration = 30.0
     ready_timeout: Duration = 30.0

@@ -15,13 +15,14 @@ import signal
 import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import structlog
 import trio
 
-from supervisor import __version__, expiry, metrics, metrics_http
+from supervisor import __version__, expiry, metrics, metrics_http, signals
 from supervisor.capabilities import Capabilities, check
 from supervisor.config import Config
 from supervisor.control import protocol
@@ -33,7 +34,7 @@ from supervisor.inherit import Inheritance
 from supervisor.kernel import sysctl
 from supervisor.loader import load_config
 from supervisor.reloads import ServiceDirectory, handle_reload, reload_summary
-from supervisor.requests import Reload, Request, Shutdown, Upgrade
+from supervisor.requests import Reload, Reopen, Request, Shutdown, Upgrade
 from supervisor.service import Service, ServiceEnv
 from supervisor.spawner import Spawner
 from supervisor.state import ClientState
@@ -43,8 +44,6 @@ from supervisor.upgrade import monotonic
 from supervisor.watch import WatchSpec, watch_services
 
 log = structlog.get_logger("supervisor.daemon")
-
-_SHUTDOWN_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 @dataclass
@@ -233,7 +232,9 @@ class Daemon:
             self.metrics_sock = metrics_sock
             async with trio.open_nursery() as root:
                 startup = trio.CancelScope()
-                root.start_soon(self._forward_signals, startup)
+                # Before anything is spawned: the new image of an upgrade starts
+                # with these signals blocked, and its children must not.
+                await root.start(signals.forward, partial(self._on_signal, startup))
                 root.start_soon(self.notifier.keep_watchdog)
                 control = ControlServer(
                     self._send, self.status, Access.from_config(section), self.metrics_text
@@ -327,7 +328,9 @@ class Daemon:
                 log.info("shutdown_requested", source=request.source)
                 self.notifier.stopping()
                 return request
-            if isinstance(request, Upgrade):
+            if isinstance(request, Reopen):
+                self.reopen(request)
+            elif isinstance(request, Upgrade):
                 if self.upgrade is not None:
                     self.upgrade.callers.append(request)
                 else:
@@ -338,6 +341,16 @@ class Daemon:
             else:
                 self.start_reload(root, request)
         raise AssertionError("the request channel never closes while the daemon runs")
+
+    def reopen(self, request: Reopen) -> None:
+        """Each service's ``reopen_signal`` to every worker it runs (logrotate's
+        SIGUSR1); a service without one is left alone."""
+        having = {n: s for n, s in self.services.items() if s.config.reopen_signal is not None}
+        log.info("reopen_requested", source=request.source, services=list(having))
+        for name, service in having.items():
+            sig = signal.Signals[service.config.reopen_signal or "SIGUSR1"]
+            count = service.signal_workers(sig)
+            log.info("reopen_forwarded", service=name, signal=sig.name, workers=count)
 
     def start_reload(self, root: trio.Nursery, request: Reload) -> None:
         self._reloads += 1
@@ -424,22 +437,14 @@ class Daemon:
     def send_nowait(self, request: Request) -> None:
         self._send.send_nowait(request)
 
-    async def _forward_signals(self, startup: trio.CancelScope) -> None:
-        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
-        with trio.open_signal_receiver(*signals) as received:
-            async for signum in received:
-                name = signal.Signals(signum).name
-                if signum in _SHUTDOWN_SIGNALS and not self._ready:
-                    # A stop during start-up must not wait for ready_timeout.
-                    log.info("shutdown_requested", source=name)
-                    self.notifier.stopping()
-                    startup.cancel()
-                elif signum in _SHUTDOWN_SIGNALS:
-                    await self._send.send(Shutdown(source=name))
-                elif signum == signal.SIGUSR2:
-                    await self._send.send(Upgrade(source=name))
-                else:
-                    await self._send.send(Reload(source=name))
+    async def _on_signal(self, startup: trio.CancelScope, request: Request) -> None:
+        if isinstance(request, Shutdown) and not self._ready:
+            # A stop during start-up must not wait for ready_timeout.
+            log.info("shutdown_requested", source=request.source)
+            self.notifier.stopping()
+            startup.cancel()
+        else:
+            await self._send.send(request)
 
     async def _escalate(self, services: trio.CancelScope) -> None:
         """While stopping: a second stop request kills the workers at once."""

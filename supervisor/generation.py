@@ -182,6 +182,15 @@ class Generation:
         self.request_stop(preserve=preserve)
         await self.state.wait_for(lambda s: s is GenerationState.STOPPED)
 
+    def signal(self, sig: int) -> int:
+        """Send ``sig`` to every worker process that runs; how many were sent it."""
+        sent = 0
+        for slot in self.slots:
+            if slot.process is not None:
+                slot.process.send_signal(sig)
+                sent += 1
+        return sent
+
     def pids(self) -> list[int]:
         return [slot.pid for slot in self.slots if slot.pid is not None]
 

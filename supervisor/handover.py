@@ -44,8 +44,16 @@ def _tell(run: UpgradeRun, message: dict[str, Any]) -> None:
 
 
 def park(run: UpgradeRun, request: Reload) -> None:
-    """A reload asked for during the upgrade waits for it."""
+    """A reload asked for during the upgrade waits for it. One without a client
+    (a signal, a watched file) is parked once per target: a second would roll
+    out the same config again, and a burst of SIGHUPs must not grow the list."""
+    if request.reply is None and any(
+        parked.reply is None and parked.service == request.service for parked in run.parked
+    ):
+        log.debug("reload_coalesced", source=request.source, service=request.service)
+        return
     run.parked.append(request)
+    log.debug("reload_parked", source=request.source, service=request.service)
     if request.reply is not None:
         with contextlib.suppress(
             trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
@@ -100,7 +108,7 @@ def _absorb(daemon: Daemon, run: UpgradeRun) -> None:
         if isinstance(request, Upgrade):
             run.callers.append(request)
         elif isinstance(request, Reload):
-            run.parked.append(request)
+            park(run, request)
         else:  # a shutdown: back on the channel, for after a refused upgrade
             daemon.send_nowait(request)
 
@@ -162,8 +170,10 @@ def finish(daemon: Daemon, root: trio.Nursery) -> None:
         if client.command == "reload":
             daemon.control.adopt(client.fd, _reload_for(client))
     for client in handed.pending:
-        daemon.send_nowait(
-            Reload(source=client.source, service=client.service, reason=client.reason)
+        # Started here, not sent on the request channel: nothing reads it yet,
+        # and it is bounded.
+        daemon.start_reload(
+            root, Reload(source=client.source, service=client.service, reason=client.reason)
         )
 
 

@@ -44,4 +44,13 @@ class Upgrade:
     connection: int | None = None
 
 
-Request = Shutdown | Reload | Upgrade
+@dataclass(frozen=True)
+class Reopen:
+    """Send each service's ``reopen_signal`` to its workers (their logs were
+    rotated). The daemon itself logs to stdout: it has nothing to reopen."""
+
+    source: str
+    reply: Reply | None = None
+
+
+Request = Shutdown | Reload | Upgrade | Reopen

@@ -302,6 +302,13 @@ class Service:
         current = None if self.current is None else self.current.number
         return RolloutReport(self.name, "cancelled", None, current, reasons=[why])
 
+    def signal_workers(self, sig: int) -> int:
+        """Send ``sig`` to the workers of every generation this service runs
+        (during a rollout, the candidate's and the retiring one's too)."""
+        stage = self.stage
+        held = (self.current, stage.candidate, stage.retiring)
+        return sum(gen.signal(sig) for gen in dict.fromkeys(held) if gen is not None)
+
     def state(self) -> ServiceState:
         current = self.current
         if self._stopped:

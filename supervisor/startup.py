@@ -27,7 +27,7 @@ import shtab
 import trio
 from pydantic import ValidationError
 
-from supervisor import __version__, fdstore, inherit, logs, upgrade
+from supervisor import __version__, fdstore, inherit, logs, signals, upgrade
 from supervisor.capabilities import Capabilities, check, detect, prepare
 from supervisor.config import Config, ServiceConfig, SupervisorSection
 from supervisor.daemon import Daemon, Handed
@@ -53,8 +53,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="supervisord",
         description="Zero-downtime process supervisor (runs in the foreground). SIGHUP "
-        "reloads every service, SIGUSR2 upgrades the daemon in place, SIGTERM and SIGINT "
-        "stop it gracefully.",
+        "reloads every service, SIGUSR2 upgrades the daemon in place, SIGUSR1 sends each "
+        "service's reopen_signal to its workers, SIGTERM and SIGINT stop it gracefully.",
         epilog="Exit status: 0 a clean stop, or --check passed; 1 it could not start (a "
         "listener could not be bound, a first worker failed, the control socket is in use); "
         "2 a bad config, every error printed as FILE: field.path: reason.",
@@ -109,6 +109,10 @@ def _main(argv: Sequence[str] | None) -> None:
         sys.exit(EXIT_CONFIG)
     if args.check:
         sys.exit(_check(args.config, config))
+    # Until the daemon's handlers are in place (signals.forward unblocks them),
+    # a SIGHUP or SIGUSR1 waits instead of killing a daemon that is starting.
+    # An upgrade's new image arrives with them blocked already.
+    signals.block()
     logs.configure(config.supervisor.log_format, config.supervisor.log_level)
     caps = prepare(config.supervisor)
     issues = list(check(config, caps))

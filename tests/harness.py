@@ -144,6 +144,11 @@ class Daemon:
         with self._cond:
             return len(self.events)
 
+    def events_since(self, mark: int, event: str) -> list[dict[str, Any]]:
+        """The log lines ``event`` logged since ``mark``, without waiting."""
+        with self._cond:
+            return [e for e in self.events[mark:] if e.get("event") == event]
+
     def status(self) -> dict[str, Any]:
         for reply in request(self.control, {"command": "status"}, timeout=10.0):
             if reply["type"] == "result":
