@@ -11,11 +11,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from supervisor.config import MAX_WORKERS
 from supervisor.kernel import cbpf
 from supervisor.kernel.sockets import ListenerOptions, open_listener
 from supervisor.kernel.sysctl import MIGRATE_REQ, set_migrate_req
 from supervisor.steering import Role
 from supervisor.steering.cbpf import CbpfGroup, build_program
+from supervisor.steering.ebpf_program import SLOTS
 from supervisor.values import parse_listen
 from tests.conftest import HOST_NETNS_INODE
 from tests.harness import free_port
@@ -204,3 +206,12 @@ def test_program_shapes() -> None:
 def test_the_session_runs_in_its_own_network_namespace() -> None:
     # So the sysctl writes above never touch the host.
     assert os.stat("/proc/self/ns/net").st_ino != HOST_NETNS_INODE
+
+
+def test_the_worker_limit_fits_both_steering_backends() -> None:
+    # A reload holds two generations of MAX_WORKERS in one group: the eBPF
+    # sockarray must have a slot for each, and the classic program with every
+    # listener active and every one pinned by a probe must fit BPF_MAXINSNS.
+    assert 2 * MAX_WORKERS <= SLOTS
+    worst = build_program(socket.AF_INET6, list(range(MAX_WORKERS)), [(0, 0, 0)] * MAX_WORKERS)
+    assert len(worst) <= 4096
