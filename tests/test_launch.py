@@ -268,3 +268,37 @@ async def test_close_never_waits_and_the_child_is_reaped_later() -> None:
             await trio.sleep(0.01)
     assert proc.returncode == -signal.SIGKILL
     assert process_gone(proc.pid), "reaped, not left a zombie"
+
+
+def test_a_parent_that_dies_before_the_death_signal_is_set_leaves_no_orphan(
+    tmp_path: Path,
+) -> None:
+    # The window: fastspawn's first sh has checked its parent, and setpriv has
+    # not yet set the death signal. A setpriv that waits there makes it wide:
+    # the parent exits inside it, and the worker must not start.
+    setpriv = fastspawn.available()
+    if setpriv is None:
+        pytest.skip("no setpriv with --pdeathsig here")
+    slow = tmp_path / "slow-setpriv"
+    slow.write_text(f'#!/bin/sh\nsleep 1\nexec {setpriv} "$@"\n')
+    slow.chmod(0o755)
+    code = textwrap.dedent(
+        f"""
+        import os, signal
+        from supervisor.kernel import fastspawn
+        null = os.open(os.devnull, os.O_WRONLY)  # an orphan must not hold our pipe open
+        pid = fastspawn.spawn({str(slow)!r}, ["sleep", "300"], env=dict(os.environ), fds=[],
+            cwd=None, death_signal=signal.SIGKILL, stdout=null, stderr=null, nofile=None)
+        print(pid, flush=True)
+        """
+    )
+    middle = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+    )
+    child = int(middle.stdout)  # the middleman has exited: the child is an orphan now
+    try:
+        wait_until(lambda: process_gone(child) or _comm(child) == "sleep", 30, "the child")
+        assert process_gone(child), f"pid {child} started its worker with no parent to kill it"
+    finally:
+        if not process_gone(child):
+            os.kill(child, signal.SIGKILL)  # ours, by pid: the old code's orphan
