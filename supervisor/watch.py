@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ Fingerprints = dict[Path, str | None]
 # Hashed in the event loop at every change: a certificate or a config file is
 # far smaller. A larger file (a binary) is compared by its metadata instead.
 HASH_LIMIT = 16 << 20
+RETRY = 2.0  # seconds until a directory that could not be watched is tried again
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,10 @@ def directories(paths: Iterable[Path]) -> set[Path]:
     dirs = set()
     for path in paths:
         dirs.add(path.parent)
-        target = path.resolve().parent
+        try:
+            target = path.resolve().parent
+        except (OSError, RuntimeError):  # a symlink loop: its target is nowhere
+            continue
         if target.is_dir():
             dirs.add(target)
     return dirs
@@ -98,14 +103,32 @@ async def watch_files(
             changed = [path for path in spec.paths if now[path] != seen[path]]
             seen = now
             spec.seen.update({str(path): value for path, value in seen.items()})
-            for directory in directories(spec.paths) - watched:  # a symlink's new target
-                inotify.watch_directory(directory)
-                watched.add(directory)
+            missing = _watch_new(inotify, directories(spec.paths) - watched, watched)
             if changed:
                 await on_change(changed)
-            await inotify.changes()
-            await _quiet(inotify, spec.debounce)
+            # A directory that could not be watched sends no event: look again
+            # after RETRY (a change made there meanwhile shows in the hashes).
+            with trio.move_on_after(RETRY if missing else math.inf):
+                await inotify.changes()
+                await _quiet(inotify, spec.debounce)
             now = fingerprints(spec.paths)
+
+
+def _watch_new(inotify: Inotify, directories: set[Path], watched: set[Path]) -> bool:
+    """Watch ``directories`` (a symlink's new target) too; whether one failed."""
+    failed = False
+    for directory in directories:
+        try:
+            inotify.watch_directory(directory)
+        except OSError as exc:
+            # Gone again (a Kubernetes ..data swap), the watch limit, or a
+            # directory root may not read: the watches in place go on, and the
+            # daemon must not end over it.
+            log.warning("watch_failed", directory=str(directory), error=str(exc))
+            failed = True
+        else:
+            watched.add(directory)
+    return failed
 
 
 async def _quiet(inotify: Inotify, debounce: float) -> None:

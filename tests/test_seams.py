@@ -12,6 +12,7 @@ reload (strace detached) must succeed.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -91,3 +92,36 @@ def test_a_failing_syscall_during_a_reload_loses_nothing(
     assert clean.ok, clean.answer
     assert result.failed == 0, (result.failures, result.examples)
     assert result.ok > 100
+
+
+def test_a_watch_that_cannot_be_added_after_start_is_retried(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    # certbot's live/ symlinks: switching one to a new directory makes the
+    # watcher add a watch there, in the running daemon. That call failing
+    # (ENOSPC: the watch limit; ENOENT: the directory swapped away again)
+    # once reached the root nursery and ended the daemon.
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "file").write_text(name)
+    watched = tmp_path / "live"
+    watched.symlink_to(tmp_path / "a" / "file")
+    extra = f'watch = ["{watched}"]\nwatch_debounce = "100ms"'
+    daemon = start_daemon(service_toml("web", port=free_port(), workers=1, extra=extra))
+    daemon.wait_event("watching", service="web")
+    mark = daemon.mark()
+    with syscall_fault(daemon.proc.pid, "inotify_add_watch", "ENOSPC", "1+"):
+        switch = tmp_path / "switch"
+        switch.symlink_to(tmp_path / "b" / "file")
+        switch.replace(watched)  # rename over: one atomic switch, as certbot does
+        failed = daemon.wait_event("watch_failed", after=mark)
+        assert failed["directory"] == str(tmp_path / "b")
+        assert "max_user_watches" in failed["error"]
+    answered = daemon.wait_event("reload_answered", after=mark)
+    assert answered["ok"], answered
+    assert daemon.proc.poll() is None, "the daemon survived"
+    # Detached: the next change adds the watch it could not add before.
+    mark = daemon.mark()
+    (tmp_path / "b" / "file").write_text("b, rewritten")
+    assert daemon.wait_event("reload_answered", after=mark)["ok"]
+    assert daemon.terminate() == 0
