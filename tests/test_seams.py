@@ -12,8 +12,8 @@ reload (strace detached) must succeed.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
