@@ -276,7 +276,11 @@ class Service:
             # run_rollout translates every operating failure; this is a bug.
             # Report it and keep serving: the service must not die of it.
             log.exception("rollout_crashed")
-            result = _crashed(self.name, self.last_generation, self.current.number, exc)
+            assert self.current is not None
+            result = _crashed(self.name, self.last_generation, old, self.current, exc)
+            if self.current is not old:  # after the cutover: the old one must not linger
+                with trio.CancelScope(shield=True):
+                    await old.stop()
         except BaseException:
             for ticket in tickets:
                 ticket.finish(self._refused("the rollout was cut short: the daemon is stopping"))
@@ -367,8 +371,17 @@ def _certificate(served: tls.Served | None) -> CertificateStatus | None:
     )
 
 
-def _crashed(name: str, generation: int, current: int, exc: Exception) -> RolloutResult:
-    report = RolloutReport(
-        name, "rolled_back", generation, current, reasons=[f"internal error: {exc!r}"]
-    )
-    return RolloutResult(report)
+def _crashed(
+    name: str, generation: int, old: Generation, current: Generation, exc: Exception
+) -> RolloutResult:
+    """The report of a rollout that raised: rolled back if the old generation
+    still serves; after the cutover, succeeded, with the error as a problem."""
+    error = f"internal error: {exc!r}"
+    if current is old:
+        return RolloutResult(
+            RolloutReport(name, "rolled_back", generation, old.number, reasons=[error])
+        )
+    report = RolloutReport(name, "succeeded", current.number, old.number)
+    stopped = f"generation {old.number} was stopped without its planned retirement"
+    report.problems = [f"{error}; {stopped}"]
+    return RolloutResult(report, current, None)

@@ -422,3 +422,30 @@ def test_an_unknown_architecture_gets_no_ebpf(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(KernelFeatureMissing, match="syscall number"):
         bpf.Map(bpf.MAP_TYPE_ARRAY, 4, 4, 1, "probe")
     assert not ebpf_available()
+
+
+@pytest.mark.parametrize("where", ["retire", "counters"])
+async def test_a_bug_after_the_cutover_retires_the_old_generation_all_the_same(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # A bug (not an operating failure, which is translated) raised once the new
+    # generation serves: once reported as rolled_back, with the old workers
+    # left running, unseen by status, one more set at every reload.
+    def bug(*_args: object, **_kwargs: object) -> None:
+        raise ValueError("a bug")
+
+    if where == "retire":
+        monkeypatch.setattr("supervisor.rollout.retire", bug)
+    else:
+        monkeypatch.setattr("supervisor.rollout.netstat.delta", bug)
+    async with running() as rig:
+        old = rig.live(1)
+        report = await rig.reload()
+        assert report.outcome == "succeeded", report
+        assert any("internal error" in p and "ValueError('a bug')" in p for p in report.problems)
+        assert all(p.returncode is not None for p in old), "the old workers stopped"
+        assert [p.plan.generation for p in rig.spawner.live()] == [2, 2]
+        assert rig.service.current is not None and rig.service.current.number == 2
+        report = await rig.reload()
+        assert report.outcome == "succeeded"
+        assert [p.plan.generation for p in rig.spawner.live()] == [3, 3]
