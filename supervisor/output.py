@@ -10,8 +10,15 @@ that floods never slows the daemon or another worker:
 - each pipe holds ``PIPE_BUFFER`` bytes; the reader empties it as fast as it
   can, so a writer waits only as long as one read;
 - at most ``RATE`` lines a second per stream become events (``BURST`` at
-  once); the rest are read and dropped, and ``worker_output_dropped`` says
-  how many, at most once a second.
+  once); the rest are read and dropped (counted by ``bytes.count``, not
+  split one by one), and ``worker_output_dropped`` says how many, at most
+  once a second;
+- at most ``BYTE_RATE`` bytes a second per stream are read at all
+  (``BYTE_BURST`` at once). A stream over it is left unread until its budget
+  allows another full read: its pipe fills and the worker waits in its own
+  ``write()``, and the daemon spends nothing on it meanwhile. A worker that
+  printed empty lines as fast as it could (``yes ''``) once held the daemon
+  at 100% of a core, reading and splitting them.
 
 stdout lines are info, stderr lines warning, unless a line starts with an
 sd-daemon priority prefix (``<3>`` .. ``<7>``), which then decides.
@@ -36,6 +43,8 @@ MAX_LINE = 8192
 PIPE_BUFFER = 65536
 RATE = 200.0  # lines per second per stream
 BURST = 2000
+BYTE_RATE = 4 << 20  # bytes per second per stream
+BYTE_BURST = 16 << 20
 F_SETPIPE_SZ = 1031
 _LEVELS = {"0": 50, "1": 50, "2": 50, "3": 40, "4": 30, "5": 20, "6": 20, "7": 10}
 _DEFAULT = {"stdout": 20, "stderr": 30}
@@ -80,14 +89,29 @@ class Bucket:
         self.tokens = float(burst)
         self.stamp = trio.current_time()
 
-    def take(self) -> bool:
+    def _refill(self) -> None:
         now = trio.current_time()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
+
+    def allowance(self) -> int:
+        """How many ``take()`` would allow now (nothing is taken)."""
+        self._refill()
+        return max(0, int(self.tokens))
+
+    def take(self) -> bool:
+        self._refill()
         if self.tokens >= 1:
             self.tokens -= 1
             return True
         return False
+
+    def spend(self, amount: int) -> float:
+        """Take ``amount`` (into debt if need be); the seconds until ``PIPE_BUFFER``
+        tokens are there again (0 if they are)."""
+        self._refill()
+        self.tokens -= amount
+        return max(0.0, (PIPE_BUFFER - self.tokens) / self.rate)
 
 
 def level_of(line: str, stream: str) -> tuple[int, str]:
@@ -103,20 +127,31 @@ class _Reader:
     def __init__(self, pipe: Pipe, worker: int, pid: Callable[[], int | None]) -> None:
         self.pipe, self.worker, self.pid = pipe, worker, pid
         self.bucket = Bucket()
+        self.bytes = Bucket(BYTE_RATE, BYTE_BURST)
         self.pending = b""
         self.dropped = 0
         self.last_report = trio.current_time()
 
-    def read(self) -> bool:
-        """Read what the pipe holds (one read) into events; False at end of file."""
+    def read(self) -> float | None:
+        """Read what the pipe holds (one read) into events. None at end of file;
+        else how long to leave the pipe unread (its byte budget is spent)."""
         try:
             chunk = os.read(self.pipe.read, PIPE_BUFFER)
         except BlockingIOError:
-            return True
+            return 0.0
         if not chunk:  # every writer closed (not while the slot holds one)
-            return False
-        self.pending += chunk
-        *lines, self.pending = self.pending.split(b"\n")
+            return None
+        pause = self.bytes.spend(len(chunk))
+        # Split off no more lines than may become events; count the rest in C.
+        allowed = self.bucket.allowance()
+        parts = (self.pending + chunk).split(b"\n", allowed)
+        lines, rest = parts[:-1], parts[-1]
+        if len(parts) > allowed:  # ``rest`` may hold more lines, all beyond the rate
+            head, sep, tail = rest.rpartition(b"\n")
+            if sep:
+                self.dropped += head.count(b"\n") + 1
+                rest = tail
+        self.pending = rest
         if len(self.pending) > MAX_LINE:  # no newline yet, but too long to hold
             lines.append(self.pending)
             self.pending = b""
@@ -125,7 +160,7 @@ class _Reader:
                 _emit(self.pipe.stream, raw, self.worker, self.pid())
             else:
                 self.dropped += 1
-        return True
+        return pause
 
     def report(self, now: float) -> None:
         """Say how many lines were dropped, at most once a second."""
@@ -155,6 +190,7 @@ class OutputHub:
         self._epoll: select.epoll | None = None
         self._readers: dict[int, _Reader] = {}
         self._dropping: set[_Reader] = set()  # readers with lines to report
+        self._paused: dict[_Reader, float] = {}  # out of the epoll set until then
 
     def __enter__(self) -> Self:
         self._epoll = select.epoll()
@@ -184,8 +220,9 @@ class OutputHub:
         reader = self._readers.pop(pipe.read, None)
         if reader is None:
             return
-        with contextlib.suppress(OSError):  # closed behind our back: epoll let go already
-            self._poller().unregister(pipe.read)
+        if self._paused.pop(reader, None) is None:
+            with contextlib.suppress(OSError):  # closed behind our back: epoll let go already
+                self._poller().unregister(pipe.read)
         self._read(reader)
         reader.report(reader.last_report + 1.0)
         self._dropping.discard(reader)
@@ -194,20 +231,32 @@ class OutputHub:
         """Relay until cancelled."""
         epoll = self._poller()
         while True:
-            due = min((r.last_report + 1.0 for r in self._dropping), default=float("inf"))
+            due = min(
+                [r.last_report + 1.0 for r in self._dropping] + list(self._paused.values()),
+                default=float("inf"),
+            )
             with trio.move_on_at(due):
                 await trio.lowlevel.wait_readable(epoll.fileno())
             for fd, _ in epoll.poll(0):
                 reader = self._readers.get(fd)
                 if reader is None:
                     continue
-                if not self._read(reader):  # nothing more comes: its writers are gone
+                pause = self._read(reader)
+                if pause is None:  # nothing more comes: its writers are gone
                     with contextlib.suppress(OSError):
                         epoll.unregister(fd)
                     self._readers.pop(fd)
-                elif reader.dropped:
+                    continue
+                if pause > 0:  # over its byte budget: unread until it may read again
+                    epoll.unregister(fd)
+                    self._paused[reader] = trio.current_time() + pause
+                if reader.dropped:
                     self._dropping.add(reader)
             now = trio.current_time()
+            for reader, until in list(self._paused.items()):
+                if until <= now:
+                    del self._paused[reader]
+                    epoll.register(reader.pipe.read, select.EPOLLIN)
             for reader in list(self._dropping):
                 reader.report(now)
                 if not reader.dropped:
@@ -215,7 +264,7 @@ class OutputHub:
             await trio.lowlevel.checkpoint()
 
     @staticmethod
-    def _read(reader: _Reader) -> bool:
+    def _read(reader: _Reader) -> float | None:
         """``reader.read()``; a pipe that fails is logged and given up, so one
         worker's pipe never takes the generation's other workers' output down."""
         try:
@@ -227,7 +276,7 @@ class OutputHub:
                 stream=reader.pipe.stream,
                 error=str(exc),
             )
-            return False
+            return None
 
 
 def _emit(stream: str, raw: bytes, worker: int, pid: int | None) -> None:

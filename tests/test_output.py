@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -204,3 +205,42 @@ def test_output_pipes_survive_an_upgrade(start_daemon: Callable[..., Daemon]) ->
     mark = daemon.mark()
     after = daemon.wait_event("worker_output", service="web", after=mark)
     assert after["pid"] == pid and str(after["line"]).startswith("tick ")
+
+
+EMPTY_LINES = ["sh", "-c", "exec yes ''"]
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime of ``pid``, in clock ticks."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_a_worker_printing_empty_lines_costs_the_daemon_little(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    # `yes ''` writes a newline at a time as fast as it can: read and split
+    # line by line, that held the daemon at 100% of a core (500 of 500 ticks
+    # in 5 s in the audit). Now its pipe is read at BYTE_RATE and the lines
+    # beyond the rate are counted, not split.
+    daemon = start_daemon(
+        service_toml(
+            "flood",
+            port=free_port(),
+            workers=1,
+            command=EMPTY_LINES,
+            health='kind = "none"\nsettle = "100ms"',
+        )
+    )
+    daemon.wait_event("worker_output_dropped", service="flood")
+    hz = os.sysconf("SC_CLK_TCK")
+    before, began = _cpu_ticks(daemon.proc.pid), time.monotonic()
+    time.sleep(3)
+    share = (_cpu_ticks(daemon.proc.pid) - before) / hz / (time.monotonic() - began)
+    print(f"daemon CPU while a worker prints empty lines: {share:.1%} of a core")
+    assert share < 0.3, f"the daemon spent {share:.0%} of a core on one worker's output"
+    assert daemon.status()["services"]["flood"]["state"] == "RUNNING"
+    assert daemon.terminate() == 0
