@@ -23,7 +23,13 @@ log = structlog.get_logger("supervisor.http")
 
 CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 READ_TIMEOUT = 5.0
+EXCHANGE_TIMEOUT = 10.0  # the whole of one connection: request and answer
 MAX_REQUEST = 16 * 1024
+# Connections served at once; the next ones wait in the listen backlog (then
+# the kernel drops their SYNs). Unbounded, 300 idle connections from anyone
+# on the host took the daemon to its fd limit: no control client could
+# connect and no worker could be respawned meanwhile.
+MAX_CLIENTS = 16
 
 
 def bind(address: ListenAddress) -> socket.socket:
@@ -51,33 +57,41 @@ async def serve(
 ) -> None:
     """Answer ``GET /metrics`` on ``sock`` (the caller owns it) until cancelled."""
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))
+    slots = trio.Semaphore(MAX_CLIENTS)
     async with listener, trio.open_nursery() as nursery:
         task_status.started()
         while True:
+            await slots.acquire()  # at the cap, new clients wait in the backlog
             try:
                 stream = await listener.accept()
             except OSError as exc:  # out of fds: the client waits in the backlog
+                slots.release()
                 log.warning("metrics_accept_failed", error=str(exc))
                 await trio.sleep(0.1)
                 continue
-            nursery.start_soon(_answer, stream, render)
+            nursery.start_soon(_answer, stream, render, slots)
 
 
-async def _answer(stream: trio.SocketStream, render: Callable[[], str]) -> None:
+async def _answer(
+    stream: trio.SocketStream, render: Callable[[], str], slots: trio.Semaphore
+) -> None:
     async with stream:
         try:
-            with trio.fail_after(READ_TIMEOUT):
-                target = await _request_target(stream)
-            if target is None:
-                return
-            if target.split("?", 1)[0] != "/metrics":
-                await _send(stream, 404, b"only /metrics here\n", "text/plain")
-                return
-            await _send(stream, 200, render().encode(), CONTENT_TYPE)
+            with trio.fail_after(EXCHANGE_TIMEOUT):
+                with trio.fail_after(READ_TIMEOUT):
+                    target = await _request_target(stream)
+                if target is None:
+                    return
+                if target.split("?", 1)[0] != "/metrics":
+                    await _send(stream, 404, b"only /metrics here\n", "text/plain")
+                    return
+                await _send(stream, 200, render().encode(), CONTENT_TYPE)
         except (trio.TooSlowError, trio.BrokenResourceError, h11.ProtocolError):
             return
         except Exception:  # a bug must not stop the endpoint (nor the daemon)
             log.exception("metrics_failed")
+        finally:
+            slots.release()
 
 
 async def _request_target(stream: trio.SocketStream) -> str | None:

@@ -45,6 +45,11 @@ from supervisor.values import ListenAddress
 log = structlog.get_logger("supervisor.worker")
 
 
+# Errors of a spawn that say the daemon, not the worker, ran short.
+STARVED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOBUFS})
+STARVED_RETRY = 1.0
+
+
 @dataclass(frozen=True)
 class SlotSettings:
     """How a slot runs its processes (from the service config)."""
@@ -80,6 +85,9 @@ class _Run:
     lifetime: float
     reached_running: bool
     failure: SupervisorError | None
+    # The spawn failed for want of the daemon's own resources (fds, memory,
+    # processes): not the worker's fault, so not a short run.
+    starved: bool = False
 
 
 class WorkerSlot:
@@ -261,6 +269,9 @@ class WorkerSlot:
     async def _respawn_loop(self, last: _Run) -> None:
         policy = self.settings.policy
         while not self._stop_requested.is_set():
+            if last.starved:
+                last = await self._respawn_when_fed()
+                continue
             short = policy.is_short(reached_running=last.reached_running, lifetime=last.lifetime)
             self._short_runs = self._short_runs + 1 if short else 0
             short_runs = self._short_runs
@@ -285,6 +296,18 @@ class WorkerSlot:
             self._set(WorkerState.STOPPING)
             self._set(WorkerState.EXITED)
 
+    async def _respawn_when_fed(self) -> _Run:
+        """The daemon could not spawn (out of fds, memory or processes): try again
+        after ``STARVED_RETRY``, counting nothing against the worker. A flood of
+        connections to the metrics endpoint once left a worker killed meanwhile
+        FATAL for good, its listener shut down."""
+        self._set(WorkerState.BACKOFF)
+        with trio.move_on_after(STARVED_RETRY):
+            await self._stop_requested.wait()
+        if self._stop_requested.is_set():
+            return _Run(returncode=-1, lifetime=0.0, reached_running=False, failure=None)
+        return await self._run_process(lambda: None)
+
     async def _run_process(
         self,
         on_first_ready: Callable[[], None],
@@ -307,8 +330,10 @@ class WorkerSlot:
             except OSError as exc:
                 failure = SpawnError(self.label, _os_error(exc))
                 self.last_exit = failure.reason
-                log.error("worker_spawn_failed", reason=str(failure))
-                return _Run(returncode=-1, lifetime=0.0, reached_running=False, failure=failure)
+                starved = exc.errno in STARVED
+                retry = STARVED_RETRY if starved else None
+                log.error("worker_spawn_failed", reason=str(failure), retry_in=retry)
+                return _Run(-1, 0.0, reached_running=False, failure=failure, starved=starved)
         self.pid = proc.pid
         self.process = proc
         structlog.contextvars.bind_contextvars(pid=proc.pid)

@@ -8,10 +8,14 @@ among them) must answer with what the daemon did.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -22,7 +26,7 @@ import pytest
 
 from supervisor.metrics import PREFIX, Histogram, Tally
 from supervisor.rollout import RolloutReport
-from tests.harness import Daemon, free_port, service_toml, wait_until
+from tests.harness import DAEMON, Daemon, free_port, service_toml, wait_until
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "config" / "grafana-dashboard.json"
 
@@ -185,3 +189,51 @@ def test_a_real_prometheus_scrapes_it_and_the_dashboard_queries_answer(
     for expr in _dashboard_queries():
         used = set(re.findall(rf"{PREFIX}_[a-z_]+", expr))
         assert used <= names | no_tls_here, (expr, used - names)
+
+
+IDLE_FLOOD = 300
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_a_flood_of_idle_metrics_connections_costs_neither_control_nor_workers(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    # Anyone on the host may connect to metrics_listen. 300 idle connections
+    # once took a daemon to its fd limit: the control socket could not accept,
+    # and a worker killed meanwhile went FATAL (EMFILE) and stayed so.
+    metrics = free_port()
+    daemon = start_daemon(
+        service_toml("web", port=free_port(), workers=2),
+        supervisor_extra=f'metrics_listen = "127.0.0.1:{metrics}"',
+        entry=["prlimit", "--nofile=96:96", *DAEMON],  # the flood would pass it
+    )
+    before = _open_fds(daemon.proc.pid)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(IDLE_FLOOD):
+            conn = socket.socket()
+            conn.setblocking(False)  # past the backlog a SYN waits: the flood need not
+            conn.connect_ex(("127.0.0.1", metrics))
+            idle.append(conn)
+        wait_until(lambda: _open_fds(daemon.proc.pid) >= before + 16, 10, "the cap to fill")
+        during = _open_fds(daemon.proc.pid)
+        began = time.monotonic()
+        status = daemon.status()
+        assert time.monotonic() - began < 1, "status answers at once during the flood"
+        victim = status["services"]["web"]["workers"][0]["pid"]
+        mark = daemon.mark()
+        os.kill(victim, signal.SIGKILL)
+        daemon.wait_event("worker_running", after=mark)
+        states = [w["state"] for w in daemon.status()["services"]["web"]["workers"]]
+        assert states == ["RUNNING", "RUNNING"], states
+    finally:
+        for conn in idle:
+            conn.close()
+    print(f"daemon fds: {before} before, {during} during {IDLE_FLOOD} idle connections")
+    assert during <= before + 16 + 4, "at most MAX_CLIENTS connections are held"
+    assert daemon.terminate() == 0

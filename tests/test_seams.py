@@ -11,7 +11,9 @@ reload (strace detached) must succeed.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -124,4 +126,30 @@ def test_a_watch_that_cannot_be_added_after_start_is_retried(
     mark = daemon.mark()
     (tmp_path / "b" / "file").write_text("b, rewritten")
     assert daemon.wait_event("reload_answered", after=mark)["ok"]
+    assert daemon.terminate() == 0
+
+
+def test_a_spawn_the_daemon_cannot_afford_is_retried_not_counted(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    # posix_spawn's clone3 failing with EAGAIN (or an EMFILE, ENOMEM) is the
+    # daemon running short, not the worker failing: 5 of them in a row once
+    # made the worker FATAL for good, its listener shut down.
+    daemon = start_daemon(service_toml("web", port=free_port(), workers=1))
+    victim = daemon.worker_pids()[0]
+    mark = daemon.mark()
+    with syscall_fault(daemon.proc.pid, "clone3", "EAGAIN", "1..7"):
+        os.kill(victim, signal.SIGKILL)
+        wait_until(
+            lambda: (
+                len(daemon.events_since(mark, "worker_spawn_failed")) >= 7
+                or bool(daemon.events_since(mark, "worker_fatal"))
+            ),
+            60,
+            "7 failed spawns",
+        )
+    assert not daemon.events_since(mark, "worker_fatal"), "the daemon's shortage is no fault"
+    running = daemon.wait_event("worker_running", after=mark)
+    assert running["pid"] != victim
+    assert [w["state"] for w in daemon.status()["services"]["web"]["workers"]] == ["RUNNING"]
     assert daemon.terminate() == 0

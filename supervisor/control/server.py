@@ -32,6 +32,11 @@ LINGER = 1.0  # after an error reply, how long we read and discard the rest
 CLOSE_GRACE = 5.0  # at exit, connected clients have this long to get their answers
 RETRY = 0.1  # after accept() failed for want of fds or memory
 PAUSE_LIMIT = REQUEST_TIMEOUT + 1  # a paused server waits this long for clients mid-request
+SEND_TIMEOUT = 10.0  # a client that reads nothing for this long is given up
+# Clients connected at once; the next wait in the listen backlog. Only allowed
+# peers get past the socket's mode, but a member of control_socket_group may
+# be anyone's script gone wrong.
+MAX_CLIENTS = 64
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -117,6 +122,7 @@ class ControlServer:
         self._busy = 0  # clients being read or answered (not waiting on the daemon)
         self._quiet = trio.Event()
         self._handlers: trio.Nursery | None = None
+        self._slots = trio.Semaphore(MAX_CLIENTS)
 
     async def serve(
         self,
@@ -130,6 +136,7 @@ class ControlServer:
         to receive their answers (a shutdown's last reply among them).
         """
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))
+        self._slots = trio.Semaphore(MAX_CLIENTS)
         async with listener, trio.open_nursery() as handlers:
             self._handlers = handlers
             task_status.started()
@@ -142,10 +149,12 @@ class ControlServer:
 
     async def _accept(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
         while True:
+            await self._slots.acquire()  # at the cap, new clients wait in the backlog
             try:
                 stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in _OUT_OF_RESOURCES:
+            except BaseException as exc:
+                self._slots.release()
+                if not isinstance(exc, OSError) or exc.errno not in _OUT_OF_RESOURCES:
                     raise
                 # The client waits in the backlog; the daemon must not die.
                 log.warning("control_accept_failed", error=str(exc), retry_in=RETRY)
@@ -198,10 +207,13 @@ class ControlServer:
                     await self._serve_client(stream)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     log.debug("control_client_gone")
+                except trio.TooSlowError:
+                    log.warning("control_client_stalled", timeout=SEND_TIMEOUT)
                 except Exception:
                     log.exception("control_handler_failed")
         finally:
             self._settle()
+            self._slots.release()
 
     def _settle(self) -> None:
         """One client fewer is being read or answered."""
@@ -263,14 +275,27 @@ class ControlServer:
     ) -> None:
         send, receive = trio.open_memory_channel[dict[str, Any]](64)
         await self._requests.send(request(send))
+        reading = True
         async with receive:
+            # Drained to the end whatever the client does: the daemon's side
+            # of the channel must never wait on a client.
             async for message in receive:
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                if not reading:
+                    continue
+                try:
                     await _send(stream, message)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    reading = False
+                except trio.TooSlowError:
+                    log.warning("control_client_stalled", timeout=SEND_TIMEOUT)
+                    reading = False
+                    await trio.aclose_forcefully(stream)
 
 
 async def _send(stream: trio.SocketStream, message: dict[str, Any]) -> None:
-    await stream.send_all(protocol.encode(message))
+    """Raises ``trio.TooSlowError`` if the client does not take it in ``SEND_TIMEOUT``."""
+    with trio.fail_after(SEND_TIMEOUT):
+        await stream.send_all(protocol.encode(message))
 
 
 async def _refuse(stream: trio.SocketStream, reason: str) -> None:
