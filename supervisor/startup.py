@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import os
+import pkgutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -217,7 +219,16 @@ def _config_of(document: DaemonState) -> Config:
 
 
 def _check_state(fd: int) -> int:
-    """``--check --state-fd``: can this code take over from that document?"""
+    """``--check --state-fd``: can this code take over from that document?
+
+    Also imports every module of the package: the new image imports some of
+    them only later (the handover once it has adopted, tls at a reload), and
+    a broken one found there costs everything the exec put at stake.
+    """
+    broken = _import_everything()
+    if broken:
+        print(f"supervisord {__version__}: cannot take over: {broken}", file=sys.stderr)
+        return EXIT_FAILED
     try:
         document, _ = upgrade.read_document(fd, verify=False)
         config = _config_of(document)
@@ -234,6 +245,20 @@ def _check_state(fd: int) -> int:
         f"(state version {document.version}; services {names})"
     )
     return EXIT_OK
+
+
+def _import_everything() -> str | None:
+    """Import every module of this package; the first that fails, and why."""
+    import supervisor  # noqa: PLC0415
+
+    for module in pkgutil.walk_packages(supervisor.__path__, "supervisor."):
+        if module.name.endswith("__main__"):
+            continue  # running it is not importing it
+        try:
+            importlib.import_module(module.name)
+        except Exception as exc:  # noqa: BLE001  (any failure means: do not exec this code)
+            return f"module {module.name} does not import: {type(exc).__name__}: {exc}"
+    return None
 
 
 def _continue_upgrade(fd: int) -> None:

@@ -12,6 +12,7 @@ that runs between the exec and the daemon's own code.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import stat
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+import supervisor
 from bench.procs import rss_kib, settled_fd_count
 from tests.harness import (
     DEMO,
@@ -277,3 +279,41 @@ def test_a_worker_gone_in_the_handover_is_respawned_on_its_listener(
     assert process_gone(before[0]["pid"]) and after[0]["pid"] != before[0]["pid"]
     assert after[0]["listeners"][0]["cookie"] == before[0]["listeners"][0]["cookie"]
     assert after[1]["pid"] == before[1]["pid"], "the other worker was adopted"
+
+
+NEW_INSTALL = """#!{python}
+# An installed entry point of the code in {root} (argv[0] stays this file).
+import runpy, sys
+sys.path.insert(0, {root!r})
+runpy.run_module("supervisor.daemon", run_name="__main__")
+"""
+
+
+def test_a_new_install_with_a_module_that_does_not_import_is_refused(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    # The new image imports the handover only once it has adopted everything:
+    # a syntax error there once passed the check, and the exec'd image then
+    # crashed with every listener (10 of 10 new connections refused).
+    root = tmp_path / "install"
+    shutil.copytree(
+        Path(supervisor.__file__).parent, root / "supervisor",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )  # fmt: skip
+    entry = tmp_path / "supervisord"
+    entry.write_text(NEW_INSTALL.format(python=sys.executable, root=str(root)))
+    entry.chmod(0o755)
+    port = free_port()
+    daemon = start_daemon(web(port, workers=2), entry=[str(entry)])
+    workers = daemon.worker_pids()
+    handover = root / "supervisor" / "handover.py"
+    handover.write_text(handover.read_text() + "\ndef broken(:\n")
+    with Load(port, threads=4, duration=60, max_connections=20_000) as load:
+        wait_until(load.answered, 15, "the load to be answered")
+        refused = daemon.upgrade()
+    assert not refused.ok, refused.answer
+    reason = refused.answer["reasons"][0]
+    assert "module supervisor.handover does not import: SyntaxError" in reason, reason
+    assert daemon.proc.poll() is None
+    assert daemon.worker_pids() == workers
+    assert load.result.failed == 0, (load.result.failures, load.result.examples)
