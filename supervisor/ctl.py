@@ -3,7 +3,7 @@
 Exit codes: 0 success; 1 the daemon answered with an error (reload
 rejected or rolled back, unknown service); 2 usage error, daemon
 unreachable, or no answer within ``--timeout``; 3 ``status SERVICE`` of a
-service that is not RUNNING (as ``systemctl is-active``); 130 interrupted.
+service that is neither RUNNING nor RELOADING (as ``systemctl is-active``); 130 interrupted.
 
 The client judges no config: with ``-c FILE`` it reads one key,
 ``[supervisor] control_socket``, and sends the request. Whether the file is
@@ -34,6 +34,10 @@ from supervisor.status import Status, render
 from supervisor.values import format_duration, parse_duration
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# What `status SERVICE` exits 0 for: every worker serves, or a reload is under
+# way while the current generation serves (`systemctl is-active` counts
+# "reloading" as active too; a check run during a reload must not page).
+ACTIVE_STATES = frozenset({"RUNNING", "RELOADING"})
 _KEY = re.compile(r"""^\s*control_socket\s*=\s*(["'])(.*?)\1\s*(#.*)?$""")
 
 
@@ -169,7 +173,7 @@ def get_parser() -> argparse.ArgumentParser:
         description="Control supervisord: status, reload, upgrade, shutdown, metrics.",
         epilog="Exit status: 0 success; 1 the daemon answered with an error (a reload "
         "rejected or rolled back, an unknown service); 2 usage error, daemon unreachable, or "
-        "no answer within --timeout; 3 status SERVICE: the service is not RUNNING; "
+        "no answer within --timeout; 3 status SERVICE: the service is not RUNNING or RELOADING; "
         "130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -179,7 +183,9 @@ def get_parser() -> argparse.ArgumentParser:
         "-c", "--config", type=Path, help="read [supervisor] control_socket from this config"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    status = sub.add_parser("status", help="show services and workers (exit 3: not RUNNING)")
+    status = sub.add_parser(
+        "status", help="show services and workers (exit 3: neither RUNNING nor RELOADING)"
+    )
     status.add_argument("service", nargs="?", help="only this service")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     reload = sub.add_parser("reload", help="roll out a new generation (synchronous)")
@@ -209,7 +215,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _print_status(reply: dict[str, Any], service: str | None, as_json: bool) -> int:
-    """Print the status; EXIT_NOT_RUNNING if the named service is not RUNNING."""
+    """Print the status; EXIT_NOT_RUNNING if the named service is not serving
+    (``ACTIVE_STATES``)."""
     status = Status.model_validate(reply["status"])
     if service is not None:
         status = status.model_copy(update={"services": {service: status.services[service]}})
@@ -217,7 +224,7 @@ def _print_status(reply: dict[str, Any], service: str | None, as_json: bool) -> 
         print(json.dumps(status.model_dump(mode="json"), indent=2))
     else:
         print("\n".join(render(status)))
-    if service is not None and status.services[service].state != "RUNNING":
+    if service is not None and status.services[service].state not in ACTIVE_STATES:
         return EXIT_NOT_RUNNING
     return EXIT_OK
 
