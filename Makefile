@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/demo.toml
 
-.PHONY: run test test-fast man soak lint typecheck bench bench-quick bench-deps clean
+.PHONY: run test test-fast test-lowest man soak lint typecheck bench bench-quick bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,18 @@ test: lint typecheck
 test-fast: $(VENV)/.installed-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m "not slow and not soak"
 
+# The fast tier against the lowest version of every dependency that
+# pyproject.toml allows (.ci/lowest.txt), in a venv of its own.
+LOWEST := .venv-lowest
+$(LOWEST)/.installed: pyproject.toml .ci/lowest.txt
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install --quiet --upgrade pip
+	$(LOWEST)/bin/pip install --quiet --constraint .ci/lowest.txt -e '.[test]'
+	touch $@
+
+test-lowest: $(LOWEST)/.installed
+	PATH="$(abspath $(LOWEST))/bin:$$PATH" $(LOWEST)/bin/pytest -p no:cacheprovider -m "not slow and not soak"
+
 # The man pages in docs/man, made from the commands' parsers (a test checks they are current).
 man: $(VENV)/.installed-run
 	$(BIN)/python -m supervisor.manpage docs/man
@@ -63,4 +75,4 @@ bench-quick: bench-deps
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/run.py --quick --out bench/quick
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LOWEST) .mypy_cache .pytest_cache .ruff_cache *.egg-info

@@ -25,9 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import shtab
-
-from supervisor import __version__
+from supervisor import __version__, completion
 from supervisor.config import DEFAULT_CONTROL_SOCKET
 from supervisor.errors import DaemonUnreachable
 from supervisor.status import Status, render
@@ -177,7 +175,7 @@ def get_parser() -> argparse.ArgumentParser:
         "130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    shtab.add_argument_to(parser, ["--print-completion"], help="print a bash or zsh completion")
+    completion.add_option(parser)
     parser.add_argument("-s", "--socket", help="control socket path")
     parser.add_argument(
         "-c", "--config", type=Path, help="read [supervisor] control_socket from this config"

@@ -25,11 +25,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import shtab
 import trio
 from pydantic import ValidationError
 
-from supervisor import __version__, fdstore, inherit, logs, signals, upgrade
+from supervisor import __version__, completion, fdstore, inherit, logs, signals, upgrade
 from supervisor.capabilities import Capabilities, check, detect, prepare
 from supervisor.config import Config, ServiceConfig, SupervisorSection
 from supervisor.daemon import Daemon, Handed
@@ -73,7 +72,7 @@ def get_parser() -> argparse.ArgumentParser:
         help="(an upgrade passes this) take over from the state document at FD",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    shtab.add_argument_to(parser, ["--print-completion"], help="print a bash or zsh completion")
+    completion.add_option(parser)
     return parser
 
 

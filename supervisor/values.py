@@ -172,10 +172,16 @@ def _split_scheme(text: str) -> tuple[Protocol, str]:
     return "tcp", text
 
 
+def _as_text(address: ListenAddress) -> str:
+    # Not PlainSerializer(str): pydantic before 2.8 inspects the function's
+    # signature, and the str type has none (ValueError at import).
+    return str(address)
+
+
 Listen = Annotated[
     ListenAddress,
     BeforeValidator(parse_listen),
-    PlainSerializer(str, return_type=str),
+    PlainSerializer(_as_text, return_type=str),
 ]
 
 
