@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
+import trio.testing
 
-from supervisor import __version__, state, upgrade
+from supervisor import __version__, signals, state, upgrade
 from supervisor.control import protocol
 from supervisor.requests import Reload, Reply, Request, Upgrade
 from supervisor.state import ClientState, DaemonState
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from supervisor.daemon import Daemon, UpgradeRun
 
 log = structlog.get_logger("supervisor.handover")
+
+FORWARD_GRACE = 0.5
 
 
 def _tell(run: UpgradeRun, message: dict[str, Any]) -> None:
@@ -79,11 +82,17 @@ async def run_upgrade(daemon: Daemon, root: trio.Nursery) -> None:
         log.info("upgrade_checked", output=checked)
         _tell(run, protocol.progress("new code checked; handing over"))
         await daemon.control.pause()
-        _absorb(daemon, run)
-        document = export(daemon, run)
-        daemon.notifier.reload_started()
-        environ = {**os.environ, **daemon.notifier.environment()}
-        error = upgrade.execute(entry, document, environ)  # returns only if the exec failed
+        # From here a signal stays pending in the kernel and reaches the new
+        # image (the mask and pending signals survive execve). One the old
+        # image's handler took already is turned into a request first, and
+        # absorbed into the document: otherwise the exec would drop it.
+        with signals.blocked():
+            await _signals_forwarded()
+            _absorb(daemon, run)
+            document = export(daemon, run)
+            daemon.notifier.reload_started()
+            environ = {**os.environ, **daemon.notifier.environment()}
+            error = upgrade.execute(entry, document, environ)  # returns only if it failed
         daemon.notifier.reload_finished(daemon.summary())
         reason = f"exec {entry[0]} failed: {error}"
     except upgrade.UpgradeRefused as exc:
@@ -100,6 +109,13 @@ async def run_upgrade(daemon: Daemon, root: trio.Nursery) -> None:
         daemon.control.resume()
         for request in run.parked:
             daemon.start_reload(root, request)
+
+
+async def _signals_forwarded() -> None:
+    """Let the signal forwarder turn what its receiver holds into requests: it
+    runs once every other task is blocked (bounded, should one never be)."""
+    with trio.move_on_after(FORWARD_GRACE):
+        await trio.testing.wait_all_tasks_blocked()
 
 
 def _absorb(daemon: Daemon, run: UpgradeRun) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from supervisor import signals, state
+from supervisor import state
 from supervisor.errors import SupervisorError
 from supervisor.kernel import fds
 from supervisor.kernel.proc import run_command, start_time
@@ -162,13 +162,13 @@ def execute(entry: Sequence[str], document: DaemonState, environ: Mapping[str, s
     argv = [*entry, STATE_FD_FLAG, str(memfd)]
     log.info("upgrade_exec", argv=argv, fds=len(inherited))
     fds.set_inheritable(inherited, True)
-    # Blocked across the exec: Python's handlers are not, and the new image
-    # would die of a SIGHUP or SIGUSR2 before it has its own (signals.forward).
-    with signals.blocked():
-        try:
-            os.execve(argv[0], argv, dict(environ))  # noqa: S606  (our own entry point)
-        except OSError as exc:
-            error = exc
+    # The caller blocks the daemon's signals across this (signals.blocked):
+    # Python's handlers do not survive the exec, and the new image would die
+    # of a SIGHUP or SIGUSR2 before it has its own (signals.forward).
+    try:
+        os.execve(argv[0], argv, dict(environ))  # noqa: S606  (our own entry point)
+    except OSError as exc:
+        error = exc
     fds.set_inheritable(inherited, False)
     os.close(memfd)
     return error
