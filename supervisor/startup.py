@@ -33,7 +33,7 @@ from supervisor.capabilities import Capabilities, check, detect, prepare
 from supervisor.config import Config, ServiceConfig, SupervisorSection
 from supervisor.daemon import Daemon, Handed
 from supervisor.errors import ConfigError, SupervisorError
-from supervisor.kernel import fds, sysctl
+from supervisor.kernel import fds, proc, sysctl
 from supervisor.kernel.proc import raise_fd_limit
 from supervisor.loader import (
     check_host,
@@ -273,6 +273,10 @@ def _continue_upgrade(fd: int) -> None:
     logs.configure(config.supervisor.log_format, config.supervisor.log_level)
     if lost:
         upgrade.log.warning("upgrade_fds_lost", fds=lost)
+    # Before anything is spawned: a child that is not a worker of the document
+    # is a command the old image ran (an exec probe, a preflight).
+    if strays := proc.reap_strays(document.pids()):
+        upgrade.log.info("upgrade_strays_reaped", pids=strays)
     caps: Capabilities = detect(config.supervisor.steering)
     notifier = SystemdNotifier.from_environment(os.environ)
     store = _store(config.supervisor, notifier)

@@ -118,6 +118,10 @@ class DaemonState(Doc):
         found = {fd: fds.identity(fd) for fd in self.fds()}
         return self.model_copy(update={"identities": {k: v for k, v in found.items() if v}})
 
+    def pids(self) -> set[int]:
+        """The worker processes the document names."""
+        return {w.pid for svc in self.services for w in svc.workers if w.pid is not None}
+
     def lost(self) -> set[int]:
         """The fds that are not what the old image handed over (closed, or reused
         for something else): the very first check of the new image, before it

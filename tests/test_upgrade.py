@@ -12,6 +12,7 @@ that runs between the exec and the daemon's own code.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import stat
@@ -317,3 +318,33 @@ def test_a_new_install_with_a_module_that_does_not_import_is_refused(
     assert daemon.proc.poll() is None
     assert daemon.worker_pids() == workers
     assert load.result.failed == 0, (load.result.failures, load.result.examples)
+
+
+def test_a_probe_in_flight_at_the_exec_is_reaped_by_the_new_image(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    # An exec probe runs while a respawned worker starts; an upgrade then execs
+    # the daemon under it. The probe is the new image's child, and nothing in
+    # it knew: a zombie per such upgrade.
+    marker = tmp_path / "probing"
+    probe = ["sh", "-c", f"touch {marker}; [ -e {tmp_path / 'slow'} ] && sleep 10; exit 0"]
+    health = f'kind = "exec"\ncommand = {json.dumps(probe)}\ninterval = "100ms"'
+    daemon = start_daemon(service_toml("web", port=free_port(), workers=1, health=health))
+    (tmp_path / "slow").touch()
+    marker.unlink()
+    os.kill(daemon.worker_pids()[0], signal.SIGKILL)
+    wait_until(marker.exists, 15, "the respawned worker's probe to run")
+    upgraded(daemon)
+    wait_until(
+        lambda: children_of(daemon.proc.pid) == set(daemon.worker_pids()), 10, "no stray child"
+    )
+    assert daemon.terminate() == 0
+
+
+def children_of(pid: int) -> set[int]:
+    """``pid``'s children, zombies included."""
+    return {
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    }

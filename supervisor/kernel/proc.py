@@ -18,6 +18,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,3 +358,40 @@ async def run_command(
     finally:
         await proc.aclose()
     return CommandResult(code, output.decode(errors="replace"))
+
+
+def children() -> set[int]:
+    """The pids of this process's children (of every thread), reaped or not."""
+    out: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            out.update(int(pid) for pid in (task / "children").read_text().split())
+    return out
+
+
+def reap_strays(known: set[int], grace: float = 1.0) -> list[int]:
+    """Kill and reap every child not in ``known``; the pids it reaped.
+
+    For an in-place upgrade's new image, before it spawns anything: a command
+    the old image ran (an exec probe, a preflight) is its child now, and no
+    one would ever wait for it (a zombie per upgrade). It is ours and not
+    reaped, so its pid cannot have been reused: SIGKILL goes to the right
+    process. One that does not die within ``grace`` is left.
+    """
+    strays = children() - known
+    for pid in strays:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    reaped = []
+    deadline = time.monotonic() + grace
+    for pid in sorted(strays):
+        while True:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if done or time.monotonic() > deadline:
+                reaped += [pid] if done else []
+                break
+            time.sleep(0.001)  # SIGKILLed: gone in a moment
+    return reaped
