@@ -204,7 +204,14 @@ def get_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--timeout", type=_duration, metavar="DURATION", help="give up waiting after DURATION"
     )
-    sub.add_parser("metrics", help="print the daemon's metrics (OpenMetrics text)")
+    shown = sub.add_parser(
+        "metrics",
+        help="print the daemon's metrics (Prometheus text 0.0.4: node_exporter's textfile "
+        "collector reads it)",
+    )
+    shown.add_argument(
+        "--openmetrics", action="store_true", help="print OpenMetrics 1.0.0 text instead"
+    )
     return parser
 
 
@@ -283,6 +290,8 @@ def run(args: argparse.Namespace) -> int:
         message["service"] = args.service
     if args.command == "reload" and args.reason:
         message["reason"] = args.reason
+    if args.command == "metrics" and args.openmetrics:
+        message["format"] = "openmetrics"
     as_json = bool(getattr(args, "json", False))
     limit = getattr(args, "timeout", None)
     deadline = None if limit is None else time.monotonic() + limit

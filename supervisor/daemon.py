@@ -222,8 +222,8 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 section.control_socket.unlink()
 
-    def metrics_text(self) -> str:
-        return metrics.render(self.tally, self.services)
+    def metrics_text(self, form: metrics.Format = "prometheus") -> str:
+        return metrics.render(self.tally, self.services, form)
 
     async def _run_with(self, sock: socket.socket) -> None:
         section = self.config.supervisor

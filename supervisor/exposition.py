@@ -1,13 +1,15 @@
-"""The OpenMetrics text of ``metrics.Tally`` and the live services, made with
-``prometheus_client``. Imported at the first scrape, not with the daemon:
-prometheus_client costs some 12 MB of RSS a daemon without a scraper never
-needs (``metrics.render``)."""
+"""The metrics text of ``metrics.Tally`` and the live services, made with
+``prometheus_client``: Prometheus' text format 0.0.4 (what node_exporter's
+textfile collector and every scraper read), or OpenMetrics 1.0.0 on request.
+Imported at the first scrape, not with the daemon: prometheus_client costs
+some 12 MB of RSS a daemon without a scraper never needs (``metrics.render``)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, get_args
 
+from prometheus_client import exposition as text_format
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -15,13 +17,13 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.openmetrics.exposition import generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics_format
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from supervisor import __version__
 from supervisor.errors import SupervisorError
 from supervisor.lifecycle import WorkerState
-from supervisor.metrics import KERNEL, PREFIX, Tally
+from supervisor.metrics import KERNEL, PREFIX, Format, Tally
 from supervisor.rollout import Outcome
 
 if TYPE_CHECKING:
@@ -133,9 +135,10 @@ class Scrape(Collector):
         yield from (restarts, workers, generation, syns, not_after)
 
 
-def render(tally: Tally, services: Mapping[str, Service]) -> str:
-    """The OpenMetrics text of everything (ends with ``# EOF``)."""
+def render(tally: Tally, services: Mapping[str, Service], form: Format = "prometheus") -> str:
+    """The text of everything, in ``form`` (OpenMetrics ends with ``# EOF``)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Scrape(tally, services))
-    text: bytes = generate_latest(registry)  # type: ignore[no-untyped-call]
+    module = openmetrics_format if form == "openmetrics" else text_format
+    text: bytes = module.generate_latest(registry)
     return text.decode()

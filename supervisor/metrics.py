@@ -18,13 +18,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from supervisor.rollout import RolloutReport
     from supervisor.service import Service
 
 PREFIX = "reuseport_supervisor"
+# Prometheus' text format 0.0.4 (the default: node_exporter's textfile collector
+# rejects OpenMetrics' info type), or OpenMetrics 1.0.0.
+Format = Literal["prometheus", "openmetrics"]
+CONTENT_TYPES: dict[Format, str] = {
+    "prometheus": "text/plain; version=0.0.4; charset=utf-8",
+    "openmetrics": "application/openmetrics-text; version=1.0.0; charset=utf-8",
+}
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 OVERHEAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 CONNECTIONS = ("queued", "migrated", "drained", "left")  # at cutover, moved, drained, at shutdown
@@ -128,8 +135,8 @@ def _histogram(data: Mapping[str, Any]) -> Histogram:
     return Histogram(bounds, counts, float(data["total"]))
 
 
-def render(tally: Tally, services: Mapping[str, Service]) -> str:
-    """The OpenMetrics text of everything (ends with ``# EOF``)."""
+def render(tally: Tally, services: Mapping[str, Service], form: Format = "prometheus") -> str:
+    """The text of everything in ``form`` (see ``exposition``)."""
     from supervisor import exposition  # noqa: PLC0415  (see its docstring: 12 MB)
 
-    return exposition.render(tally, services)
+    return exposition.render(tally, services, form)

@@ -2,7 +2,9 @@
 
 ``[supervisor] metrics_listen = "127.0.0.1:9464"`` binds it (off by
 default). One small h11 server: a request line is read within a deadline,
-the body of the answer is the OpenMetrics text, the connection closes. It
+the body of the answer is the metrics text, the connection closes. The text
+is OpenMetrics when the scraper's ``Accept`` asks for it (Prometheus does by
+default), else Prometheus' text format 0.0.4, as prometheus_client answers. It
 runs in the daemon's event loop, not in a thread, and an in-place upgrade
 carries its listening socket across the exec like the others.
 """
@@ -17,11 +19,11 @@ import structlog
 import trio
 
 from supervisor.errors import ListenerError
+from supervisor.metrics import CONTENT_TYPES, Format
 from supervisor.values import ListenAddress
 
 log = structlog.get_logger("supervisor.http")
 
-CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 READ_TIMEOUT = 5.0
 EXCHANGE_TIMEOUT = 10.0  # the whole of one connection: request and answer
 MAX_REQUEST = 16 * 1024
@@ -51,7 +53,7 @@ def bind(address: ListenAddress) -> socket.socket:
 
 async def serve(
     sock: socket.socket,
-    render: Callable[[], str],
+    render: Callable[[Format], str],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -73,19 +75,21 @@ async def serve(
 
 
 async def _answer(
-    stream: trio.SocketStream, render: Callable[[], str], slots: trio.Semaphore
+    stream: trio.SocketStream, render: Callable[[Format], str], slots: trio.Semaphore
 ) -> None:
     async with stream:
         try:
             with trio.fail_after(EXCHANGE_TIMEOUT):
                 with trio.fail_after(READ_TIMEOUT):
-                    target = await _request_target(stream)
-                if target is None:
+                    request = await _request(stream)
+                if request is None:
                     return
+                target, accept = request
                 if target.split("?", 1)[0] != "/metrics":
                     await _send(stream, 404, b"only /metrics here\n", "text/plain")
                     return
-                await _send(stream, 200, render().encode(), CONTENT_TYPE)
+                form = negotiate(accept)
+                await _send(stream, 200, render(form).encode(), CONTENT_TYPES[form])
         except (trio.TooSlowError, trio.BrokenResourceError, h11.ProtocolError):
             return
         except Exception:  # a bug must not stop the endpoint (nor the daemon)
@@ -94,7 +98,17 @@ async def _answer(
             slots.release()
 
 
-async def _request_target(stream: trio.SocketStream) -> str | None:
+def negotiate(accept: str) -> Format:
+    """OpenMetrics if ``accept`` names it (as prometheus_client's choose_encoder
+    decides), else the text format 0.0.4."""
+    for part in accept.split(","):
+        if part.split(";", 1)[0].strip() == "application/openmetrics-text":
+            return "openmetrics"
+    return "prometheus"
+
+
+async def _request(stream: trio.SocketStream) -> tuple[str, str] | None:
+    """The request's target and its ``Accept`` header; None if none came."""
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     while True:
         event = connection.next_event()
@@ -105,7 +119,8 @@ async def _request_target(stream: trio.SocketStream) -> str | None:
                 return None
             continue
         if isinstance(event, h11.Request):
-            return str(event.target.decode(errors="replace"))
+            accept = b",".join(v for k, v in event.headers if k == b"accept")
+            return event.target.decode(errors="replace"), accept.decode(errors="replace")
         return None
 
 

@@ -68,16 +68,23 @@ def test_metrics_over_the_control_socket_and_http(start_daemon: Callable[..., Da
         # There before the first reload, so rate() sees the first increment.
         assert f'{PREFIX}_reloads_total{{outcome="{outcome}",service="web"}} 0.0' in before
     assert daemon.reload().ok
-    cli = subprocess.run(
-        [sys.executable, "-m", "supervisor.ctl", "-s", str(daemon.control), "metrics"],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    text = cli.stdout
-    assert text.endswith("# EOF\n")
+    # Prometheus' text format 0.0.4 by default: what node_exporter's textfile
+    # collector reads (it refuses OpenMetrics' info type), and any scraper.
+    text = _ctl_metrics(daemon)
+    assert not text.endswith("# EOF\n")
+    assert f"# TYPE {PREFIX}_build_info gauge" in text
     assert f'{PREFIX}_reloads_total{{outcome="succeeded",service="web"}} 1.0' in text
     assert f'{PREFIX}_workers{{service="web",state="RUNNING"}} 2.0' in text
     assert f'{PREFIX}_generation{{service="web"}} 2.0' in text
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as answer:
+    assert _ctl_metrics(daemon, "--openmetrics").endswith("# EOF\n")
+    url = f"http://127.0.0.1:{metrics}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        assert answer.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        assert not answer.read().decode().endswith("# EOF\n")
+    # Content negotiation, as Prometheus asks by default.
+    asks = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    asked = urllib.request.Request(url, headers={"Accept": asks})
+    with urllib.request.urlopen(asked, timeout=10) as answer:
         assert answer.headers["Content-Type"].startswith("application/openmetrics-text")
         served = answer.read().decode()
     assert f"{PREFIX}_build_info" in served and served.endswith("# EOF\n")
@@ -87,6 +94,14 @@ def test_metrics_over_the_control_socket_and_http(start_daemon: Callable[..., Da
         "counters survive an upgrade, and so does the endpoint"
     )
     assert f"{PREFIX}_upgrades_total 1.0" in after
+
+
+def _ctl_metrics(daemon: Daemon, *options: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor.ctl", "-s", str(daemon.control), "metrics", *options],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return done.stdout
 
 
 def _get(url: str) -> str:
@@ -237,3 +252,53 @@ def test_a_flood_of_idle_metrics_connections_costs_neither_control_nor_workers(
     print(f"daemon fds: {before} before, {during} during {IDLE_FLOOD} idle connections")
     assert during <= before + 16 + 4, "at most MAX_CLIENTS connections are held"
     assert daemon.terminate() == 0
+
+
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_node_exporter_textfile_collector_and_promtool_read_it(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    exporter = shutil.which("prometheus-node-exporter")
+    promtool = shutil.which("promtool")
+    if exporter is None or promtool is None:
+        pytest.skip("needs Debian's prometheus-node-exporter and prometheus (promtool)")
+    daemon = start_daemon(service_toml("web", port=free_port(), workers=1))
+    textfiles = tmp_path / "textfile"
+    textfiles.mkdir()
+    port = free_port()
+    node = subprocess.Popen(
+        [exporter, "--collector.disable-defaults", "--collector.textfile",
+         f"--collector.textfile.directory={textfiles}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        scraped: dict[str, str] = {}
+        for name, options in (("openmetrics", ("--openmetrics",)), ("default", ())):
+            for old in textfiles.iterdir():
+                old.unlink()
+            text = _ctl_metrics(daemon, *options)
+            (textfiles / "supervisor.prom").write_text(text)
+            wait_until(lambda: _ready(port), 30, "node_exporter to answer")
+            scraped[name] = _get(f"http://127.0.0.1:{port}/metrics")
+            checked = subprocess.run(
+                [promtool, "check", "metrics"], input=text, capture_output=True, text=True,
+                timeout=60,
+            )  # fmt: skip
+            if name == "default":
+                assert checked.returncode == 0, checked.stdout + checked.stderr
+    finally:
+        node.terminate()
+        node.wait(30)
+    # The negative control: OpenMetrics' info type is refused, and nothing arrives.
+    assert "node_textfile_scrape_error 1" in scraped["openmetrics"]
+    assert "node_textfile_scrape_error 0" in scraped["default"]
+    assert f'{PREFIX}_workers{{service="web",state="RUNNING"}} 1' in scraped["default"]
+    assert f'{PREFIX}_build_info{{version="' in scraped["default"]
+
+
+def _ready(port: int) -> bool:
+    try:
+        return bool(_get(f"http://127.0.0.1:{port}/metrics"))
+    except OSError:
+        return False

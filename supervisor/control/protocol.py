@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from supervisor.metrics import Format
+
 MAX_LINE = 64 * 1024
 
 
@@ -23,6 +25,7 @@ class ControlRequest(BaseModel):
     command: Literal["status", "reload", "shutdown", "upgrade", "metrics"]
     service: str | None = Field(default=None, max_length=64)
     reason: str | None = Field(default=None, max_length=1024)
+    format: Format = "prometheus"  # of ``metrics``: text 0.0.4, or OpenMetrics
 
 
 class ProtocolError(ValueError):

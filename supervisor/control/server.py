@@ -22,6 +22,7 @@ import trio
 from supervisor.control import protocol
 from supervisor.control.access import Access, Peer, peer_of
 from supervisor.errors import AlreadyRunning, ControlError
+from supervisor.metrics import Format
 from supervisor.requests import Reload, Reply, Request, Shutdown, Upgrade
 from supervisor.status import Status
 
@@ -110,7 +111,7 @@ class ControlServer:
         requests: trio.MemorySendChannel[Request],
         status: Callable[[], Status],
         access: Access | None = None,
-        metrics: Callable[[], str] = lambda: "# EOF\n",
+        metrics: Callable[[Format], str] = lambda _form: "# EOF\n",
     ) -> None:
         self._requests = requests
         self._status = status
@@ -252,7 +253,7 @@ class ControlServer:
             await _send(stream, protocol.result(status=snapshot.model_dump(mode="json")))
             return
         if request.command == "metrics":
-            await _send(stream, protocol.result(text=self._metrics()))
+            await _send(stream, protocol.result(text=self._metrics(request.format)))
             return
         source = f"control (pid {peer.pid}, uid {peer.uid})"
         fd = stream.socket.fileno()
