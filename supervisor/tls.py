@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from supervisor.config import Config, TlsFiles
 from supervisor.errors import ConfigIssue, TlsError
+from supervisor.kernel import caps
 from supervisor.kernel.files import read_regular
 
 PEM_LIMIT = 1 << 20  # a chain of ten 4096-bit certificates is about 20 KiB
@@ -57,7 +58,8 @@ def _read(path: Path, what: str) -> bytes:
     try:
         return read_regular(path, PEM_LIMIT)
     except OSError as exc:
-        raise TlsError(f"{what} {path}: cannot read: {exc.strerror or exc}") from exc
+        why = caps.why_denied(caps.DAC_READ_SEARCH) if isinstance(exc, PermissionError) else ""
+        raise TlsError(f"{what} {path}: cannot read: {exc.strerror or exc}{why}") from exc
 
 
 def load_certificates(path: Path) -> tuple[x509.Certificate, ...]:

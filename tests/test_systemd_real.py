@@ -13,8 +13,11 @@ accepted may fail; they are counted.
 
 from __future__ import annotations
 
+import contextlib
+import grp
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -27,6 +30,7 @@ from typing import Any
 import pytest
 
 from bench.systemd_ns import UNIT, SystemdNamespace, available, install_supervisor, json_lines
+from tests.certs import issue, write_pair
 from tests.harness import wait_until
 from tests.load import Load, LoadResult
 
@@ -40,13 +44,20 @@ VENV_BIN = Path(sys.executable).parent
 PORT = 8080  # the namespace's own loopback: no other test is there
 
 
-def config_text(workers: int = 4, listen: tuple[str, ...] = (f"127.0.0.1:{PORT}",)) -> str:
+def config_text(
+    workers: int = 4,
+    listen: tuple[str, ...] = (f"127.0.0.1:{PORT}",),
+    supervisor: str = "",
+    service: str = "",
+) -> str:
     addresses = ", ".join(f'"{a}"' for a in listen)
     return f"""[supervisor]
 control_socket = "/run/reuseport-supervisor/control.sock"
 log_format = "json"
+{supervisor}
 
 [services.web]
+{service}
 command = ["python3", "-m", "supervisor.demo", "--concurrency", "1", "--work", "0.002"]
 workers = {workers}
 listen = [{addresses}]
@@ -120,13 +131,20 @@ class Unit:
 
 @pytest.fixture
 def unit() -> Iterator[Unit]:
+    with booted(config_text()) as started:
+        started.ctl("start", UNIT)
+        yield started
+
+
+@contextlib.contextmanager
+def booted(text: str) -> Iterator[Unit]:
+    """The shipped unit installed with the config ``text``, systemd booted; not started."""
     ns = SystemdNamespace()
     try:
         config = ns.root / "supervisor.toml"
-        config.write_text(config_text())
+        config.write_text(text)
         install_supervisor(ns, config, VENV_BIN)
         ns.boot()
-        ns.ctl("start", UNIT)
         yield Unit(ns, config)
     finally:
         ns.close()
@@ -307,3 +325,43 @@ def _served_by_new_workers(unit: Unit, load: Load) -> bool:
     except AssertionError:  # the control socket is not up yet
         return False
     return any(pid is not None and load.served_by(pid) for pid in pids)
+
+
+NOBODY = pwd.getpwnam("nobody")
+NOGROUP = grp.getgrgid(NOBODY.pw_gid).gr_name
+
+
+def test_a_group_may_use_the_control_socket_under_the_shipped_unit() -> None:
+    # The README's advice for giving operators access. Under a bounding set
+    # without CAP_CHOWN the daemon could not give the socket to a group it is
+    # not in: "Operation not permitted", exit 1, a restart loop.
+    group = f'control_socket_group = "{NOGROUP}"\ncontrol_socket_mode = "0660"'
+    with booted(config_text(workers=1, supervisor=group)) as unit:
+        started = unit.ctl("start", UNIT, check=False)
+        assert started.returncode == 0, unit.log.read_text(errors="replace")[-2000:]
+        done = subprocess.run(
+            [*unit.ns.enter(), "setpriv", "--reuid=nobody", f"--regid={NOGROUP}",
+             "--clear-groups", str(VENV_BIN / "supervisorctl"),
+             "-s", "/run/reuseport-supervisor/control.sock", "status", "web"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "web: RUNNING" in done.stdout
+
+
+def test_a_key_only_its_owner_may_read_is_read_under_the_shipped_unit() -> None:
+    # An application's key, owned by its user with mode 0600: root reads it
+    # only with CAP_DAC_READ_SEARCH, which the bounding set once lacked.
+    with booted("") as unit:
+        leaf = issue("web.test", issuer=issue("Test CA", ca=True))
+        tls = unit.ns.root / "tls"
+        tls.mkdir()
+        cert, key = write_pair(tls, leaf)
+        os.chown(key, NOBODY.pw_uid, NOBODY.pw_gid)
+        key.chmod(0o600)
+        tls_files = f'tls = {{ cert = "{cert}", key = "{key}" }}'
+        unit.config.write_text(config_text(workers=1, service=tls_files))
+        started = unit.ctl("start", UNIT, check=False)
+        assert started.returncode == 0, unit.log.read_text(errors="replace")[-2000:]
+        status = unit.supervisorctl("status", "--json")
+        assert json.loads(status.stdout)["services"]["web"]["certificate"] is not None

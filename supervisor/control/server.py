@@ -22,6 +22,7 @@ import trio
 from supervisor.control import protocol
 from supervisor.control.access import Access, Peer, peer_of
 from supervisor.errors import AlreadyRunning, ControlError
+from supervisor.kernel import caps
 from supervisor.metrics import Format
 from supervisor.requests import Reload, Reply, Request, Shutdown, Upgrade
 from supervisor.status import Status
@@ -51,6 +52,17 @@ def _live_daemon_at(path: Path) -> bool:
                 return False
             raise
     return True
+
+
+def _give_to_group(path: Path, group: str) -> None:
+    try:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    except PermissionError as exc:
+        why = caps.why_denied(caps.CHOWN) or f": the daemon is not a member of {group}"
+        raise ControlError(
+            f"cannot give control socket {path} to group {group} "
+            f"(control_socket_group): {exc.strerror}{why}"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -85,9 +97,12 @@ def bound_control_socket(
         finally:
             os.umask(old_umask)
         if group is not None:
-            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            _give_to_group(path, group)
         os.chmod(path, mode)
         sock.listen(64)
+    except ControlError:
+        sock.close()
+        raise
     except OSError as exc:
         sock.close()
         raise ControlError(f"cannot create control socket {path}: {exc.strerror}") from exc
