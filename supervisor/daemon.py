@@ -86,8 +86,12 @@ class Daemon:
         store: FdStore = NO_STORE,
         inheritances: dict[str, Inheritance] | None = None,
         handed: Handed | None = None,
+        refused: str | None = None,
     ) -> None:
         self.config = config
+        # Why the file was refused at start, when the store's last good config
+        # runs instead (said in STATUS= until a reload of the file succeeds).
+        self.refused = refused
         self.notifier = notifier or SystemdNotifier(None)
         self.store = store
         self.handed = handed
@@ -297,6 +301,7 @@ class Daemon:
             else:
                 self._ready = True
                 log.info("daemon_ready", services=list(self.services))
+                self._remember_config()
                 self.notifier.ready(self.summary())
                 if self.handed is not None:
                     handover.finish(self, root)
@@ -384,6 +389,9 @@ class Daemon:
         try:
             answer = await handle_reload(self.directory(), request)
         finally:
+            if answer.get("ok"):
+                self.refused = None  # the file loaded
+            self._remember_config()
             self._last_reload = reload_summary(answer)
             self.notifier.reload_finished(self.summary())
             self._reloaded.set()
@@ -432,7 +440,18 @@ class Daemon:
             for name, svc in self.services.items()
         )
         last = f"; last reload {self._last_reload}" if self._last_reload else ""
-        return f"{services}{last}"
+        refused = f"; running the last good config, the file was refused: {self.refused}"
+        return f"{services}{last}{refused if self.refused else ''}"
+
+    def running_config(self) -> Config:
+        """The config that runs: each service's as its serving generation has it."""
+        services = {name: svc.config for name, svc in self.services.items()}
+        return self.config.model_copy(update={"services": services})
+
+    def _remember_config(self) -> None:
+        """Keep the running config in systemd's store (a restart whose file is
+        broken runs it instead of exiting, which would release the store)."""
+        self.store.keep_config(self.running_config().model_dump_json().encode())
 
     def send_nowait(self, request: Request) -> None:
         self._send.send_nowait(request)

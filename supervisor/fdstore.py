@@ -9,7 +9,10 @@ daemon runs, wait for the next one. The daemon removes a listener
 (``FDSTOREREMOVE=1``) when it retires it: the store holds a duplicate, so
 closing our own fd alone would keep the socket open.
 
-Names: ``SERVICE/ADDRESS/gGENERATION/wWORKER``, one listener each. eBPF
+Names: ``SERVICE/ADDRESS/gGENERATION/wWORKER``, one listener each; and
+``supervisor-config``, a sealed memfd of the config that runs (the last one
+that loaded), refreshed at start and after every reload: a restart whose file
+is broken serves it instead of exiting, which would release the store. eBPF
 maps and programs are not stored: every one of them is the same anonymous
 inode to the store, which keeps one fd of an inode only (measured on
 systemd 252: of six, one came back).
@@ -24,11 +27,12 @@ from dataclasses import dataclass
 
 import structlog
 
-from supervisor.kernel import notify
+from supervisor.kernel import fds, notify
 
 log = structlog.get_logger("supervisor.fdstore")
 
 FIRST_FD = 3
+CONFIG_NAME = "supervisor-config"
 _LISTENER = re.compile(r"^(?P<service>[^/]+)/(?P<address>[^/]+)/g(?P<gen>\d+)/w(?P<worker>\d+)$")
 
 
@@ -100,6 +104,21 @@ class FdStore:
         except (OSError, ValueError) as exc:
             log.warning("fdstore_keep_failed", name=name, error=str(exc))
 
+    def keep_config(self, data: bytes) -> None:
+        """Keep ``data`` (the running config) as ``CONFIG_NAME``, in place of the last."""
+        if not self.address:
+            return
+        try:
+            memfd = fds.sealed_memfd(CONFIG_NAME, data)
+        except OSError as exc:
+            log.warning("fdstore_keep_failed", name=CONFIG_NAME, error=str(exc))
+            return
+        try:
+            self.drop(CONFIG_NAME)
+            self.keep(CONFIG_NAME, [memfd])
+        finally:
+            os.close(memfd)
+
     def drop(self, name: str) -> None:
         """Remove every fd named ``name`` from the store (nothing if there is none)."""
         if not self.address:
@@ -111,3 +130,17 @@ class FdStore:
 
 
 NO_STORE = FdStore(None)
+
+
+def kept_config(stored: Sequence[StoredFd]) -> bytes | None:
+    """What ``keep_config`` left in the store (its fd is closed); None if nothing."""
+    data = None
+    for item in stored:
+        if item.name == CONFIG_NAME:
+            try:
+                data = fds.read_sealed(item.fd)
+            except OSError as exc:
+                log.warning("stored_config_unreadable", error=str(exc))
+            finally:
+                os.close(item.fd)
+    return data

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import structlog
 import trio
 from pydantic import ValidationError
 
@@ -47,6 +48,9 @@ from supervisor.state import DaemonState, StateError
 from supervisor.systemd import SystemdNotifier
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+log = structlog.get_logger("supervisor.startup")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -103,13 +107,15 @@ def _main(argv: Sequence[str] | None) -> None:
             sys.exit(_check_state(args.state_fd))
         _continue_upgrade(args.state_fd)
         return
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
     if args.check:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            sys.exit(EXIT_CONFIG)
         sys.exit(_check(args.config, config))
+    stored = fdstore.received(os.environ)
+    config, refused = _config_or_last_good(args.config, stored)
     # Until the daemon's handlers are in place (signals.forward unblocks them),
     # a SIGHUP or SIGUSR1 waits instead of killing a daemon that is starting.
     # An upgrade's new image arrives with them blocked already.
@@ -120,9 +126,10 @@ def _main(argv: Sequence[str] | None) -> None:
     if issues:
         print(ConfigError(str(args.config), issues), file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    if refused is not None:
+        log.error("config_file_refused", path=str(args.config), issues=refused, running="last good")
     notifier = SystemdNotifier.from_environment(os.environ)
     store = _store(config.supervisor, notifier)
-    stored = fdstore.received(os.environ)
     inheritances = _recover(config, stored, store)
     nofile = raise_fd_limit()
     spawner = ProcessSpawner(environment_for_workers(os.environ), nofile)
@@ -135,8 +142,35 @@ def _main(argv: Sequence[str] | None) -> None:
             notifier,
             store=store,
             inheritances=inheritances,
+            refused=None if refused is None else refused[0],
         )
     )
+
+
+def _config_or_last_good(
+    path: Path, stored: list[fdstore.StoredFd]
+) -> tuple[Config, list[str] | None]:
+    """The config file's; or, if it is refused and systemd's store kept the config
+    the last daemon ran, that one and the file's issues (exit 2 without one).
+
+    A restart with a broken file once exited 2, and the unit's stop released
+    the store: every queued connection reset, the service down.
+    """
+    kept = fdstore.kept_config(stored)
+    stored[:] = [item for item in stored if item.name != fdstore.CONFIG_NAME]
+    try:
+        return load_config(path), None
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        if kept is None:
+            sys.exit(EXIT_CONFIG)
+        try:
+            last = Config.model_validate_json(kept)
+        except ValidationError as invalid:
+            print(f"supervisord: the stored config is no use either: {invalid}", file=sys.stderr)
+            sys.exit(EXIT_CONFIG)
+        print(f"supervisord: {path} refused: running the last good config", file=sys.stderr)
+        return last, [f"{issue.location or path}: {issue.message}" for issue in exc.issues]
 
 
 def _store(section: SupervisorSection, notifier: SystemdNotifier) -> fdstore.FdStore:

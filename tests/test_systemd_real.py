@@ -286,6 +286,34 @@ def test_a_config_changed_while_down_starts_like_a_reload(unit: Unit) -> None:
     assert at_connect(load.result) == 0, (load.result.at_connect, load.result.examples)
 
 
+def test_a_restart_with_a_broken_file_serves_the_last_good_config(unit: Unit) -> None:
+    # A typo and `systemctl restart`: the daemon once exited 2, the unit
+    # stopped (RestartPreventExitStatus=2) and released the fd store, every
+    # queued connection reset and the service down until someone fixed it.
+    first = unit.main_pid()
+    cookies = {w["cookie"] for w in _listeners(unit)}
+    with unit.load() as load:
+        wait_until(load.answered, 15, "the load to be answered")
+        unit.config.write_text(config_text().replace("workers = 4", "workers = 'four'"))
+        unit.ctl("restart", UNIT, check=False)
+        unit.restarted_from(first)
+        unit.wait(lambda: _served_by_new_workers(unit, load), 30, "the new workers to serve", load)
+        status = unit.ns.show(UNIT, "StatusText")["StatusText"]
+        taken = {w["cookie"] for w in _listeners(unit)}
+        unit.config.write_text(config_text())
+        fixed = unit.ctl("reload", UNIT, check=False)
+    result = load.result
+    report("restart with a broken file", result)
+    assert "running the last good config, the file was refused" in status, status
+    assert "services.web.workers" in status
+    assert unit.events("config_file_refused"), "the log says so"
+    assert taken == cookies, "the very same listeners, from the store"
+    assert at_connect(result) == 0, (result.at_connect, result.examples)
+    assert result.failed == 0, (result.failures, result.examples)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "refused" not in unit.ns.show(UNIT, "StatusText")["StatusText"]
+
+
 def test_two_instances_keep_their_units_apart(unit: Unit) -> None:
     """Each namespace's systemd runs its units in a cgroup tree of its own. In a
     shared one, the other instance's daemon and workers sit in the same unit
