@@ -174,9 +174,10 @@ def test_start_reload_failed_reload_and_stop(unit: Unit) -> None:
         failed = unit.ctl("reload", UNIT, check=False)
         unit.config.write_text(config_text())
     assert after.startswith("web generation 2 RUNNING; last reload succeeded")
-    # The store holds the serving generation's listeners only: the retired
-    # ones were removed (FDSTOREREMOVE), the rolled-back candidate's never kept.
-    assert unit.ns.show(UNIT, "NFileDescriptorStore")["NFileDescriptorStore"] == "4"
+    # The store holds the serving generation's listeners only (the retired
+    # ones were removed with FDSTOREREMOVE, the rolled-back candidate's never
+    # kept), and one running config (each reload's replaced the one before).
+    assert unit.ns.show(UNIT, "NFileDescriptorStore")["NFileDescriptorStore"] == "5"
     assert failed.returncode != 0, "a rejected reload fails systemctl reload"
     assert "generation 2 RUNNING" in unit.ns.show(UNIT, "StatusText")["StatusText"]
     assert unit.main_pid() == pid
