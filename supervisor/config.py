@@ -26,6 +26,7 @@ from supervisor.values import Duration, Listen, ListenAddress, SignalName, Text
 
 DEFAULT_CONTROL_SOCKET = Path("/run/reuseport-supervisor/control.sock")
 MAX_WORKERS = 512
+MIN_READY_TIMEOUT = 0.1
 # Matched whole (fullmatch): "$" would let a trailing newline through, and a
 # service name becomes part of fd-store names and systemd's STATUS=.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -220,7 +221,9 @@ class ServiceConfig(Model):
     reopen_signal: SignalName | None = None
     stop_timeout: Duration = 30.0
     drain_timeout: Duration = 30.0
-    ready_timeout: Duration = 30.0
+    # No process starts and passes a check in less: a ready_timeout of 0
+    # passed --check, and then no worker could ever be ready.
+    ready_timeout: Annotated[Duration, Field(ge=MIN_READY_TIMEOUT)] = 30.0
     environment: dict[str, Text] = Field(default_factory=dict)
     user: Text | None = None
     group: Text | None = None
@@ -247,6 +250,15 @@ class ServiceConfig(Model):
             raise ValueError(
                 'health kind "tls" compares the served certificate with tls.cert: '
                 "set tls = { cert = ..., key = ... }"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _settle_within_ready_timeout(self) -> ServiceConfig:
+        if isinstance(self.health, HealthNone) and self.health.settle >= self.ready_timeout:
+            raise ValueError(
+                f"health.settle ({self.health.settle:g}s) must be shorter than ready_timeout "
+                f"({self.ready_timeout:g}s): a worker is healthy only once it stayed up that long"
             )
         return self
 

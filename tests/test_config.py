@@ -57,6 +57,11 @@ def test_health_variants_are_discriminated() -> None:
 # the daemon where they were used (a NaN deadline, setsockopt's C int) or
 # broke a line-based name (fd-store names, STATUS=).
 HOSTILE = [
+    (MINIMAL + "ready_timeout = 0\n", "services.web.ready_timeout: Input should be greater than"),
+    (
+        MINIMAL + "ready_timeout = '1s'\n[services.web.health]\nkind = 'none'\nsettle = '2s'\n",
+        "services.web: health.settle (2s) must be shorter than ready_timeout (1s)",
+    ),
     (MINIMAL + "workers = 513\n", "services.web.workers: Input should be less than or equal"),
     (MINIMAL + "stop_timeout = nan\n", "services.web.stop_timeout: a duration is at most 366d"),
     (MINIMAL + "drain_timeout = inf\n", "services.web.drain_timeout: a duration is at most 366d"),

@@ -9,11 +9,14 @@ line, and the daemon serves a normal request right after.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +186,83 @@ def test_control_socket_answers_hostile_requests_and_keeps_serving(
         assert answer["error"] == "no request received in time"
         assert time.monotonic() - started < 15
     assert daemon.status()["services"]["web"]["state"] == "RUNNING"
+
+
+# Values --check takes, at their edges (zero, tiny, the largest the schema
+# allows): whatever --check passes, the daemon must survive. The values it
+# refuses are the named-error tests' (test_config.HOSTILE). Workers stay few:
+# 512 demo workers three times over is a benchmark, not a test.
+EDGE_DURATIONS = st.sampled_from(['"0s"', '"1us"', '"1ms"', '"366d"', "0", "1e-9"])
+EDGE_KEYS: dict[str, st.SearchStrategy[str]] = {
+    "workers": st.sampled_from(["1", "2", "3"]),
+    "backlog": st.sampled_from(["1", "2", "65535"]),
+    "stop_timeout": EDGE_DURATIONS,
+    "drain_timeout": EDGE_DURATIONS,
+    "ready_timeout": st.sampled_from(['"30s"', '"366d"']),
+    "watch_debounce": EDGE_DURATIONS,
+    "retire": st.sampled_from(['"auto"', '"migrate"', '"drain"']),
+    "stop_signal": st.sampled_from(['"SIGTERM"', '"SIGINT"']),
+    "reopen_signal": st.sampled_from(['"SIGUSR1"', '"SIGHUP"', '"SIGWINCH"']),
+    "environment": st.sampled_from(['{ A = "" }', '{ B = "' + "x" * 4096 + '" }', "{}"]),
+    "socket": st.sampled_from(
+        [
+            "{ rcvbuf = 1024, sndbuf = 1024 }",
+            "{ rcvbuf = 2147483647, sndbuf = 2147483647 }",
+            '{ defer_accept = "1h" }',
+            '{ defer_accept = "1us" }',
+            "{ fastopen = 65535 }",
+            "{ fastopen = 1 }",
+        ]
+    ),
+}
+
+
+def _hostile_service(port: int, keys: dict[str, str]) -> str:
+    lines = [
+        "[services.web]",
+        f'command = ["{sys.executable}", "-m", "supervisor.demo"]',
+        f'listen = ["127.0.0.1:{port}"]',
+        *(f"{key} = {value}" for key, value in keys.items()),
+        "[services.web.health]",
+        'kind = "notify"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_a_config_check_passes_is_one_the_daemon_survives(
+    start_daemon: Callable[..., Daemon], tmp_path_factory: Any
+) -> None:
+    ran: list[dict[str, str]] = []
+
+    @given(keys=st.fixed_dictionaries({}, optional=EDGE_KEYS))
+    @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+    def survives(keys: dict[str, str]) -> None:
+        port = free_port()
+        path = Path(tmp_path_factory.mktemp("hostile")) / "s.toml"
+        path.write_text(_hostile_service(port, keys))
+        done = subprocess.run(
+            [sys.executable, "-m", "supervisor.daemon", "--check", "-c", str(path)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode in (0, 2) and "Traceback" not in done.stderr, done.stderr
+        if done.returncode == 2:
+            assert "retire" in keys, done.stderr  # migrate without migration: a config error
+            return
+        ran.append(keys)
+        daemon = start_daemon(_hostile_service(port, keys))
+        for _ in range(3):
+            answer = daemon.reload()
+            assert answer.ok, (keys, answer.answer)
+        pids = daemon.worker_pids()
+        mark = daemon.mark()
+        os.kill(pids[0], signal.SIGKILL)
+        daemon.wait_event("worker_running", after=mark)
+        listed = {w["pid"] for w in daemon.status()["services"]["web"]["workers"]}
+        assert None not in listed and len(listed) == len(pids), (keys, listed)
+        assert daemon.terminate() == 0, keys
+
+    survives()
+    print(f"{len(ran)} edge configs passed --check and ran; keys: {sorted({*chain(*ran)})}")
+    assert ran, "no draw passed --check: the fuzz ran no daemon"
