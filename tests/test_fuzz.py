@@ -8,12 +8,14 @@ line, and the daemon serves a normal request right after.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from itertools import chain
@@ -266,3 +268,82 @@ def test_a_config_check_passes_is_one_the_daemon_survives(
     survives()
     print(f"{len(ran)} edge configs passed --check and ran; keys: {sorted({*chain(*ran)})}")
     assert ran, "no draw passed --check: the fuzz ran no daemon"
+
+
+SLOW_PEERS = 150  # of each kind: more than either server takes at once
+
+
+def _slow_peer(address: str | tuple[str, int], payload: bytes, stop: threading.Event) -> None:
+    """Connect, then send ``payload`` a byte every 50 ms (and never read), until ``stop``."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as peer:
+        peer.settimeout(2)
+        peer.connect(address)
+        for byte in payload:
+            if stop.wait(0.05):
+                return
+            peer.send(bytes([byte]))
+        stop.wait(30)
+
+
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_slow_and_malformed_peers_leave_the_daemon_bounded_and_answering(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    metrics = free_port()
+    daemon = start_daemon(
+        service_toml("web", port=free_port(), workers=1),
+        supervisor_extra=f'metrics_listen = "127.0.0.1:{metrics}"',
+    )
+    pid = daemon.proc.pid
+    fds_before, rss_before, cpu_before = _fds(pid), _rss_kib(pid), _cpu_seconds(pid)
+    stop = threading.Event()
+    payloads = [b'{"command": "status"', b"GET /metrics HTTP/1.1\r\nHost: x\r\n", b"\x00\xff" * 40]
+    peers = [
+        threading.Thread(target=_slow_peer, args=(address, payloads[i % 3], stop), daemon=True)
+        for i in range(SLOW_PEERS)
+        for address in (str(daemon.control), ("127.0.0.1", metrics))
+    ]
+    began = time.monotonic()
+    for peer in peers:
+        peer.start()
+    slowest, fds_most = 0.0, 0
+    try:
+        while time.monotonic() - began < 8:
+            asked = time.monotonic()
+            assert daemon.status()["services"]["web"]["state"] == "RUNNING"
+            slowest = max(slowest, time.monotonic() - asked)
+            fds_most = max(fds_most, _fds(pid))
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for peer in peers:
+            peer.join(10)
+    cpu = (_cpu_seconds(pid) - cpu_before) / (time.monotonic() - began)
+    rss_growth = _rss_kib(pid) - rss_before
+    print(
+        f"status at most {slowest * 1000:.0f} ms; fds {fds_before} -> at most {fds_most}; "
+        f"CPU {cpu:.0%} of a core; RSS +{rss_growth} KiB"
+    )
+    assert slowest < 1.0
+    assert fds_most <= fds_before + SLOW_PEERS + 16 + 8, "each control peer, 16 metrics ones"
+    assert cpu < 0.5
+    assert rss_growth < 32 * 1024
+    assert daemon.proc.poll() is None
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

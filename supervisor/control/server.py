@@ -35,10 +35,14 @@ CLOSE_GRACE = 5.0  # at exit, connected clients have this long to get their answ
 RETRY = 0.1  # after accept() failed for want of fds or memory
 PAUSE_LIMIT = REQUEST_TIMEOUT + 1  # a paused server waits this long for clients mid-request
 SEND_TIMEOUT = 10.0  # a client that reads nothing for this long is given up
-# Clients connected at once; the next wait in the listen backlog. Only allowed
-# peers get past the socket's mode, but a member of control_socket_group may
-# be anyone's script gone wrong.
-MAX_CLIENTS = 64
+# Clients connected at once; the next wait in the listen backlog (BACKLOG).
+# Only allowed peers get past the socket's mode, but a member of
+# control_socket_group may be anyone's script gone wrong. A client costs an fd
+# and a task, and has REQUEST_TIMEOUT to send its request: with 64 slots, 150
+# clients that trickle their requests filled them and the backlog, and an
+# operator's `status` got EAGAIN (a unix socket does not retry, as TCP does).
+MAX_CLIENTS = 256
+BACKLOG = 1024
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -99,7 +103,7 @@ def bound_control_socket(
         if group is not None:
             _give_to_group(path, group)
         os.chmod(path, mode)
-        sock.listen(64)
+        sock.listen(BACKLOG)
     except ControlError:
         sock.close()
         raise
