@@ -55,19 +55,20 @@ ALL = (*HANDLED, *IGNORED)
 
 def request_for(signum: int) -> Request | None:
     """The request a signal stands for; None for one that is only logged."""
-    name = _name(signum)
+    source = name(signum)
     if signum in SHUTDOWN:
-        return Shutdown(source=name)
+        return Shutdown(source=source)
     if signum == signal.SIGHUP:
-        return Reload(source=name)
+        return Reload(source=source)
     if signum == signal.SIGUSR2:
-        return Upgrade(source=name)
+        return Upgrade(source=source)
     if signum == signal.SIGUSR1:
-        return Reopen(source=name)
+        return Reopen(source=source)
     return None
 
 
-def _name(signum: int) -> str:
+def name(signum: int) -> str:
+    """``SIGHUP``; ``SIGRTMIN+3`` for a real-time signal."""
     try:
         return signal.Signals(signum).name
     except ValueError:
@@ -107,6 +108,6 @@ async def forward(
         async for signum in received:
             request = request_for(signum)
             if request is None:
-                log.warning("signal_ignored", signal=_name(signum))
+                log.warning("signal_ignored", signal=name(signum))
                 continue
             await handle(request)

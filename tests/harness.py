@@ -366,3 +366,22 @@ def address() -> Iterator[ListenAddress]:
     set_migrate_req(0)
     yield parse_listen(f"127.0.0.1:{free_port()}")
     MIGRATE_REQ.write_text(original)
+
+
+def open_fd_count(pid: int) -> int:
+    """How many fds ``pid`` has open now."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """``pid``'s user and system CPU time so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def upgrading(daemon: Daemon) -> tuple[threading.Thread, list[Reloaded]]:
+    """``daemon.upgrade()`` started in a thread; its answer lands in the list."""
+    answers: list[Reloaded] = []
+    thread = threading.Thread(target=lambda: answers.append(daemon.upgrade()))
+    thread.start()
+    return thread, answers

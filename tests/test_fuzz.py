@@ -26,9 +26,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.procs import rss_kib
 from supervisor.errors import ConfigError
 from supervisor.loader import load_config, parse_config
-from tests.harness import Daemon, free_port, service_toml
+from tests.harness import Daemon, cpu_seconds, free_port, open_fd_count, service_toml
 
 SERVICE_KEYS = [
     "command", "workers", "listen", "backlog", "retire", "stop_signal", "stop_timeout",
@@ -297,7 +298,7 @@ def test_slow_and_malformed_peers_leave_the_daemon_bounded_and_answering(
         supervisor_extra=f'metrics_listen = "127.0.0.1:{metrics}"',
     )
     pid = daemon.proc.pid
-    fds_before, rss_before, cpu_before = _fds(pid), _rss_kib(pid), _cpu_seconds(pid)
+    fds_before, rss_before, cpu_before = open_fd_count(pid), rss_kib(pid), cpu_seconds(pid)
     stop = threading.Event()
     payloads = [b'{"command": "status"', b"GET /metrics HTTP/1.1\r\nHost: x\r\n", b"\x00\xff" * 40]
     peers = [
@@ -314,14 +315,14 @@ def test_slow_and_malformed_peers_leave_the_daemon_bounded_and_answering(
             asked = time.monotonic()
             assert daemon.status()["services"]["web"]["state"] == "RUNNING"
             slowest = max(slowest, time.monotonic() - asked)
-            fds_most = max(fds_most, _fds(pid))
+            fds_most = max(fds_most, open_fd_count(pid))
             time.sleep(0.2)
     finally:
         stop.set()
         for peer in peers:
             peer.join(10)
-    cpu = (_cpu_seconds(pid) - cpu_before) / (time.monotonic() - began)
-    rss_growth = _rss_kib(pid) - rss_before
+    cpu = (cpu_seconds(pid) - cpu_before) / (time.monotonic() - began)
+    rss_growth = rss_kib(pid) - rss_before
     print(
         f"status at most {slowest * 1000:.0f} ms; fds {fds_before} -> at most {fds_most}; "
         f"CPU {cpu:.0%} of a core; RSS +{rss_growth} KiB"
@@ -331,19 +332,3 @@ def test_slow_and_malformed_peers_leave_the_daemon_bounded_and_answering(
     assert cpu < 0.5
     assert rss_growth < 32 * 1024
     assert daemon.proc.poll() is None
-
-
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -26,7 +26,7 @@ import pytest
 
 from supervisor.metrics import PREFIX, Histogram, Tally
 from supervisor.rollout import RolloutReport
-from tests.harness import DAEMON, Daemon, free_port, service_toml, wait_until
+from tests.harness import DAEMON, Daemon, free_port, open_fd_count, service_toml, wait_until
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "config" / "grafana-dashboard.json"
 
@@ -209,10 +209,6 @@ def test_a_real_prometheus_scrapes_it_and_the_dashboard_queries_answer(
 IDLE_FLOOD = 300
 
 
-def _open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 @pytest.mark.kernel
 @pytest.mark.slow
 def test_a_flood_of_idle_metrics_connections_costs_neither_control_nor_workers(
@@ -227,7 +223,7 @@ def test_a_flood_of_idle_metrics_connections_costs_neither_control_nor_workers(
         supervisor_extra=f'metrics_listen = "127.0.0.1:{metrics}"',
         entry=["prlimit", "--nofile=96:96", *DAEMON],  # the flood would pass it
     )
-    before = _open_fds(daemon.proc.pid)
+    before = open_fd_count(daemon.proc.pid)
     idle: list[socket.socket] = []
     try:
         for _ in range(IDLE_FLOOD):
@@ -235,8 +231,8 @@ def test_a_flood_of_idle_metrics_connections_costs_neither_control_nor_workers(
             conn.setblocking(False)  # past the backlog a SYN waits: the flood need not
             conn.connect_ex(("127.0.0.1", metrics))
             idle.append(conn)
-        wait_until(lambda: _open_fds(daemon.proc.pid) >= before + 16, 10, "the cap to fill")
-        during = _open_fds(daemon.proc.pid)
+        wait_until(lambda: open_fd_count(daemon.proc.pid) >= before + 16, 10, "the cap to fill")
+        during = open_fd_count(daemon.proc.pid)
         began = time.monotonic()
         status = daemon.status()
         assert time.monotonic() - began < 1, "status answers at once during the flood"

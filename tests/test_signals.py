@@ -12,24 +12,16 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 
 import pytest
 
-from supervisor.signals import IGNORED
-from tests.harness import Daemon, Reloaded, free_port, service_toml, wait_until
+from supervisor.signals import IGNORED, name
+from tests.harness import Daemon, free_port, service_toml, upgrading, wait_until
 from tests.load import Load
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
-
-
-def _name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
 
 
 def test_signals_that_would_terminate_are_logged_and_ignored_under_load(
@@ -46,8 +38,8 @@ def test_signals_that_would_terminate_are_logged_and_ignored_under_load(
             if signum == signal.SIGUSR1:  # the service has no reopen_signal: nothing to forward
                 daemon.wait_event("reopen_requested", after=mark, services=[])
             elif signum != signal.SIGPIPE:  # ignored by Python itself, as it always was
-                daemon.wait_event("signal_ignored", after=mark, signal=_name(signum))
-            assert daemon.proc.poll() is None, f"{_name(signum)} killed the daemon"
+                daemon.wait_event("signal_ignored", after=mark, signal=name(signum))
+            assert daemon.proc.poll() is None, f"{name(signum)} killed the daemon"
         assert daemon.status()["services"]["web"]["state"] == "RUNNING"
         assert daemon.worker_pids() == pids
         result = load.finish()
@@ -101,14 +93,12 @@ def test_a_sighup_while_the_upgraded_image_starts_waits_for_it(
     start_daemon: Callable[..., Daemon],
 ) -> None:
     daemon = start_daemon(service_toml("web", port=free_port(), workers=1))
-    answers: list[Reloaded] = []
-    upgrading = threading.Thread(target=lambda: answers.append(daemon.upgrade()))
     mark = daemon.mark()
-    upgrading.start()
+    thread, answers = upgrading(daemon)
     daemon.wait_event("upgrade_exec", after=mark)
     # The new image is importing now: without the mask, SIGHUP's default kills it.
     os.kill(daemon.proc.pid, signal.SIGHUP)
-    upgrading.join(120)
+    thread.join(120)
     assert answers and answers[0].ok, answers
     reloaded = daemon.wait_event("reload_answered", after=mark)
     assert reloaded["ok"], reloaded
@@ -135,17 +125,15 @@ def test_a_sighup_storm_during_an_upgrade_is_coalesced(
     # after it. More than the request channel holds (128) once crashed the new
     # image; now a clientless reload is parked once per target.
     daemon = start_daemon(service_toml("web", port=free_port(), workers=1))
-    answers: list[Reloaded] = []
-    upgrading = threading.Thread(target=lambda: answers.append(daemon.upgrade()))
     mark = daemon.mark()
-    upgrading.start()
+    thread, answers = upgrading(daemon)
     daemon.wait_event("upgrade_requested", after=mark)
     sent, deadline = 0, time.monotonic() + 30
     while not daemon.events_since(mark, "upgrade_exec") and time.monotonic() < deadline:
         os.kill(daemon.proc.pid, signal.SIGHUP)
         sent += 1
         time.sleep(0.002)  # let the loop take each one: signals of one kind merge
-    upgrading.join(120)
+    thread.join(120)
     assert answers and answers[0].ok, answers
     assert daemon.proc.poll() is None, f"the new image died after {sent} SIGHUPs"
     taken = daemon.events_since(mark, "reload_parked") + daemon.events_since(
