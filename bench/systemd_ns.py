@@ -24,11 +24,14 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import supervisor
 
 SYSTEMD = Path("/usr/lib/systemd/systemd")
 BASE = Path("/var/lib")
@@ -56,6 +59,13 @@ def available() -> str | None:
             return f"needs {tool} (util-linux)"
     if not SYSTEMD.exists():
         return f"needs {SYSTEMD} (Debian's systemd package)"
+    code = Path(supervisor.__file__).resolve().parent
+    for what, path in (("the venv", Path(sys.executable)), ("the code", code)):
+        if path.is_relative_to("/tmp"):
+            return (
+                f"{what} is under /tmp ({path}), and the namespace mounts a fresh /tmp "
+                "(systemd's boot would wipe the host's): clone outside /tmp to run these"
+            )
     return None
 
 
