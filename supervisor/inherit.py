@@ -197,8 +197,14 @@ def _from_worker(
 
 def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> Inheritance:
     """Sort what the store kept for service ``name``: one listener per (address,
-    worker) of the config is taken (the newest generation's), the rest retire
-    once the new workers serve."""
+    worker) of the config is taken, the rest retire once the new workers serve.
+
+    Of two for one slot, the one that holds connections is taken, else the
+    newer generation's: after a crash in the middle of a rollout the
+    candidate's listeners were never promoted and are empty, while the serving
+    generation's queued what came during the outage. Where retirement cannot
+    migrate, the one not taken resets what it holds.
+    """
     mine = [s for s in stored if s.service == name]
     generations = [s.generation for s in mine if s.generation is not None]
     newest = max(generations, default=0)
@@ -218,16 +224,31 @@ def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> 
         gen = item.generation or 0
         if address in wanted and key[1] < config.workers:
             if key in by_slot:
-                older_gen, older = by_slot[key]
-                if older_gen > gen:
+                other_gen, other = by_slot[key]
+                if _preferred((other_gen, other), (gen, inherited)) is other:
                     found.leftovers.append((address, inherited))
                     continue
-                found.leftovers.append((address, older))
+                found.leftovers.append((address, other))
             by_slot[key] = (gen, inherited)
         else:
             found.leftovers.append((address, inherited))
     found.listeners = {key: inherited for key, (_, inherited) in by_slot.items()}
     return found
+
+
+def _preferred(a: tuple[int, Inherited], b: tuple[int, Inherited]) -> Inherited:
+    """Of two stored listeners for one slot: the one with queued connections,
+    else the newer generation's."""
+
+    def holds(item: Inherited) -> bool:
+        try:
+            return item.sock.type == socket.SOCK_STREAM and accept_queue(item.sock).queued > 0
+        except SupervisorError:
+            return False
+
+    if holds(a[1]) != holds(b[1]):
+        return a[1] if holds(a[1]) else b[1]
+    return a[1] if a[0] > b[0] else b[1]
 
 
 def _addresses(found: Inheritance) -> set[ListenAddress]:
@@ -355,11 +376,14 @@ def _drop(
         item.sock.close()
 
 
-def retire_leftovers(steering: Steering, found: Inheritance, store: FdStore) -> list[str]:
+def retire_leftovers(
+    steering: Steering, found: Inheritance, store: FdStore, *, migrates: bool
+) -> list[str]:
     """Shut down what was inherited and not taken (another generation's listeners,
     an address or worker the config no longer has), now that the new
     generation serves: the kernel migrates their queues to its active
-    listeners where it can. Returns a line for each, with what it cost."""
+    listeners where it can (``migrates``), and resets them where it cannot.
+    Returns a line for each, with what it cost."""
     groups = dict(steering.items())
     lines = []
     for address, item in found.leftovers:
@@ -370,7 +394,7 @@ def retire_leftovers(steering: Steering, found: Inheritance, store: FdStore) -> 
         try:
             if group is not None and group.role(item.sock) is not None:
                 lst = Listener(-1, address, item.sock, item.cookie, group, item.name, store)
-                queued, moved = lst.queued(), lst.active_peers() > 0
+                queued, moved = lst.queued(), migrates and lst.active_peers() > 0
                 lst.shutdown() if lst.tcp else lst.discard()
             else:  # an address no longer served: nothing can take its queue
                 if address.proto == "tcp":
@@ -380,7 +404,7 @@ def retire_leftovers(steering: Steering, found: Inheritance, store: FdStore) -> 
         except (SupervisorError, OSError) as exc:
             found.note(f"{item.name}: could not be shut down: {exc}")
         item.sock.close()
-        fate = "moved to the new listeners" if moved else "reset: no listener left there"
+        fate = "moved to the new listeners" if moved else "reset: nothing can take them here"
         lines.append(f"{item.name}: {queued} queued connection(s) {fate}" if queued else item.name)
         log.info("inherited_listener_retired", name=item.name, queued=queued, moved=moved)
     return lines

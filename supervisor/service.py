@@ -218,7 +218,8 @@ class Service:
         """The first generation serves on what it inherited: retire the rest, and
         replace the generation if something could not be taken over."""
         assert self.current is not None
-        retired = retire_leftovers(self.steering, found, self._env.store)
+        migrates = self._env.capabilities().can_migrate
+        retired = retire_leftovers(self.steering, found, self._env.store, migrates=migrates)
         self.inherited = TookOver(
             generation=self.current.number,
             listeners=len(found.listeners),
