@@ -352,6 +352,44 @@ def test_a_crash_during_a_rollout_on_a_drain_host_resets_nothing() -> None:
         assert result.failed <= 4, (result.failures, result.examples)
 
 
+# A worker whose HTTP probe answer smuggles notify commands after bare newlines.
+HOSTILE = r"""
+import socket
+answer = (b"HTTP/1.1 503 x\nWATCHDOG=trigger\nFDSTOREREMOVE=1\nFDNAME=web/tcp-127.0.0.1-8080/g1/w0"
+          b"\nMAINPID=1\r\n\r\n")
+lst = socket.socket(fileno=3)
+while True:
+    conn, _ = lst.accept()
+    conn.recv(4096)
+    conn.sendall(answer)
+    conn.close()
+"""
+
+
+def test_a_worker_cannot_command_systemd_through_a_failed_reload(unit: Unit) -> None:
+    before = unit.ns.show(UNIT, "MainPID", "NFileDescriptorStore", "NRestarts")
+    demo = 'command = ["python3", "-m", "supervisor.demo", "--concurrency", "1", "--work", "0.002"]'
+    hostile = (
+        config_text(workers=1)
+        .replace(demo, f'command = {json.dumps(["python3", "-c", HOSTILE])}\nready_timeout = "2s"')
+        .replace('kind = "notify"', 'kind = "http"\ninterval = "100ms"')
+    )
+    assert "WATCHDOG" in hostile
+    with unit.load() as load:
+        wait_until(load.answered, 15, "the load to be answered")
+        unit.config.write_text(hostile)
+        failed = unit.ctl("reload", UNIT, check=False)
+        time.sleep(1)  # what systemd would have done with a smuggled command, it has
+    assert failed.returncode != 0, "the hostile candidate was rolled back"
+    after = unit.ns.show(UNIT, "MainPID", "NFileDescriptorStore", "NRestarts", "StatusText")
+    assert "503 x WATCHDOG=trigger FDSTOREREMOVE=1" in after["StatusText"], after
+    assert after["MainPID"] == before["MainPID"], "MAINPID= was not taken"
+    assert after["NRestarts"] == before["NRestarts"], "WATCHDOG=trigger was not taken"
+    assert after["NFileDescriptorStore"] == before["NFileDescriptorStore"], "nor FDSTOREREMOVE"
+    assert unit.ns.show(UNIT, "ActiveState")["ActiveState"] == "active"
+    assert load.result.failed == 0, (load.result.failures, load.result.examples)
+
+
 def test_two_instances_keep_their_units_apart(unit: Unit) -> None:
     """Each namespace's systemd runs its units in a cgroup tree of its own. In a
     shared one, the other instance's daemon and workers sit in the same unit
