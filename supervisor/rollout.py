@@ -26,7 +26,7 @@ from supervisor.generation import Generation, GenerationSpec, run_generation
 from supervisor.kernel import netstat
 from supervisor.kernel.proc import describe_exit, thread_schedstat
 from supervisor.plan import RolloutPlan, ServicePlan, plan_rollout, substitute
-from supervisor.retire import Retirement, retire
+from supervisor.retire import retire
 from supervisor.spawner import Spawner
 from supervisor.steering import Role, Steering
 from supervisor.text import printable
@@ -261,16 +261,13 @@ async def _cut_over(
     timer.lap("cutover")
     say(f"cutover: generation {candidate.number} takes every new connection")
     say(f"retiring generation {old.number} by {plan.path}: {plan.why}")
-    try:
-        retirement = await retire(
-            old,
-            plan.path,
-            plan.why,
-            plan.candidate.config.drain_timeout,
-            refuse=plan.refuse_migration,
-        )
-    except Exception as exc:  # noqa: BLE001  (a bug: the cutover is done, the old must go)
-        retirement = await _retire_anyway(old, plan, exc)
+    retirement = await retire(
+        old,
+        plan.path,
+        plan.why,
+        plan.candidate.config.drain_timeout,
+        refuse=plan.refuse_migration,
+    )
     after = _counters()
     timer.lap("retire")
     timer.workers("drain", [retirement.drain_seconds])
@@ -296,21 +293,6 @@ async def _cut_over(
     say(f"generation {old.number} retired")
     result.generation, result.config = candidate, plan.candidate.config
     return result
-
-
-async def _retire_anyway(old: Generation, plan: RolloutPlan, exc: Exception) -> Retirement:
-    """The planned retirement failed with a bug after the cutover: the new
-    generation serves, so stop the old one all the same (its listeners are
-    shut down once its workers are gone), and say so in the report."""
-    log.exception("retirement_crashed", generation=old.number)
-    with trio.CancelScope(shield=True):
-        await old.stop()
-    retirement = Retirement(path=plan.path, why=plan.why)
-    retirement.problems.append(
-        f"internal error while retiring generation {old.number}: {exc!r}; "
-        "it was stopped without its planned retirement"
-    )
-    return retirement
 
 
 def _counters() -> dict[str, int] | None:
