@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import array
 import os
-import re
 import secrets
 import socket
 import struct
@@ -20,11 +19,10 @@ from dataclasses import dataclass
 
 import trio
 
+from supervisor.text import has_controls
+
 _MAX_DATAGRAM = 4096
 _UCRED = struct.Struct("iII")  # pid, uid, gid
-# Anything systemd's parser would take as the end of a line (it splits on
-# newlines) or that has no place in a notify value.
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 
 def message(**fields: object) -> str:
@@ -43,7 +41,7 @@ def message(**fields: object) -> str:
         text = str(value)
         if not key.replace("_", "").isalnum() or not key.isupper():
             raise ValueError(f"not a notify key: {key!r}")
-        if _UNSAFE.search(text):
+        if has_controls(text):  # systemd splits a datagram into lines
             raise ValueError(f"{key}= value holds a control character: {text[:80]!r}")
         lines.append(f"{key}={text}")
     return "\n".join(lines)
