@@ -43,6 +43,12 @@ class ConfigError(SupervisorError):
         super().__init__("\n".join(lines) if lines else f"{source}: invalid config")
 
 
+# What says the daemon, not a peer or a worker, ran short: of fds, its own or
+# the system's, or of memory.
+OUT_OF_RESOURCES = frozenset(
+    {errno_mod.EMFILE, errno_mod.ENFILE, errno_mod.ENOBUFS, errno_mod.ENOMEM}
+)
+
 _BIND_HINTS = {
     errno_mod.EADDRINUSE: (
         "address already in use by another program, by a socket without SO_REUSEPORT, "

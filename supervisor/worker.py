@@ -28,6 +28,7 @@ import trio
 
 from supervisor.config import Health
 from supervisor.errors import (
+    OUT_OF_RESOURCES,
     HealthCheckFailed,
     SpawnError,
     SupervisorError,
@@ -45,8 +46,9 @@ from supervisor.values import ListenAddress
 log = structlog.get_logger("supervisor.worker")
 
 
-# Errors of a spawn that say the daemon, not the worker, ran short.
-STARVED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOBUFS})
+# Errors of a spawn that say the daemon, not the worker, ran short (EAGAIN:
+# fork's, at the process limit).
+STARVED = OUT_OF_RESOURCES | {errno.EAGAIN}
 STARVED_RETRY = 1.0
 
 

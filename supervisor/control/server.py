@@ -21,7 +21,7 @@ import trio
 
 from supervisor.control import protocol
 from supervisor.control.access import Access, Peer, peer_of
-from supervisor.errors import AlreadyRunning, ControlError
+from supervisor.errors import OUT_OF_RESOURCES, AlreadyRunning, ControlError
 from supervisor.kernel import caps
 from supervisor.metrics import Format
 from supervisor.requests import Reload, Reply, Request, Shutdown, Upgrade
@@ -43,7 +43,6 @@ SEND_TIMEOUT = 10.0  # a client that reads nothing for this long is given up
 # operator's `status` got EAGAIN (a unix socket does not retry, as TCP does).
 MAX_CLIENTS = 256
 BACKLOG = 1024
-_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 def _live_daemon_at(path: Path) -> bool:
@@ -174,7 +173,7 @@ class ControlServer:
                 stream = await listener.accept()
             except BaseException as exc:
                 self._slots.release()
-                if not isinstance(exc, OSError) or exc.errno not in _OUT_OF_RESOURCES:
+                if not isinstance(exc, OSError) or exc.errno not in OUT_OF_RESOURCES:
                     raise
                 # The client waits in the backlog; the daemon must not die.
                 log.warning("control_accept_failed", error=str(exc), retry_in=RETRY)
