@@ -350,11 +350,14 @@ class Daemon:
     def reopen(self, request: Reopen) -> None:
         """Each service's ``reopen_signal`` to every worker it runs (logrotate's
         SIGUSR1); a service without one is left alone."""
-        having = {n: s for n, s in self.services.items() if s.config.reopen_signal is not None}
+        having = {
+            name: signal.Signals[service.config.reopen_signal]
+            for name, service in self.services.items()
+            if service.config.reopen_signal is not None
+        }
         log.info("reopen_requested", source=request.source, services=list(having))
-        for name, service in having.items():
-            sig = signal.Signals[service.config.reopen_signal or "SIGUSR1"]
-            count = service.signal_workers(sig)
+        for name, sig in having.items():
+            count = self.services[name].signal_workers(sig)
             log.info("reopen_forwarded", service=name, signal=sig.name, workers=count)
 
     def start_reload(self, root: trio.Nursery, request: Reload) -> None:
@@ -450,8 +453,10 @@ class Daemon:
 
     def _remember_config(self) -> None:
         """Keep the running config in systemd's store (a restart whose file is
-        broken runs it instead of exiting, which would release the store)."""
-        self.store.keep_config(self.running_config().model_dump_json().encode())
+        broken runs it instead of exiting, which would release the store). Without
+        a store, nothing to serialize at every reload."""
+        if self.store.enabled:
+            self.store.keep_config(self.running_config().model_dump_json().encode())
 
     def send_nowait(self, request: Request) -> None:
         self._send.send_nowait(request)
