@@ -239,16 +239,17 @@ def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> 
 def _preferred(a: tuple[int, Inherited], b: tuple[int, Inherited]) -> Inherited:
     """Of two stored listeners for one slot: the one with queued connections,
     else the newer generation's."""
-
-    def holds(item: Inherited) -> bool:
-        try:
-            return item.sock.type == socket.SOCK_STREAM and accept_queue(item.sock).queued > 0
-        except SupervisorError:
-            return False
-
-    if holds(a[1]) != holds(b[1]):
-        return a[1] if holds(a[1]) else b[1]
+    a_holds, b_holds = _holds_connections(a[1]), _holds_connections(b[1])
+    if a_holds != b_holds:
+        return a[1] if a_holds else b[1]
     return a[1] if a[0] > b[0] else b[1]
+
+
+def _holds_connections(item: Inherited) -> bool:
+    try:
+        return item.sock.type == socket.SOCK_STREAM and accept_queue(item.sock).queued > 0
+    except SupervisorError:
+        return False
 
 
 def _addresses(found: Inheritance) -> set[ListenAddress]:
