@@ -155,7 +155,6 @@ class ControlServer:
         to receive their answers (a shutdown's last reply among them).
         """
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))
-        self._slots = trio.Semaphore(MAX_CLIENTS)
         async with listener, trio.open_nursery() as handlers:
             self._handlers = handlers
             task_status.started()
