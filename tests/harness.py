@@ -385,3 +385,24 @@ def upgrading(daemon: Daemon) -> tuple[threading.Thread, list[Reloaded]]:
     thread = threading.Thread(target=lambda: answers.append(daemon.upgrade()))
     thread.start()
     return thread, answers
+
+
+def smuggling_worker(fdname: str) -> str:
+    """Python source of a worker that answers every connection on fd 3 with a
+    503 whose reason phrase smuggles notify commands after bare newlines
+    (``WATCHDOG=trigger``, ``FDSTOREREMOVE=1`` with ``FDNAME=fdname``,
+    ``MAINPID=1``), and an ANSI escape for the console: the audit's reproducer."""
+    answer = (
+        "HTTP/1.1 503 x\nWATCHDOG=trigger\nFDSTOREREMOVE=1\n"
+        f"FDNAME={fdname}\nMAINPID=1\x1b[2J\r\n\r\n"
+    )
+    return (
+        "import socket\n"
+        f"answer = {answer.encode()!r}\n"
+        "lst = socket.socket(fileno=3)\n"
+        "while True:\n"
+        "    conn, _ = lst.accept()\n"
+        "    conn.recv(4096)\n"
+        "    conn.sendall(answer)\n"
+        "    conn.close()\n"
+    )

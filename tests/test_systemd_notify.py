@@ -15,7 +15,7 @@ import pytest
 from supervisor.fdstore import CONFIG_NAME
 from supervisor.kernel.notify import parse
 from supervisor.systemd import monotonic_usec
-from tests.harness import Daemon, free_port, service_toml
+from tests.harness import Daemon, free_port, service_toml, smuggling_worker
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -179,22 +179,6 @@ def test_an_upgrade_is_announced_as_a_reload_with_the_same_main_pid(
     assert systemd.next()["READY"] == "1"
 
 
-# A worker that answers every connection on fd 3 with one status line of its
-# choosing: here, a 503 whose reason phrase smuggles notify commands after bare
-# newlines (the audit's reproducer), plus an ANSI escape for the console.
-_HOSTILE = r"""
-import os, socket
-answer = (b"HTTP/1.1 503 x\nWATCHDOG=trigger\nFDSTOREREMOVE=1\nFDNAME=web/x\n"
-          b"MAINPID=1\x1b[2J\r\n\r\n")
-lst = socket.socket(fileno=3)
-while True:
-    conn, _ = lst.accept()
-    conn.recv(4096)
-    conn.sendall(answer)
-    conn.close()
-"""
-
-
 def test_a_worker_cannot_send_notify_commands_through_a_failed_reload(
     start_daemon: Callable[..., Daemon], systemd: FakeSystemd
 ) -> None:
@@ -204,7 +188,7 @@ def test_a_worker_cannot_send_notify_commands_through_a_failed_reload(
     daemon = start_daemon(good, env={"NOTIFY_SOCKET": str(systemd.path)})
     assert systemd.next()["READY"] == "1"
 
-    hostile = [sys.executable, "-c", _HOSTILE]
+    hostile = [sys.executable, "-c", smuggling_worker("web/x")]
     bad = service_toml("web", port=port, workers=1, health=http, command=hostile)
     daemon.rewrite(bad.replace('ready_timeout = "15s"', 'ready_timeout = "2s"'))
     answer = daemon.reload()

@@ -31,7 +31,7 @@ import pytest
 
 from bench.systemd_ns import UNIT, SystemdNamespace, available, install_supervisor, json_lines
 from tests.certs import issue, write_pair
-from tests.harness import wait_until
+from tests.harness import smuggling_worker, wait_until
 from tests.load import Load, LoadResult
 
 pytestmark = [
@@ -352,18 +352,7 @@ def test_a_crash_during_a_rollout_on_a_drain_host_resets_nothing() -> None:
         assert result.failed <= 4, (result.failures, result.examples)
 
 
-# A worker whose HTTP probe answer smuggles notify commands after bare newlines.
-HOSTILE = r"""
-import socket
-answer = (b"HTTP/1.1 503 x\nWATCHDOG=trigger\nFDSTOREREMOVE=1\nFDNAME=web/tcp-127.0.0.1-8080/g1/w0"
-          b"\nMAINPID=1\r\n\r\n")
-lst = socket.socket(fileno=3)
-while True:
-    conn, _ = lst.accept()
-    conn.recv(4096)
-    conn.sendall(answer)
-    conn.close()
-"""
+SMUGGLER = smuggling_worker(f"web/tcp-127.0.0.1-{PORT}/g1/w0")  # a serving listener's name
 
 
 def test_a_worker_cannot_command_systemd_through_a_failed_reload(unit: Unit) -> None:
@@ -371,7 +360,7 @@ def test_a_worker_cannot_command_systemd_through_a_failed_reload(unit: Unit) -> 
     demo = 'command = ["python3", "-m", "supervisor.demo", "--concurrency", "1", "--work", "0.002"]'
     hostile = (
         config_text(workers=1)
-        .replace(demo, f'command = {json.dumps(["python3", "-c", HOSTILE])}\nready_timeout = "2s"')
+        .replace(demo, f'command = {json.dumps(["python3", "-c", SMUGGLER])}\nready_timeout = "2s"')
         .replace('kind = "notify"', 'kind = "http"\ninterval = "100ms"')
     )
     assert "WATCHDOG" in hostile
