@@ -3,7 +3,8 @@
 systemd boots in its own PID, mount and network namespace with only the
 test's units on its unit path: no boot unit runs (one would wipe the host's
 /tmp and change kernel-wide settings). /run, /var/tmp and /tmp are fresh
-tmpfs inside it, so nothing it writes reaches the host. Its files live in a
+tmpfs inside it, so nothing it writes reaches the host; so are the shipped
+unit's state and logs directories (``PRIVATE``). Its files live in a
 directory under /var/lib, outside the tmpfs mounts. ``close()`` kills it
 (which ends the namespace and everything in it) and removes the directory.
 
@@ -36,6 +37,10 @@ import supervisor
 SYSTEMD = Path("/usr/lib/systemd/systemd")
 BASE = Path("/var/lib")
 BOOT_TIMEOUT = 30.0
+# The shipped unit's StateDirectory= and LogsDirectory=: each instance gets
+# its own, under its directory, bind-mounted where systemd makes them. What
+# the daemon and its workers write there stays out of the host's /var.
+PRIVATE = ("/var/lib/reuseport-supervisor", "/var/log/reuseport-supervisor")
 
 RUN = """#!/bin/sh
 set -e
@@ -44,6 +49,9 @@ mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /var/tmp
 mount -t tmpfs tmpfs /tmp
 ip link set lo up
+for dir in {private}; do
+    mkdir -p "$dir" "{root}/private$dir" && mount --bind "{root}/private$dir" "$dir"
+done
 for procs in {cgroups}; do echo $$ > "$procs"; done
 export SYSTEMD_UNIT_PATH={units}
 exec {systemd} --system --unit=test.target --log-target=console --log-level=info
@@ -96,7 +104,15 @@ class SystemdNamespace:
         for cgroup in self.cgroups:
             cgroup.mkdir()
         procs = " ".join(str(cgroup / "cgroup.procs") for cgroup in self.cgroups)
-        script.write_text(RUN.format(units=self.units, systemd=SYSTEMD, cgroups=procs))
+        script.write_text(
+            RUN.format(
+                units=self.units,
+                systemd=SYSTEMD,
+                cgroups=procs,
+                root=self.root,
+                private=" ".join(PRIVATE),
+            )
+        )
         script.chmod(0o755)
         log = (self.root / "systemd.log").open("wb")
         self._unshare = subprocess.Popen(
@@ -259,6 +275,6 @@ def install_supervisor(ns: SystemdNamespace, config: Path, venv_bin: Path) -> No
     dropin = (
         "[Unit]\nDefaultDependencies=no\n"
         f"[Service]\nStandardOutput=append:{ns.root}/daemon.log\nStandardError=inherit\n"
-        f"Environment=PATH={venv_bin}:/usr/bin:/bin\n"
+        f"Environment=PATH={venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
     )
     ns.install(UNIT, text, {"test.conf": dropin})

@@ -58,6 +58,10 @@ def _resolve(path: Path, info: ValidationInfo) -> Path:
     return path
 
 
+def _resolve_optional(path: Path | None, info: ValidationInfo) -> Path | None:
+    return None if path is None else _resolve(path, info)
+
+
 class SupervisorSection(Model):
     """``[supervisor]``: settings of the daemon itself."""
 
@@ -82,6 +86,9 @@ class SupervisorSection(Model):
     # Opt-in: serve GET /metrics (OpenMetrics) over HTTP here. Off by default:
     # `supervisorctl metrics` gives the same text over the control socket.
     metrics_listen: Listen | None = None
+    # Where each service's {state} directory goes (STATE_ROOT/NAME): by default
+    # $STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/reuseport-supervisor.
+    state_directory: Path | None = None
 
     @field_validator("metrics_listen")
     @classmethod
@@ -89,6 +96,11 @@ class SupervisorSection(Model):
         if value is not None and value.proto != "tcp":
             raise ValueError("metrics are served over HTTP: a TCP address like '127.0.0.1:9464'")
         return value
+
+    @field_validator("state_directory")
+    @classmethod
+    def _state_directory(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _resolve_optional(value, info)
 
     @field_validator("control_socket")
     @classmethod
@@ -228,6 +240,11 @@ class ServiceConfig(Model):
     user: Text | None = None
     group: Text | None = None
     working_directory: Path | None = None
+    # What {state} in command, preflight, environment and working_directory
+    # means: a directory the daemon creates (mode 0755, owned by user/group)
+    # before it starts anything of the service. Set by the loader when {state}
+    # is used: [supervisor] state_directory / NAME.
+    state_directory: Path | None = None
     preflight: list[Text] | None = Field(default=None, min_length=1)
     socket: SocketOptions = SocketOptions()
     health: Health = HealthNone()
@@ -279,10 +296,10 @@ class ServiceConfig(Model):
                 raise ValueError(f"{key} is set by the supervisor for each worker")
         return value
 
-    @field_validator("working_directory")
+    @field_validator("working_directory", "state_directory")
     @classmethod
-    def _working_directory(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return None if value is None else _resolve(value, info)
+    def _directories(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _resolve_optional(value, info)
 
     @field_validator("listen")
     @classmethod

@@ -21,6 +21,7 @@ from supervisor.config import Config, ServiceConfig
 from supervisor.control import access
 from supervisor.errors import ConfigError, ConfigIssue
 from supervisor.kernel.files import read_regular
+from supervisor.placeholders import expand
 
 CONFIG_LIMIT = 4 << 20
 _HEALTH_KINDS = frozenset({"none", "notify", "tcp", "http", "tls", "exec"})
@@ -51,8 +52,16 @@ def load_config(path: Path, *, check_host_facts: bool = True) -> Config:
     return config
 
 
-def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None = None) -> Config:
-    """Parse TOML text and validate it against the schema (no host checks).
+def parse_config(
+    text: str,
+    *,
+    source: str = "<config>",
+    base_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Parse TOML text, expand its placeholders (``environ``: where
+    ``$STATE_DIRECTORY`` is read, by default the daemon's environment) and
+    validate it against the schema (no host checks).
 
     Raises:
         ConfigError: for a syntax error, or listing every schema issue.
@@ -62,6 +71,7 @@ def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None =
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [ConfigIssue("", f"TOML syntax: {exc}")]) from exc
     try:
+        data = expand(data, base_dir or Path.cwd(), os.environ if environ is None else environ)
         return Config.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         raise ConfigError(source, issues_from_validation(exc)) from exc
@@ -107,6 +117,8 @@ def _check_service(where: str, service: ServiceConfig) -> Iterable[ConfigIssue]:
         yield from _check_program(
             f"{where}.health.command", service.health.command[0], path_var, cwd
         )
+    if service.state_directory is not None:
+        yield from _check_writable(f"{where}.state_directory", service.state_directory)
     for index, path in enumerate(service.watch):
         if not path.parent.is_dir():
             yield ConfigIssue(
@@ -126,6 +138,24 @@ def _check_service(where: str, service: ServiceConfig) -> Iterable[ConfigIssue]:
         yield ConfigIssue(
             f"{where}.user", "switching user or group needs the supervisor to run as root"
         )
+
+
+def _check_writable(where: str, path: Path) -> Iterable[ConfigIssue]:
+    """``path`` is a directory the daemon can make, and write in once made."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        yield ConfigIssue(where, f"{existing} is not a directory")
+    elif os.statvfs(existing).f_flag & os.ST_RDONLY:
+        yield ConfigIssue(
+            where,
+            f"{existing} is on a read-only file system; under systemd's ProtectSystem= a "
+            "unit writes only where StateDirectory= (the default: $STATE_DIRECTORY), "
+            "ReadWritePaths= or LogsDirectory= say",
+        )
+    elif not os.access(existing, os.W_OK):
+        yield ConfigIssue(where, f"{existing} is not writable by the supervisor")
 
 
 def _check_program(

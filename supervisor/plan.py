@@ -27,6 +27,7 @@ class WorkerPlan:
     argv: tuple[str, ...]
     environment: tuple[tuple[str, str], ...]
     working_directory: Path | None
+    state_directory: Path | None  # created before the process starts (config.py)
     user: str | None
     group: str | None
     listen: tuple[ListenAddress, ...]
@@ -81,6 +82,7 @@ def plan_worker(name: str, service: ServiceConfig, generation: int, index: int) 
         argv=tuple(sub(arg) for arg in service.command),
         environment=tuple(sorted(env.items())),
         working_directory=None if cwd is None else Path(sub(str(cwd))),
+        state_directory=service.state_directory,
         user=service.user,
         group=service.group,
         listen=tuple(service.listen),
@@ -191,6 +193,8 @@ def describe(plans: list[ServicePlan]) -> list[str]:
         )
         if cfg.preflight:
             lines.append(f"  preflight: {list(cfg.preflight)}")
+        if cfg.state_directory is not None:
+            lines.append(f"  state directory ({{state}}): {cfg.state_directory}")
         for worker in plan.workers:
             fds = ", ".join(
                 f"fd {FIRST_LISTEN_FD + i}={address}" for i, address in enumerate(worker.listen)

@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from supervisor.kernel.files import ensure_directory
 from supervisor.kernel.proc import (
     ChildProcess,
     CommandResult,
+    Credentials,
     resolve_credentials,
     run_command,
     spawn,
@@ -79,7 +81,7 @@ class ProcessSpawner:
             env=env,
             fds=fds,
             cwd=plan.working_directory,
-            credentials=resolve_credentials(plan.user, plan.group),
+            credentials=_prepared(plan),
             stdout=stdout,
             stderr=stderr,
             nofile=self._nofile,
@@ -93,6 +95,19 @@ class ProcessSpawner:
             argv,
             env=env,
             cwd=plan.working_directory,
-            credentials=resolve_credentials(plan.user, plan.group),
+            credentials=_prepared(plan),
             nofile=self._nofile,
         )
+
+
+def _prepared(plan: WorkerPlan) -> Credentials:
+    """The credentials ``plan`` runs with, once its state directory exists.
+
+    Raises:
+        OSError: the state directory cannot be made (the spawn fails as a
+            program that cannot start does, naming the path).
+    """
+    credentials = resolve_credentials(plan.user, plan.group)
+    if plan.state_directory is not None:
+        ensure_directory(plan.state_directory, credentials.uid, credentials.gid)
+    return credentials

@@ -79,7 +79,6 @@ def test_nginx_over_tls_across_reloads_and_a_rotation(
     needs("nginx")
     port = free_port()
     (tmp_path / "nginx" / "tls").mkdir(parents=True)
-    (tmp_path / "nginx" / "run").mkdir()
     conf = (CONFIG / "nginx" / "nginx.conf").read_text().replace("8443", str(port))
     (tmp_path / "nginx" / "nginx.conf").write_text(conf)
     ca = issue("Test CA", ca=True)
@@ -89,7 +88,8 @@ def test_nginx_over_tls_across_reloads_and_a_rotation(
     context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
     context.check_hostname = False
 
-    daemon = start_daemon(example("nginx", port))
+    state = tmp_path / "state"  # nginx's prefix, {state}: its pid and temporary files
+    daemon = start_daemon(example("nginx", port), supervisor_extra=f'state_directory = "{state}"')
     daemon.wait_event("watching", service="nginx")
     reload_under_load(daemon, "nginx", port, tls=context)
 
@@ -109,3 +109,4 @@ def test_nginx_over_tls_across_reloads_and_a_rotation(
     served = {b["_cert"] for b in result.bodies}
     assert served == {sha(first), sha(second)}
     assert {b["_cert"] for b in result.bodies if float(b["_at"]) > done} == {sha(second)}
+    assert (state / "nginx" / "client_body_temp").is_dir()

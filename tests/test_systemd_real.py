@@ -13,26 +13,23 @@ accepted may fail; they are counted.
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import json
 import os
 import pwd
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from bench.systemd_ns import UNIT, SystemdNamespace, available, install_supervisor, json_lines
+from bench.systemd_ns import UNIT, SystemdNamespace, available, install_supervisor
 from tests.certs import issue, write_pair
 from tests.harness import smuggling_worker, wait_until
-from tests.load import Load, LoadResult
+from tests.load import Load
+from tests.systemd_unit import PORT, VENV_BIN, Unit, at_connect, booted, config_text, report
 
 pytestmark = [
     pytest.mark.kernel,
@@ -40,125 +37,12 @@ pytestmark = [
     pytest.mark.skipif(available() is not None, reason=f"real systemd: {available()}"),
 ]
 
-VENV_BIN = Path(sys.executable).parent
-PORT = 8080  # the namespace's own loopback: no other test is there
-
-
-def config_text(
-    workers: int = 4,
-    listen: tuple[str, ...] = (f"127.0.0.1:{PORT}",),
-    supervisor: str = "",
-    service: str = "",
-) -> str:
-    addresses = ", ".join(f'"{a}"' for a in listen)
-    return f"""[supervisor]
-control_socket = "/run/reuseport-supervisor/control.sock"
-log_format = "json"
-{supervisor}
-
-[services.web]
-{service}
-command = ["python3", "-m", "supervisor.demo", "--concurrency", "1", "--work", "0.002"]
-workers = {workers}
-listen = [{addresses}]
-stop_timeout = "10s"
-
-[services.web.health]
-kind = "notify"
-"""
-
-
-@dataclass
-class Unit:
-    ns: SystemdNamespace
-    config: Path
-
-    @property
-    def log(self) -> Path:
-        return self.ns.root / "daemon.log"
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in json_lines(self.log) if e.get("event") == name]
-
-    def main_pid(self) -> int:
-        return self.ns.main_pid(UNIT)
-
-    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.ns.ctl(*args, check=check)
-
-    def supervisorctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*self.ns.enter(), str(VENV_BIN / "supervisorctl"), *args],
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
-
-    def load(self, duration: float = 180) -> Load:
-        # A bound, not the test's length: the load stops when its block ends, and
-        # must outlast every wait in it (a restart, then the new workers' start).
-        return Load(PORT, threads=16, duration=duration, netns=self.ns.netns())
-
-    def wait(
-        self, done: Callable[[], bool], timeout: float, what: str, load: Load | None = None
-    ) -> None:
-        """``wait_until``, with the daemon's last log lines (less the test's own
-        status polling) and the load's counts if it times out."""
-        try:
-            wait_until(done, timeout, what)
-        except TimeoutError as exc:
-            lines = self.log.read_text(errors="replace").splitlines()
-            tail = [line for line in lines if '"control_request"' not in line][-40:]
-            counts = "" if load is None else f"; answers so far from pids {load.pids()}"
-            sockets = subprocess.run(
-                [*self.ns.enter(), "ss", "-ltnpe"], capture_output=True, text=True, check=False
-            ).stdout
-            raise AssertionError(
-                f"{exc}{counts}; listeners:\n{sockets}\ndaemon log:\n" + "\n".join(tail)
-            ) from None
-
-    def restarted_from(self, old: int) -> int:
-        """Wait until the unit runs again under a new main pid, ready; return it."""
-
-        def back() -> bool:
-            props = self.ns.show(UNIT, "ActiveState", "SubState", "MainPID")
-            return props["SubState"] == "running" and self.main_pid() not in (0, old)
-
-        wait_until(back, 60, "the unit to be running again")
-        return self.main_pid()
-
 
 @pytest.fixture
 def unit() -> Iterator[Unit]:
     with booted(config_text()) as started:
         started.ctl("start", UNIT)
         yield started
-
-
-@contextlib.contextmanager
-def booted(text: str) -> Iterator[Unit]:
-    """The shipped unit installed with the config ``text``, systemd booted; not started."""
-    ns = SystemdNamespace()
-    try:
-        config = ns.root / "supervisor.toml"
-        config.write_text(text)
-        install_supervisor(ns, config, VENV_BIN)
-        ns.boot()
-        yield Unit(ns, config)
-    finally:
-        ns.close()
-
-
-def at_connect(result: LoadResult) -> int:
-    return sum(result.at_connect.values())
-
-
-def report(what: str, result: LoadResult) -> None:
-    print(
-        f"{what}: {result.ok} answered, {result.failed} failed ({dict(result.failures)}), "
-        f"{at_connect(result)} at connect ({dict(result.at_connect)})"
-    )
 
 
 def test_start_reload_failed_reload_and_stop(unit: Unit) -> None:
@@ -400,21 +284,15 @@ def test_two_instances_keep_their_units_apart(unit: Unit) -> None:
     assert not any(cgroup.exists() for cgroup in other.cgroups), "close() removes its cgroups"
 
 
-def _workers(unit: Unit) -> list[dict[str, Any]]:
-    done = unit.supervisorctl("status", "--json")
-    assert done.returncode == 0, done.stderr
-    return list(json.loads(done.stdout)["services"]["web"]["workers"])
-
-
 def _listeners(unit: Unit) -> list[dict[str, Any]]:
-    return [lst for w in _workers(unit) for lst in w["listeners"]]
+    return [lst for w in unit.workers() for lst in w["listeners"]]
 
 
 def _served_by_new_workers(unit: Unit, load: Load) -> bool:
     """Some answer came from a worker of the daemon now running (pids as the
     namespace numbers them: the demo answers with its own)."""
     try:
-        pids = [w["pid"] for w in _workers(unit)]
+        pids = [w["pid"] for w in unit.workers()]
     except AssertionError:  # the control socket is not up yet
         return False
     return any(pid is not None and load.served_by(pid) for pid in pids)

@@ -260,6 +260,9 @@ async def serve(
         service=identity.service, generation=identity.generation, worker=identity.worker
     )
     server = Server(identity, concurrency, work, tls)
+    # `systemctl kill -s USR1` (logrotate's) reaches every process of the unit:
+    # the demo logs to stdout and has nothing to reopen, and must not die of it.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         if delay:
             await trio.sleep(delay)

@@ -1,4 +1,4 @@
-"""Reading a file that someone else may have replaced with something else.
+"""Files and directories that someone else may have replaced, or never made.
 
 The daemon reads files that less trusted users can write: a watched
 certificate that an ACME client renews, a TLS key, the config. Path.read_bytes
@@ -49,3 +49,21 @@ def read_regular(path: Path, limit: int) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def ensure_directory(path: Path, uid: int | None, gid: int | None) -> None:
+    """Make ``path`` (and its parents) unless it is a directory already: mode
+    0755 whatever the umask, owned by ``uid``/``gid`` where given. An existing
+    directory is left as it is, its owner and mode the operator's.
+
+    Raises:
+        OSError: it cannot be made (a read-only file system: ``EROFS``), or
+            something other than a directory is there (``EEXIST``).
+    """
+    if path.is_dir():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkdir(path)
+    os.chmod(path, 0o755)  # noqa: S103  (a server's unprivileged workers pass through it)
+    if uid is not None or gid is not None:
+        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
