@@ -115,3 +115,26 @@ def test_the_classic_order_is_learned_from_the_kernel(address: ListenAddress) ->
     assert sum(accept_queue(s).queued for s in live) == 4, "one probe connection per index"
     for sock in live:
         sock.close()
+
+
+def test_the_classic_order_is_learned_with_every_accept_queue_full(
+    address: ListenAddress,
+) -> None:
+    """A probe's SYN to a full queue is dropped: each member gets room for the
+    probes meanwhile, and its own backlog back."""
+    model = CbpfGroup(address)
+    socks = [open_listener(address, ListenerOptions(backlog=1)) for _ in range(3)]
+    for sock in socks:
+        model.join(sock, Role.ACTIVE)
+    clients = []
+    for index in range(3):  # fill each queue (backlog + 1), steering by index
+        cbpf.attach(socks[0], [cbpf.Insn(cbpf.RET_K, k=index)])
+        clients += [socket.create_connection(address.sockaddr, timeout=5) for _ in range(2)]
+    assert all(accept_queue(s).queued > accept_queue(s).limit for s in socks), "full"
+    try:
+        assert socks_order(address, socks[::-1]) == model.members
+        assert [accept_queue(s).limit for s in socks] == [1, 1, 1], "backlogs restored"
+        assert sum(accept_queue(s).queued for s in socks) == 6 + 3, "nothing dropped"
+    finally:
+        for sock in [*clients, *socks]:
+            sock.close()

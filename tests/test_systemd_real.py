@@ -336,3 +336,27 @@ def test_a_key_only_its_owner_may_read_is_read_under_the_shipped_unit() -> None:
         assert started.returncode == 0, unit.log.read_text(errors="replace")[-2000:]
         status = unit.supervisorctl("status", "--json")
         assert json.loads(status.stdout)["services"]["web"]["certificate"] is not None
+
+
+def test_a_crash_with_full_accept_queues_on_a_drain_host_keeps_every_listener() -> None:
+    # Classic BPF learns an inherited group's order by probing each index; a
+    # probe cannot enter a full accept queue. The audit's successor then closed
+    # every inherited listener: 18 of 40 clients reset. Here 16 clients fill
+    # four queues of 2 (backlog 1) while the daemon is down.
+    text = config_text(supervisor='steering = "cbpf"', service='retire = "drain"\nbacklog = 1')
+    with booted(text) as unit:
+        unit.ctl("start", UNIT)
+        first = unit.main_pid()
+        with unit.load() as load:
+            wait_until(load.answered, 15, "the load to be answered")
+            unit.ctl("kill", "-s", "KILL", UNIT)
+            unit.restarted_from(first)
+            unit.wait(
+                lambda: _served_by_new_workers(unit, load), 30, "the new workers to serve", load
+            )
+        result = load.result
+        report("crash with full queues, drain host", result)
+        inherited = unit.events("service_inherited")[-1]
+        assert inherited["listeners"] == 4 and inherited["problems"] == [], inherited
+        assert at_connect(result) == 0, (result.at_connect, result.examples)
+        assert result.failed <= 4, (result.failures, result.examples)

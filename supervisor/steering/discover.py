@@ -13,6 +13,12 @@ program) may complete meanwhile and make two queues grow, which is retried.
 The probe connection is closed at once and stays queued: the worker that is
 started on that listener accepts it and reads end-of-file. Only TCP groups
 are discovered (a datagram probe would reach a worker as a datagram).
+
+The queues may be full: clients kept connecting while nobody accepted (the
+daemon and its workers dead). A probe's SYN to a full queue is dropped, so
+every member is given room for the probes first, by listen() again with a
+larger backlog, and its backlog back afterwards. Nothing queued is lost
+either way: a smaller backlog only refuses what comes next.
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ from collections.abc import Iterator, Sequence
 from supervisor.errors import KernelError, SteeringError, translated
 from supervisor.kernel import cbpf
 from supervisor.kernel.cbpf import Insn
-from supervisor.kernel.sockets import accept_queue
+from supervisor.kernel.sockets import QueueDepth, accept_queue
 from supervisor.values import ListenAddress, connect_address
 
 ATTEMPTS = 5
 CONNECT_TIMEOUT = 1.0
+# Room over what is queued, for our probes and the clients that a probe's
+# program sends to the same member meanwhile (capped by net.core.somaxconn).
+PROBE_ROOM = 64
 
 
 def socks_order(address: ListenAddress, members: Sequence[socket.socket]) -> list[socket.socket]:
@@ -37,10 +46,14 @@ def socks_order(address: ListenAddress, members: Sequence[socket.socket]) -> lis
 
     Raises:
         SteeringError: the order could not be established (a member we do not
-            hold, a full accept queue, a kernel refusal); the caller must not
+            hold, a queue already at net.core.somaxconn, a kernel refusal); the caller must not
             steer by index then.
     """
-    with _deferred_accept_off(members):
+    with (
+        translated(SteeringError, f"learn the order of {address}"),
+        _deferred_accept_off(members),
+        _room_for_probes(members),
+    ):
         order = [_member_at(address, members, index) for index in range(len(members))]
     if len(set(map(id, order))) != len(members):
         raise SteeringError(
@@ -65,8 +78,12 @@ def _member_at(
 
 
 def _queued(sock: socket.socket) -> int:
+    return _depth(sock).queued
+
+
+def _depth(sock: socket.socket) -> QueueDepth:
     try:
-        return accept_queue(sock).queued
+        return accept_queue(sock)
     except KernelError as exc:
         raise OSError(exc.errno, str(exc)) from exc
 
@@ -84,3 +101,19 @@ def _deferred_accept_off(members: Sequence[socket.socket]) -> Iterator[None]:
         for sock, seconds in zip(members, saved, strict=True):
             if seconds:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, seconds)
+
+
+@contextlib.contextmanager
+def _room_for_probes(members: Sequence[socket.socket]) -> Iterator[None]:
+    """Each member's backlog at least ``PROBE_ROOM`` over its queue meanwhile."""
+    depths = [_depth(sock) for sock in members]
+    raised = []
+    try:
+        for sock, depth in zip(members, depths, strict=True):
+            if depth.queued + PROBE_ROOM > depth.limit:
+                sock.listen(depth.queued + PROBE_ROOM)
+                raised.append((sock, depth.limit))
+        yield
+    finally:
+        for sock, limit in raised:
+            sock.listen(limit)
