@@ -66,10 +66,14 @@ class Inheritance:
     last_generation: int
     listeners: dict[tuple[ListenAddress, int], Inherited] = field(default_factory=dict)
     leftovers: list[tuple[ListenAddress, Inherited]] = field(default_factory=list)
+    # Slots the config no longer has (workers lowered while the daemon was
+    # down) whose listeners hold queued connections: see ``keep_queued``.
+    queued_slots: dict[tuple[ListenAddress, int], Inherited] = field(default_factory=dict)
     handovers: dict[int, Handover] | None = None  # None: no worker runs (after a crash)
     groups: dict[ListenAddress, GroupHandover] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     repair: bool = False  # roll out a fresh generation once serving
+    follow_up: str | None = None  # roll out the config once serving, for this reason
     last_rollout: dict[str, object] | None = None
     lost_workers: int = 0  # workers that were gone (respawned)
 
@@ -211,6 +215,7 @@ def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> 
     found = Inheritance(newest + 1, newest + 1, handovers=None)
     wanted = set(config.listen)
     by_slot: dict[tuple[ListenAddress, int], tuple[int, Inherited]] = {}
+    extra: dict[tuple[ListenAddress, int], tuple[int, Inherited]] = {}
     for item in (s for s in mine if s.is_listener):
         sock = _socket(item.fd, None)
         address = None if sock is None else address_of(sock)
@@ -222,18 +227,43 @@ def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> 
         inherited = Inherited(sock, item.name, socket_cookie(sock))
         key = (address, item.worker or 0)
         gen = item.generation or 0
-        if address in wanted and key[1] < config.workers:
-            if key in by_slot:
-                other_gen, other = by_slot[key]
-                if _preferred((other_gen, other), (gen, inherited)) is other:
-                    found.leftovers.append((address, inherited))
-                    continue
-                found.leftovers.append((address, other))
-            by_slot[key] = (gen, inherited)
-        else:
+        slots = by_slot if key[1] < config.workers else extra
+        if address not in wanted or (slots is extra and not _holds_connections(inherited)):
             found.leftovers.append((address, inherited))
+            continue
+        if key in slots:
+            other_gen, other = slots[key]
+            if _preferred((other_gen, other), (gen, inherited)) is other:
+                found.leftovers.append((address, inherited))
+                continue
+            found.leftovers.append((address, other))
+        slots[key] = (gen, inherited)
     found.listeners = {key: inherited for key, (_, inherited) in by_slot.items()}
+    found.queued_slots = {key: inherited for key, (_, inherited) in extra.items()}
     return found
+
+
+def keep_queued(found: Inheritance, config: ServiceConfig, *, migrates: bool) -> ServiceConfig:
+    """The config the first generation runs: ``config``, or, where the kernel
+    cannot migrate, as many workers as it takes to serve the stored slots that
+    hold queued connections, followed by a rollout to ``config`` (which
+    retires the extra workers by drain, after they accepted those
+    connections). Shutting those listeners down would reset what they hold.
+    Where the kernel migrates, they are leftovers like any other."""
+    queued, found.queued_slots = found.queued_slots, {}
+    if migrates or not queued:
+        found.leftovers.extend((address, item) for (address, _), item in queued.items())
+        return config
+    found.listeners.update(queued)
+    workers = max(worker for _, worker in queued) + 1
+    log.info(
+        "inherited_queues_kept",
+        names=[item.name for item in queued.values()],
+        workers=workers,
+        configured=config.workers,
+    )
+    found.follow_up = f"workers {workers} -> {config.workers}: the extra slots held connections"
+    return config.model_copy(update={"workers": workers})
 
 
 def _preferred(a: tuple[int, Inherited], b: tuple[int, Inherited]) -> Inherited:

@@ -21,7 +21,7 @@ from supervisor.capabilities import Capabilities
 from supervisor.config import ServiceConfig
 from supervisor.fdstore import NO_STORE, FdStore
 from supervisor.generation import Generation, GenerationSpec, run_generation
-from supervisor.inherit import Inheritance, retire_leftovers, take_steering
+from supervisor.inherit import Inheritance, keep_queued, retire_leftovers, take_steering
 from supervisor.lifecycle import Watched, WorkerState
 from supervisor.plan import plan_service
 from supervisor.rollout import (
@@ -179,18 +179,21 @@ class Service:
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         found = self._inheritance
         self._inheritance = None  # the sockets belong to the generation from here on
+        config = self.config
         async with trio.open_nursery() as nursery:
             if found is not None:
-                await take_steering(self.steering, found, self._env.store, self.config)
+                migrates = self._env.capabilities().can_migrate
+                config = keep_queued(found, self.config, migrates=migrates)
+                await take_steering(self.steering, found, self._env.store, config)
             number = 1 if found is None else found.generation
             self.last_generation = number if found is None else found.last_generation
             if found is not None and found.last_rollout is not None:
                 self.last_rollout = RolloutReport.from_dict(found.last_rollout)
-            plan = plan_service(self.name, self.config, number)
+            plan = plan_service(self.name, config, number)
             log.info("generation_starting", generation=number, workers=len(plan.workers))
             spec = GenerationSpec(
                 plan,
-                slot_settings(self.config),
+                slot_settings(config),
                 self._env.spawner,
                 self.steering,
                 Role.ACTIVE,
@@ -233,6 +236,8 @@ class Service:
             self.request_rollout(
                 Snapshot(self.config), "repair: something was lost in the handover"
             )
+        elif found.follow_up is not None:
+            self.request_rollout(Snapshot(self.config), found.follow_up)
 
     async def _rollout_loop(self, nursery: trio.Nursery) -> None:
         while True:

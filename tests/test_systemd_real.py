@@ -360,3 +360,35 @@ def test_a_crash_with_full_accept_queues_on_a_drain_host_keeps_every_listener() 
         assert inherited["listeners"] == 4 and inherited["problems"] == [], inherited
         assert at_connect(result) == 0, (result.at_connect, result.examples)
         assert result.failed <= 4, (result.failures, result.examples)
+
+
+def test_workers_lowered_while_down_on_a_drain_host_resets_nothing() -> None:
+    # The slot the config dropped queued connections while nobody accepted;
+    # shut down, it reset them (audit: 16 of 40). Where nothing migrates, its
+    # listener is served by a worker first, then a rollout drains it away.
+    drain = 'retire = "drain"'
+    text = config_text(workers=2, supervisor='steering = "cbpf"', service=drain)
+    with booted(text) as unit:
+        unit.ctl("start", UNIT)
+        first = unit.main_pid()
+        with unit.load() as load:
+            wait_until(load.answered, 15, "the load to be answered")
+            unit.config.write_text(text.replace("workers = 2", "workers = 1"))
+            unit.ctl("kill", "-s", "KILL", UNIT)
+            unit.restarted_from(first)
+            unit.wait(
+                lambda: _served_by_new_workers(unit, load), 30, "the new workers to serve", load
+            )
+            unit.wait(lambda: len(unit.workers()) == 1, 60, "one worker, as configured", load)
+            time.sleep(1)
+        result = load.result
+        report("workers lowered while down, drain host", result)
+        kept = unit.events("inherited_queues_kept")
+        assert kept and kept[-1]["workers"] == 2, kept
+        finished = unit.events("rollout_finished")[-1]
+        assert finished["outcome"] == "succeeded", finished
+        assert len(unit.workers()) == 1
+        retired = unit.events("inherited_listener_retired")
+        assert not [e for e in retired if e["queued"]], retired
+        assert at_connect(result) == 0, (result.at_connect, result.examples)
+        assert result.failed <= 2, (result.failures, result.examples)
