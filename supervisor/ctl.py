@@ -29,7 +29,7 @@ from supervisor import __version__, completion
 from supervisor.config import DEFAULT_CONTROL_SOCKET
 from supervisor.errors import DaemonUnreachable
 from supervisor.status import Status, render
-from supervisor.values import format_duration, parse_duration
+from supervisor.values import format_duration, parse_duration, parse_signal
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 # What `status SERVICE` exits 0 for: every worker serves, or a reload is under
@@ -164,11 +164,19 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _signal(text: str) -> str:
+    try:
+        return parse_signal(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def get_parser() -> argparse.ArgumentParser:
     """The command line (shell completions and the man page are made from it)."""
     parser = argparse.ArgumentParser(
         prog="supervisorctl",
-        description="Control supervisord: status, reload, upgrade, shutdown, metrics.",
+        description="Control supervisord: status, reload, restart, signal, upgrade, shutdown, "
+        "metrics.",
         epilog="Exit status: 0 success; 1 the daemon answered with an error (a reload "
         "rejected or rolled back, an unknown service); 2 usage error, daemon unreachable, or "
         "no answer within --timeout; 3 status SERVICE: the service is not RUNNING or RELOADING; "
@@ -186,15 +194,31 @@ def get_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("service", nargs="?", help="only this service")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
-    reload = sub.add_parser("reload", help="roll out a new generation (synchronous)")
-    reload.add_argument("service", nargs="?", help="only this service (default: every one)")
-    reload.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    reload.add_argument("--reason", help="why (recorded in the daemon's log)")
-    reload.add_argument(
-        "--timeout",
-        type=_duration,
-        metavar="DURATION",
-        help="give up waiting after DURATION (exit 2; the reload goes on in the daemon)",
+    for verb, what in (
+        ("reload", "roll out a new generation from the config file (synchronous)"),
+        ("restart", "roll out a new generation of the config the service runs (synchronous)"),
+    ):
+        rollout = sub.add_parser(verb, help=what)
+        rollout.add_argument("service", nargs="?", help="only this service (default: every one)")
+        rollout.add_argument(
+            "--json", action="store_true", help="print the result as one JSON object"
+        )
+        rollout.add_argument("--reason", help="why (recorded in the daemon's log)")
+        rollout.add_argument(
+            "--timeout",
+            type=_duration,
+            metavar="DURATION",
+            help=f"give up waiting after DURATION (exit 2; the {verb} goes on in the daemon)",
+        )
+    signalled = sub.add_parser(
+        "signal", help="send a signal to a service's workers (every generation's, or one)"
+    )
+    signalled.add_argument("service", help="the service")
+    signalled.add_argument(
+        "signal", type=_signal, help="a name: HUP, SIGUSR1, ... (not KILL or STOP)"
+    )
+    signalled.add_argument(
+        "--worker", type=int, metavar="N", help="only worker N of the serving generation"
     )
     sub.add_parser("shutdown", help="stop every worker and the daemon")
     up = sub.add_parser(
@@ -286,17 +310,20 @@ def run(args: argparse.Namespace) -> int:
     """Carry out one command; return the exit code."""
     path = find_socket(args.socket, args.config)
     message: dict[str, Any] = {"command": args.command}
-    if args.command in ("status", "reload"):
+    if args.command in ("status", "reload", "restart", "signal"):
         message["service"] = args.service
-    if args.command == "reload" and args.reason:
+    if args.command in ("reload", "restart") and args.reason:
         message["reason"] = args.reason
+    if args.command == "signal":
+        message["signal"] = args.signal
+        message["worker"] = args.worker
     if args.command == "metrics" and args.openmetrics:
         message["format"] = "openmetrics"
     as_json = bool(getattr(args, "json", False))
     limit = getattr(args, "timeout", None)
     deadline = None if limit is None else time.monotonic() + limit
     code = EXIT_FAILED
-    quick = 10.0 if args.command in ("status", "metrics", "shutdown") else None
+    quick = 10.0 if args.command in ("status", "metrics", "shutdown", "signal") else None
     try:
         for reply in request(path, message, timeout=quick, deadline=deadline):
             kind = reply.get("type")
@@ -334,8 +361,10 @@ def _print_result(args: argparse.Namespace, reply: dict[str, Any], as_json: bool
         sys.stdout.write(str(reply.get("text", "")))
     elif as_json:
         print(json.dumps(reply, indent=2))
-    elif args.command == "reload":
+    elif args.command in ("reload", "restart"):
         _print_reload(reply)
+    elif args.command == "signal":
+        print(f"{reply.get('message')} (pids {', '.join(map(str, reply.get('pids') or []))})")
     elif args.command == "upgrade":
         print("\n".join(describe_upgrade(reply.get("upgrade") or {})))
     else:

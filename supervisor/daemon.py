@@ -34,7 +34,7 @@ from supervisor.inherit import Inheritance
 from supervisor.kernel import sysctl
 from supervisor.loader import load_config
 from supervisor.reloads import ServiceDirectory, handle_reload, reload_summary
-from supervisor.requests import Reload, Reopen, Request, Shutdown, Upgrade
+from supervisor.requests import Reload, Reopen, Request, Shutdown, Signal, Upgrade
 from supervisor.service import Service, ServiceEnv
 from supervisor.spawner import Spawner
 from supervisor.state import ClientState
@@ -335,6 +335,8 @@ class Daemon:
                 return request
             if isinstance(request, Reopen):
                 self.reopen(request)
+            elif isinstance(request, Signal):
+                self.signal(request)
             elif isinstance(request, Upgrade):
                 if self.upgrade is not None:
                     self.upgrade.callers.append(request)
@@ -357,8 +359,44 @@ class Daemon:
         }
         log.info("reopen_requested", source=request.source, services=list(having))
         for name, sig in having.items():
-            count = self.services[name].signal_workers(sig)
-            log.info("reopen_forwarded", service=name, signal=sig.name, workers=count)
+            pids = self.services[name].signal_workers(sig)
+            log.info("reopen_forwarded", service=name, signal=sig.name, workers=len(pids))
+
+    def signal(self, request: Signal) -> None:
+        """``supervisorctl signal``: the signal to a service's workers; the answer
+        names the pids it went to."""
+        service = self.services.get(request.service)
+        if service is None:
+            answer = protocol.error(f"no service named {request.service!r}")
+        else:
+            sig = signal.Signals[request.signal]
+            pids = service.signal_workers(sig, request.worker)
+            log.info(
+                "signal_sent",
+                source=request.source,
+                service=request.service,
+                signal=sig.name,
+                worker=request.worker,
+                pids=pids,
+            )
+            if pids:
+                answer = protocol.result(
+                    message=f"{request.service}: {sig.name} sent to {len(pids)} worker(s)",
+                    service=request.service,
+                    signal=sig.name,
+                    pids=pids,
+                )
+            else:
+                which = (
+                    "no worker runs"
+                    if request.worker is None
+                    else (f"no worker {request.worker} runs")
+                )
+                answer = protocol.error(f"{request.service}: {which}: nothing was sent")
+        if request.reply is not None:
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                request.reply.send_nowait(answer)
+            request.reply.close()
 
     def start_reload(self, root: trio.Nursery, request: Reload) -> None:
         self._reloads += 1

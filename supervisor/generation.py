@@ -182,13 +182,14 @@ class Generation:
         self.request_stop(preserve=preserve)
         await self.state.wait_for(lambda s: s is GenerationState.STOPPED)
 
-    def signal(self, sig: int) -> int:
-        """Send ``sig`` to every worker process that runs; how many were sent it."""
-        sent = 0
+    def signal(self, sig: int, index: int | None = None) -> list[int]:
+        """Send ``sig`` to every worker process that runs (or worker ``index``'s);
+        the pids it was sent to."""
+        sent = []
         for slot in self.slots:
-            if slot.process is not None:
+            if slot.process is not None and index in (None, slot.plan.index):
                 slot.process.send_signal(sig)
-                sent += 1
+                sent.append(slot.process.pid)
         return sent
 
     def pids(self) -> list[int]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -25,7 +25,7 @@ import trio
 
 from supervisor import __version__, signals, state, upgrade
 from supervisor.control import protocol
-from supervisor.requests import Reload, Reply, Request, Upgrade
+from supervisor.requests import Reload, Reply, Upgrade
 from supervisor.state import ClientState, DaemonState
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def export(daemon: Daemon, run: UpgradeRun, *, with_clients: bool = True) -> Dae
         for request in run.parked:
             item = ClientState(
                 fd=request.connection if request.connection is not None else -1,
-                command="reload",
+                command="restart" if request.keep_config else "reload",
                 service=request.service,
                 reason=request.reason,
                 source=request.source,
@@ -187,21 +187,18 @@ def finish(daemon: Daemon, root: trio.Nursery) -> None:
                 _answer, client.fd, protocol.result(message="upgrade succeeded", upgrade=result)
             )
     for client in handed.clients:
-        if client.command == "reload":
-            daemon.control.adopt(client.fd, _reload_for(client))
+        if client.command != "upgrade":
+            daemon.control.adopt(client.fd, partial(_reload_for, client))
     for client in handed.pending:
         # Started here, not sent on the request channel: nothing reads it yet,
         # and it is bounded.
-        daemon.start_reload(
-            root, Reload(source=client.source, service=client.service, reason=client.reason)
-        )
+        daemon.start_reload(root, _reload_for(client, None))
 
 
-def _reload_for(client: ClientState) -> Callable[[Reply], Request]:
-    def typed(reply: Reply) -> Request:
-        return Reload(client.source, client.service, client.reason, reply=reply, connection=None)
-
-    return typed
+def _reload_for(client: ClientState, reply: Reply | None) -> Reload:
+    """The reload (or restart) a client asked for before the upgrade."""
+    restart = client.command == "restart"
+    return Reload(client.source, client.service, client.reason, reply, keep_config=restart)
 
 
 def _result(daemon: Daemon) -> dict[str, Any]:

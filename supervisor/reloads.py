@@ -47,7 +47,11 @@ async def handle_reload(directory: ServiceDirectory, request: Reload) -> dict[st
     """
     reply = request.reply
     log.info(
-        "reload_requested", source=request.source, target=request.service, reason=request.reason
+        "reload_requested",
+        source=request.source,
+        target=request.service,
+        reason=request.reason,
+        restart=request.keep_config,
     )
     try:
         answer = await _reload(directory, request, reply)
@@ -70,34 +74,38 @@ async def _reload(
         if reply is not None:
             await reply.send(protocol.progress(message))
 
-    began = trio.current_time()
-    try:
-        config = directory.load()
-    except ConfigError as exc:
-        return protocol.error("config rejected", [str(i) for i in exc.issues], services={})
-    validated_in = trio.current_time() - began
-    if request.service is not None and request.service not in directory.services:
-        return protocol.error(f"no service named {request.service!r}", services={})
-    if request.service is not None and request.service not in config.services:
-        return protocol.error(
-            f"service {request.service!r} is no longer in the config file",
-            ["reload every service to stop it"],
-            services={},
-        )
-    notes = []
-    if config.supervisor != directory.current().supervisor:
-        notes.append("changes to [supervisor] take effect at the next start")
+    notes: list[str] = []
     results: dict[str, dict[str, Any]] = {}
-    if request.service is None:
-        await _add_and_remove(directory, config, results, say)
-        names = [n for n in config.services if n in directory.services and n not in results]
+    if request.keep_config:
+        snapshots = _running(directory, request.service)
+        if snapshots is None:
+            return protocol.error(f"no service named {request.service!r}", services={})
     else:
-        names = [request.service]
+        began = trio.current_time()
+        try:
+            config = directory.load()
+        except ConfigError as exc:
+            return protocol.error("config rejected", [str(i) for i in exc.issues], services={})
+        validated_in = trio.current_time() - began
+        if request.service is not None and request.service not in directory.services:
+            return protocol.error(f"no service named {request.service!r}", services={})
+        if request.service is not None and request.service not in config.services:
+            return protocol.error(
+                f"service {request.service!r} is no longer in the config file",
+                ["reload every service to stop it"],
+                services={},
+            )
+        if config.supervisor != directory.current().supervisor:
+            notes.append("changes to [supervisor] take effect at the next start")
+        if request.service is None:
+            await _add_and_remove(directory, config, results, say)
+            names = [n for n in config.services if n in directory.services and n not in results]
+        else:
+            names = [request.service]
+        snapshots = {name: Snapshot(config.services[name], validated_in) for name in names}
     tickets = {
-        name: directory.services[name].request_rollout(
-            Snapshot(config.services[name], validated_in), request.reason
-        )
-        for name in names
+        name: directory.services[name].request_rollout(snapshot, request.reason)
+        for name, snapshot in snapshots.items()
     }
     async with trio.open_nursery() as nursery:
         for ticket in tickets.values():
@@ -106,9 +114,19 @@ async def _reload(
         assert ticket.report is not None
         results[name] = ticket.report.to_dict()
     failed = [f"{name}: {_why(r)}" for name, r in results.items() if not r["ok"]]
+    what = "restart" if request.keep_config else "reload"
     if failed:
-        return protocol.error("reload failed", failed, services=results, notes=notes)
-    return protocol.result(message="reload succeeded", services=results, notes=notes)
+        return protocol.error(f"{what} failed", failed, services=results, notes=notes)
+    return protocol.result(message=f"{what} succeeded", services=results, notes=notes)
+
+
+def _running(directory: ServiceDirectory, service: str | None) -> dict[str, Snapshot] | None:
+    """``supervisorctl restart``: each service's snapshot of the config it runs
+    (the file is neither read nor judged); None if ``service`` is unknown."""
+    if service is not None and service not in directory.services:
+        return None
+    names = list(directory.services) if service is None else [service]
+    return {name: Snapshot(directory.services[name].config) for name in names}
 
 
 async def _add_and_remove(

@@ -33,6 +33,8 @@ class Reload:
     reason: str | None = None
     reply: Reply | None = None
     connection: int | None = None  # the control client's socket fd (carried by an upgrade)
+    # ``supervisorctl restart``: roll out the config the service runs, not the file's.
+    keep_config: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,4 +55,16 @@ class Reopen:
     reply: Reply | None = None
 
 
-Request = Shutdown | Reload | Upgrade | Reopen
+@dataclass(frozen=True)
+class Signal:
+    """Send ``signal`` to the workers of ``service``: every one it runs (during
+    a rollout, both generations'), or the serving generation's ``worker``."""
+
+    source: str
+    service: str
+    signal: str  # a canonical name (values.parse_signal)
+    worker: int | None = None
+    reply: Reply | None = None
+
+
+Request = Shutdown | Reload | Upgrade | Reopen | Signal

@@ -312,12 +312,15 @@ class Service:
         current = None if self.current is None else self.current.number
         return RolloutReport(self.name, "cancelled", None, current, reasons=[why])
 
-    def signal_workers(self, sig: int) -> int:
+    def signal_workers(self, sig: int, index: int | None = None) -> list[int]:
         """Send ``sig`` to the workers of every generation this service runs
-        (during a rollout, the candidate's and the retiring one's too)."""
+        (during a rollout, the candidate's and the retiring one's too), or to
+        the serving generation's worker ``index``; the pids it went to."""
+        if index is not None:
+            return [] if self.current is None else self.current.signal(sig, index)
         stage = self.stage
         held = (self.current, stage.candidate, stage.retiring)
-        return sum(gen.signal(sig) for gen in dict.fromkeys(held) if gen is not None)
+        return [pid for gen in dict.fromkeys(held) if gen is not None for pid in gen.signal(sig)]
 
     def state(self) -> ServiceState:
         current = self.current

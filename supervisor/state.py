@@ -78,7 +78,7 @@ class ClientState(Doc):
     reloads asked for during the upgrade): the new image answers it."""
 
     fd: int
-    command: Literal["reload", "upgrade"]
+    command: Literal["reload", "restart", "upgrade"]
     service: str | None = None
     reason: str | None = None
     source: str = "control"

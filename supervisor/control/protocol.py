@@ -1,7 +1,9 @@
 """The control protocol: one JSON request line, then JSON response lines.
 
-Request: ``{"command": "status" | "reload" | "shutdown" | "upgrade" | "metrics",
-"service": str|null, "reason": str|null}``. Responses: any number of ``{"type": "progress", ...}``
+Request: ``{"command": "status" | "reload" | "restart" | "signal" | "shutdown" |
+"upgrade" | "metrics", "service": str|null, "reason": str|null}``; ``signal``
+also takes ``"signal"`` (a name) and ``"worker"`` (an index), ``metrics``
+``"format"``. Responses: any number of ``{"type": "progress", ...}``
 lines, then exactly one ``{"type": "result", "ok": true, ...}`` or
 ``{"type": "error", "ok": false, "error": str, "reasons": [str]}``; then the
 server closes the connection.
@@ -12,9 +14,11 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from supervisor.config import MAX_WORKERS
 from supervisor.metrics import Format
+from supervisor.values import SignalName
 
 MAX_LINE = 64 * 1024
 
@@ -22,10 +26,18 @@ MAX_LINE = 64 * 1024
 class ControlRequest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    command: Literal["status", "reload", "shutdown", "upgrade", "metrics"]
+    command: Literal["status", "reload", "restart", "signal", "shutdown", "upgrade", "metrics"]
     service: str | None = Field(default=None, max_length=64)
     reason: str | None = Field(default=None, max_length=1024)
     format: Format = "prometheus"  # of ``metrics``: text 0.0.4, or OpenMetrics
+    signal: SignalName | None = None  # of ``signal``
+    worker: int | None = Field(default=None, ge=0, lt=MAX_WORKERS)  # of ``signal``
+
+    @model_validator(mode="after")
+    def _signal_needs_a_target(self) -> ControlRequest:
+        if self.command == "signal" and (self.service is None or self.signal is None):
+            raise ValueError("signal needs a service and a signal")
+        return self
 
 
 class ProtocolError(ValueError):

@@ -24,7 +24,7 @@ from supervisor.control.access import Access, Peer, peer_of
 from supervisor.errors import OUT_OF_RESOURCES, AlreadyRunning, ControlError
 from supervisor.kernel import caps
 from supervisor.metrics import Format
-from supervisor.requests import Reload, Reply, Request, Shutdown, Upgrade
+from supervisor.requests import Reload, Reply, Request, Shutdown, Signal, Upgrade
 from supervisor.status import Status
 
 log = structlog.get_logger("supervisor.control")
@@ -280,7 +280,18 @@ class ControlServer:
                 return Shutdown(source=source, reply=reply)
             if request.command == "upgrade":
                 return Upgrade(source=source, reply=reply, connection=fd)
-            return Reload(source, request.service, request.reason, reply=reply, connection=fd)
+            if request.command == "signal":
+                assert request.service is not None  # the model checks both
+                assert request.signal is not None
+                return Signal(source, request.service, request.signal, request.worker, reply)
+            return Reload(
+                source,
+                request.service,
+                request.reason,
+                reply=reply,
+                connection=fd,
+                keep_config=request.command == "restart",
+            )
 
         self._settle()  # waiting on the daemon from here: an upgrade may carry it over
         try:

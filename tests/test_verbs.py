@@ -1,0 +1,97 @@
+"""``supervisorctl signal`` and ``supervisorctl restart``, against a real daemon.
+
+``signal`` reaches the workers it names and only those, by pid. ``restart``
+is a rollout of the config the service runs: lossless under load, and it
+neither reads nor judges the file (a broken file does not stop it, where a
+reload is refused).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from tests.harness import Daemon, free_port, service_toml, wait_until
+from tests.load import Load
+
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
+
+CTL = [sys.executable, "-m", "supervisor.ctl"]
+# A worker that says which signal it got: its stdout becomes worker_output events.
+TELLING = (
+    "import signal, socket, sys, time\n"
+    "def told(n, _): print('got', signal.Signals(n).name, flush=True)\n"
+    "signal.signal(signal.SIGHUP, told)\n"
+    "signal.signal(signal.SIGUSR2, told)\n"
+    "sock = socket.socket(fileno=3)\n"
+    "while True: time.sleep(1)\n"
+)
+
+
+def ctl(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CTL, "-s", str(daemon.control), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_signal_reaches_every_worker_or_the_one_named(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    command = [sys.executable, "-c", TELLING]
+    daemon = start_daemon(
+        service_toml("web", port=free_port(), workers=3, command=command, health='kind = "none"')
+    )
+    pids = daemon.worker_pids()
+    mark = daemon.mark()
+    done = ctl(daemon, "signal", "web", "HUP")
+    assert done.returncode == 0, done.stderr
+    assert "web: SIGHUP sent to 3 worker(s)" in done.stdout
+    for pid in pids:
+        assert str(pid) in done.stdout
+        daemon.wait_event("worker_output", after=mark, pid=pid, line="got SIGHUP")
+
+    mark = daemon.mark()
+    one = ctl(daemon, "signal", "web", "sigusr2", "--worker", "1")
+    assert one.returncode == 0, one.stderr
+    daemon.wait_event("worker_output", after=mark, pid=pids[1], line="got SIGUSR2")
+    told = {e["pid"] for e in daemon.events_since(mark, "worker_output")}
+    assert told == {pids[1]}, "only worker 1"
+    assert daemon.worker_pids() == pids, "nobody died of it"
+
+    unknown = ctl(daemon, "signal", "nope", "HUP")
+    assert unknown.returncode == 1 and "no service named 'nope'" in unknown.stderr
+    absent = ctl(daemon, "signal", "web", "HUP", "--worker", "7")
+    assert absent.returncode == 1 and "no worker 7 runs" in absent.stderr
+    kill = ctl(daemon, "signal", "web", "KILL")
+    assert kill.returncode == 2 and "not a signal a worker can handle" in kill.stderr
+
+
+def test_restart_rolls_out_the_running_config_under_load_whatever_the_file_says(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    port = free_port()
+    daemon = start_daemon(service_toml("web", port=port, workers=2))
+    first = set(daemon.worker_pids())
+    daemon.rewrite("[services.web\nbroken = ")  # a file that would be refused
+    with Load(port, threads=4, duration=120) as load:
+        wait_until(load.answered, 15, "the load to be answered")
+        refused = ctl(daemon, "reload", "web")
+        restarted = ctl(daemon, "restart", "web", "--reason", "test")
+        again = ctl(daemon, "restart")  # every service
+    result = load.result
+    assert refused.returncode == 1 and "config rejected" in refused.stderr
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert "web: generation 2 serving; generation 1 retired" in restarted.stdout
+    assert again.returncode == 0 and "web: generation 3 serving" in again.stdout
+    assert not first & set(daemon.worker_pids()), "every worker is a new process"
+    assert result.failed == 0, (result.failures, result.examples)
+    assert result.ok > 0
+    requested = [e for e in daemon.events if e.get("event") == "reload_requested"]
+    assert [e["restart"] for e in requested] == [False, True, True]
