@@ -4,6 +4,10 @@
 the file are resolved against, for programs that resolve paths against
 something else (nginx's ``-c`` is relative to its ``-p`` prefix).
 
+``{python}`` is the interpreter the supervisor runs on (``sys.executable``):
+a Python program installed beside it runs as ``{python} -m program`` from
+any install (a venv, pipx, a link in /usr/local/bin), whatever PATH says.
+
 ``{state}`` is the service's own writable directory, its
 ``state_directory``: by default ``STATE_ROOT/NAME``, where the root is
 ``[supervisor] state_directory``, else ``$STATE_DIRECTORY`` (what systemd's
@@ -11,7 +15,7 @@ something else (nginx's ``-c`` is relative to its ``-p`` prefix).
 lets a worker write), else ``/var/lib/reuseport-supervisor``. The daemon
 creates it before it starts anything of the service.
 
-Both are expanded in ``command``, ``preflight``, ``environment`` values,
+All three are expanded in ``command``, ``preflight``, ``environment`` values,
 ``working_directory`` and an exec check's ``command``, before validation, so
 the plan, ``--check`` and ``status`` show the paths themselves. (``{worker}``,
 ``{generation}`` and ``{fd}`` differ per process and are the plan's.)
@@ -19,6 +23,7 @@ the plan, ``--check`` and ``status`` show the paths themselves. (``{worker}``,
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,7 @@ from typing import Any
 STATE_ROOT = Path("/var/lib/reuseport-supervisor")
 STATE = "{state}"
 CONFIG_DIR = "{config_dir}"
+PYTHON = "{python}"
 
 
 def state_root(data: Mapping[str, Any], base_dir: Path, environ: Mapping[str, str]) -> Path:
@@ -69,7 +75,11 @@ def _service(service: dict[str, Any], config_dir: Path, state: Path) -> dict[str
         if not isinstance(value, str):
             return value
         used = used or STATE in value
-        return value.replace(STATE, str(state)).replace(CONFIG_DIR, str(config_dir))
+        return (
+            value.replace(STATE, str(state))
+            .replace(CONFIG_DIR, str(config_dir))
+            .replace(PYTHON, sys.executable)
+        )
 
     def sub_all(values: object) -> object:
         return [sub(v) for v in values] if isinstance(values, list) else values

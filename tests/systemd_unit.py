@@ -36,7 +36,7 @@ log_format = "json"
 
 [services.web]
 {service}
-command = ["python3", "-m", "supervisor.demo", "--concurrency", "1", "--work", "0.002"]
+command = ["{{python}}", "-m", "supervisor.demo", "--concurrency", "1", "--work", "0.002"]
 workers = {workers}
 listen = [{addresses}]
 stop_timeout = "10s"

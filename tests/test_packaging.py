@@ -1,12 +1,21 @@
-"""The declared dependency floors are the ones CI tests (``make test-lowest``)."""
+"""What is installed is what was tested: the declared dependency floors are
+the ones CI tests (``make test-lowest``), and the wheel carries what a host
+needs and runs its demo from any path."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import sysconfig
 import tomllib
+import urllib.request
 from pathlib import Path
 
+import pytest
 from packaging.version import Version
+
+from tests.harness import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 _FLOOR = re.compile(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9][^,;\s]*)")
@@ -30,3 +39,83 @@ def test_every_floor_in_pyproject_is_pinned_in_the_lowest_constraints() -> None:
     for name, floor in wanted.items():
         assert name in pinned, f"{name}>={floor} has no pin in .ci/lowest.txt"
         assert Version(pinned[name]) == Version(floor), (name, floor, pinned[name])
+
+
+def _run(*argv: str | Path, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(
+        [str(a) for a in argv], capture_output=True, text=True, timeout=600, env=env, check=False
+    )
+    assert done.returncode == 0, f"{argv}: {done.stdout}{done.stderr}"
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_what_a_host_needs_and_its_demo_serves_from_any_path(
+    tmp_path: Path,
+) -> None:
+    """``pip install`` of the wheel into a fresh venv; with nothing on PATH but
+    that venv's bin, the shipped demo config starts and serves.
+
+    The tests run in a network namespace of their own: the wheel is built
+    without build isolation and installed without its dependencies, which
+    the fresh venv then finds in this one's site-packages (a path line in a
+    .pth file: this venv's own install of the package is not activated).
+    ``make test-lowest`` resolves the dependencies from PyPI."""
+    dist = tmp_path / "dist"
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", dist, ROOT)  # fmt: skip
+    (wheel,) = dist.glob("reuseport_supervisor-*.whl")
+    venv = tmp_path / "venv"
+    _run(sys.executable, "-m", "venv", "--without-pip", venv)
+    _run(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q",
+         "--no-deps", wheel)  # fmt: skip
+    (site,) = (venv / "lib").glob("python3*/site-packages")
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    share = venv / "share"
+    for shipped in (
+        "reuseport-supervisor/systemd/reuseport-supervisor.service",
+        "reuseport-supervisor/systemd/sysctl.d/60-reuseport-supervisor-migrate.conf",
+        "reuseport-supervisor/config/nginx/nginx.conf",
+        "reuseport-supervisor/config/grafana-dashboard.json",
+        "man/man8/supervisord.8",
+        "man/man1/supervisorctl.1",
+    ):
+        assert (share / shipped).is_file(), shipped
+    port = free_port()
+    control = tmp_path / "control.sock"
+    demo = (share / "reuseport-supervisor/config/demo.toml").read_text()
+    config = tmp_path / "demo.toml"
+    config.write_text(
+        demo.replace("127.0.0.1:8080", f"127.0.0.1:{port}").replace(
+            "/tmp/supervisor-demo.sock", str(control)
+        )
+    )
+    # Only the venv's bin; then only the system's, whose python3 lacks the
+    # package (the daemon linked into /usr/local/bin, the unit's PATH): the
+    # demo's {python} is the daemon's own interpreter either way.
+    for path in (str(venv / "bin"), "/usr/bin:/bin"):
+        env = {"PATH": path}
+        daemon = subprocess.Popen(
+            [venv / "bin" / "reuseport-supervisord", "-c", config],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_until(lambda: _answers(port), 60, f"the demo to serve with PATH={path}")
+            ctl = venv / "bin" / "reuseport-supervisorctl"
+            assert "web: RUNNING" in _run(ctl, "-s", control, "status", env=env)
+            _run(venv / "bin" / "supervisorctl", "-s", control, "shutdown", env=env)
+            assert daemon.wait(60) == 0
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait(10)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+            return b"pid=" in answer.read()
+    except OSError:
+        return False

@@ -241,7 +241,7 @@ SMUGGLER = smuggling_worker(f"web/tcp-127.0.0.1-{PORT}/g1/w0")  # a serving list
 
 def test_a_worker_cannot_command_systemd_through_a_failed_reload(unit: Unit) -> None:
     before = unit.ns.show(UNIT, "MainPID", "NFileDescriptorStore", "NRestarts")
-    demo = 'command = ["python3", "-m", "supervisor.demo", "--concurrency", "1", "--work", "0.002"]'
+    demo = next(line for line in config_text().splitlines() if line.startswith("command = "))
     hostile = (
         config_text(workers=1)
         .replace(demo, f'command = {json.dumps(["python3", "-c", SMUGGLER])}\nready_timeout = "2s"')

@@ -62,7 +62,9 @@ def test_verify_catches_what_it_should(tmp_path: Path) -> None:
     assert "not executable" in verify(
         installed_copy(
             missing,
-            UNIT.read_text().replace("/usr/local/bin/supervisord", "/nonexistent/supervisord"),
+            UNIT.read_text().replace(
+                "/usr/local/bin/reuseport-supervisord", "/nonexistent/reuseport-supervisord"
+            ),
         )
     )
 
@@ -110,3 +112,16 @@ def test_real_systemd_tests_say_why_they_skip_a_venv_under_tmp(tmp_path: Path) -
     )
     assert "the venv is under /tmp" in done.stdout, done.stdout + done.stderr
     assert "clone outside /tmp" in done.stdout
+
+
+def test_the_units_documentation_is_what_the_install_steps_put_there() -> None:
+    """Each ``man:NAME(SECTION)`` of ``Documentation=`` is a page README's
+    install steps install under that name, from a page the wheel ships."""
+    pages = re.findall(r"man:([a-z-]+)\((\d)\)", UNIT.read_text())
+    assert {name for name, _ in pages} == {"reuseport-supervisord", "reuseport-supervisorctl"}
+    readme = (ROOT / "README.md").read_text()
+    for name, section in pages:
+        shipped = name.removeprefix("reuseport-")
+        assert (ROOT / "docs" / "man" / f"{shipped}.{section}").is_file()
+        installed = f"/usr/local/share/man/man{section}/{name}.{section}"
+        assert f"$share/man/man{section}/{shipped}.{section} {installed}" in readme
