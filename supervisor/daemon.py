@@ -33,7 +33,7 @@ from supervisor.fdstore import NO_STORE, FdStore
 from supervisor.inherit import Inheritance
 from supervisor.kernel import sysctl
 from supervisor.loader import load_config
-from supervisor.reloads import ServiceDirectory, handle_reload, reload_summary
+from supervisor.reloads import CONFIG_REJECTED, ServiceDirectory, handle_reload, reload_summary
 from supervisor.requests import Reload, Reopen, Request, Shutdown, Signal, Upgrade
 from supervisor.service import Service, ServiceEnv
 from supervisor.spawner import Spawner
@@ -227,6 +227,11 @@ class Daemon:
                 section.control_socket.unlink()
 
     def metrics_text(self, form: metrics.Format = "prometheus") -> str:
+        """For ``supervisorctl metrics`` (node_exporter's textfile collector)."""
+        return metrics.render(self.tally, self.services, form, textfile=True)
+
+    def metrics_served(self, form: metrics.Format = "prometheus") -> str:
+        """For ``GET /metrics`` at ``metrics_listen``."""
         return metrics.render(self.tally, self.services, form)
 
     async def _run_with(self, sock: socket.socket) -> None:
@@ -247,7 +252,7 @@ class Daemon:
                 await root.start(self._serve_control, control, sock, root.cancel_scope)
                 log.info("control_socket_ready", path=str(section.control_socket))
                 if metrics_sock is not None:
-                    await root.start(metrics_http.serve, metrics_sock, self.metrics_text)
+                    await root.start(metrics_http.serve, metrics_sock, self.metrics_served)
                     log.info("metrics_ready", address=str(section.metrics_listen))
                 await self._serve(startup, root, control)
 
@@ -432,6 +437,8 @@ class Daemon:
         finally:
             if answer.get("ok"):
                 self.refused = None  # the file loaded
+            elif answer.get("error") == CONFIG_REJECTED:  # no rollout ran to count it
+                self.tally.refused([request.service] if request.service else self.services)
             self._remember_config()
             self._last_reload = reload_summary(answer)
             self.notifier.reload_finished(self.summary())

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, get_args
 
+from prometheus_client import ProcessCollector
 from prometheus_client import exposition as text_format
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -86,6 +87,23 @@ class Scrape(Collector):
         upgrades = CounterMetricFamily(f"{PREFIX}_upgrades", "In-place upgrades.")
         upgrades.add_metric([], t.upgrades)
         yield upgrades
+        successful = GaugeMetricFamily(
+            f"{PREFIX}_last_reload_successful",
+            "0 if the service's last rollout was rejected or rolled back (its old "
+            "generation serves on), else 1.",
+            labels=["service"],
+        )
+        success_at = GaugeMetricFamily(
+            f"{PREFIX}_last_reload_success_timestamp_seconds",
+            "When the service's last rollout succeeded (Unix time); absent before one has.",
+            labels=["service"],
+        )
+        for name in self.services:
+            successful.add_metric([name], 0 if t.last_failed.get(name) else 1)
+            if name in t.last_success:
+                success_at.add_metric([name], t.last_success[name])
+        yield successful
+        yield success_at
 
     def _live(self) -> Iterable[Metric]:
         restarts = CounterMetricFamily(
@@ -99,10 +117,22 @@ class Scrape(Collector):
         generation = GaugeMetricFamily(
             f"{PREFIX}_generation", "The serving generation.", labels=["service"]
         )
+        # No generation label: each reload would make a new set of series. A
+        # reload's new listeners start from 0, which rate() reads as a reset.
         syns = CounterMetricFamily(
             f"{PREFIX}_listener_syns",
             "Client SYNs the eBPF program steered to each listener of the serving generation.",
-            labels=["service", "generation", "worker", "address"],
+            labels=["service", "worker", "address"],
+        )
+        queued = GaugeMetricFamily(
+            f"{PREFIX}_listener_queued",
+            "Connections waiting in each TCP listener's accept queue (serving generation).",
+            labels=["service", "worker", "address"],
+        )
+        backlog = GaugeMetricFamily(
+            f"{PREFIX}_listener_backlog",
+            "Each TCP listener's accept queue limit (the backlog, capped by somaxconn).",
+            labels=["service", "worker", "address"],
         )
         not_after = GaugeMetricFamily(
             f"{PREFIX}_tls_certificate_not_after_timestamp_seconds",
@@ -122,23 +152,35 @@ class Scrape(Collector):
             lived = sum(slot.restarts for slot in current.slots)
             restarts.add_metric([name], self.tally.restarts.get(name, 0) + lived)
             for lst in current.listeners:
+                labels = [name, str(lst.worker), str(lst.address)]
                 try:
                     counts = lst.counts() if lst.in_group else None
                 except SupervisorError:
                     counts = None
                 if counts is not None:
-                    labels = [name, str(current.number), str(lst.worker), str(lst.address)]
                     syns.add_metric(labels, counts.syns)
+                depth = lst.status()
+                if depth.queued is not None and depth.backlog is not None:
+                    queued.add_metric(labels, depth.queued)
+                    backlog.add_metric(labels, depth.backlog)
             cert = service.certificate
             if cert is not None:
                 not_after.add_metric([name, cert.subject], cert.not_after.timestamp())
-        yield from (restarts, workers, generation, syns, not_after)
+        yield from (restarts, workers, generation, syns, queued, backlog, not_after)
 
 
-def render(tally: Tally, services: Mapping[str, Service], form: Format = "prometheus") -> str:
-    """The text of everything, in ``form`` (OpenMetrics ends with ``# EOF``)."""
+def render(
+    tally: Tally,
+    services: Mapping[str, Service],
+    form: Format = "prometheus",
+    *,
+    textfile: bool = False,
+) -> str:
+    """The text of everything, in ``form`` (OpenMetrics ends with ``# EOF``),
+    with the daemon's own process_* metrics (``metrics.render``: ``textfile``)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Scrape(tally, services))
+    ProcessCollector(namespace=PREFIX if textfile else "", registry=registry)
     module = openmetrics_format if form == "openmetrics" else text_format
     text: bytes = module.generate_latest(registry)
     return text.decode()

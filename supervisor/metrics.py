@@ -16,7 +16,8 @@ textfile collector, needs no TCP) and, opt-in, over HTTP at
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -80,14 +81,22 @@ class Tally:
     kernel: dict[str, dict[str, int]] = field(default_factory=dict)  # service -> counter -> n
     restarts: dict[str, int] = field(default_factory=dict)  # of generations no longer running
     upgrades: int = 0
+    # The last rollout that ended by failing (rejected, rolled back) or not, and
+    # when the last one succeeded (Unix time), as Prometheus' own config reloads.
+    last_failed: dict[str, bool] = field(default_factory=dict)
+    last_success: dict[str, float] = field(default_factory=dict)
 
     def rollout(self, report: RolloutReport, retired_restarts: int = 0) -> None:
         """Count a finished rollout (and the restarts of the generation it retired)."""
         name = report.service
         outcomes = self.reloads.setdefault(name, {})
         outcomes[report.outcome] = outcomes.get(report.outcome, 0) + 1
+        if report.outcome in ("rejected", "rolled_back"):
+            self.last_failed[name] = True
         if report.outcome != "succeeded":
             return
+        self.last_failed[name] = False
+        self.last_success[name] = time.time()
         self.duration.setdefault(name, Histogram(DURATION_BUCKETS)).observe(report.duration)
         if "overhead" in report.timings:
             histogram = self.overhead.setdefault(name, Histogram(OVERHEAD_BUCKETS))
@@ -107,6 +116,11 @@ class Tally:
             kernel[key] = kernel.get(key, 0) + max(0, value)
         self.restarts[name] = self.restarts.get(name, 0) + retired_restarts
 
+    def refused(self, services: Iterable[str]) -> None:
+        """A reload of ``services`` was refused before any rollout (a bad file)."""
+        for name in services:
+            self.last_failed[name] = True
+
     def export(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -122,6 +136,8 @@ class Tally:
                 kernel={k: dict(v) for k, v in data.get("kernel", {}).items()},
                 restarts=dict(data.get("restarts", {})),
                 upgrades=int(data.get("upgrades", 0)),
+                last_failed={k: bool(v) for k, v in data.get("last_failed", {}).items()},
+                last_success={k: float(v) for k, v in data.get("last_success", {}).items()},
             )
         except (TypeError, ValueError, AttributeError):
             return cls()
@@ -135,8 +151,16 @@ def _histogram(data: Mapping[str, Any]) -> Histogram:
     return Histogram(bounds, counts, float(data["total"]))
 
 
-def render(tally: Tally, services: Mapping[str, Service], form: Format = "prometheus") -> str:
-    """The text of everything in ``form`` (see ``exposition``)."""
+def render(
+    tally: Tally,
+    services: Mapping[str, Service],
+    form: Format = "prometheus",
+    *,
+    textfile: bool = False,
+) -> str:
+    """The text of everything in ``form`` (see ``exposition``). ``textfile``:
+    for node_exporter's textfile collector, whose own process_* metrics ours
+    must not collide with (they are named ``PREFIX_process_*`` there)."""
     from supervisor import exposition  # noqa: PLC0415  (see its docstring: 12 MB)
 
-    return exposition.render(tally, services, form)
+    return exposition.render(tally, services, form, textfile=textfile)

@@ -27,6 +27,7 @@ from supervisor.rollout import Snapshot, Ticket
 from supervisor.service import Service
 
 log = structlog.get_logger("supervisor.reloads")
+CONFIG_REJECTED = "config rejected"  # the answer's error when the file was refused
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ async def _reload(
         try:
             config = directory.load()
         except ConfigError as exc:
-            return protocol.error("config rejected", [str(i) for i in exc.issues], services={})
+            return protocol.error(CONFIG_REJECTED, [str(i) for i in exc.issues], services={})
         validated_in = trio.current_time() - began
         if request.service is not None and request.service not in directory.services:
             return protocol.error(f"no service named {request.service!r}", services={})

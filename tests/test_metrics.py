@@ -76,11 +76,33 @@ def test_metrics_over_the_control_socket_and_http(start_daemon: Callable[..., Da
     assert f'{PREFIX}_reloads_total{{outcome="succeeded",service="web"}} 1.0' in text
     assert f'{PREFIX}_workers{{service="web",state="RUNNING"}} 2.0' in text
     assert f'{PREFIX}_generation{{service="web"}} 2.0' in text
+    assert f'{PREFIX}_last_reload_successful{{service="web"}} 1.0' in text
+    succeeded_at = _value(text, f'{PREFIX}_last_reload_success_timestamp_seconds{{service="web"}}')
+    assert abs(succeeded_at - time.time()) < 60
+    for worker in (0, 1):
+        labels = f'address="127.0.0.1:{port}",service="web",worker="{worker}"'
+        assert f"{PREFIX}_listener_backlog{{{labels}}} 1024.0" in text
+        assert f"{PREFIX}_listener_queued{{{labels}}} " in text
+    # The daemon's own process metrics; under our prefix here, where
+    # node_exporter's textfile collector would refuse its own names.
+    assert _value(text, f"{PREFIX}_process_resident_memory_bytes") > 10e6
+    assert "\nprocess_open_fds " not in text
+    daemon.rewrite("[services.web\n")
+    assert not daemon.reload().ok
+    failed = _ctl_metrics(daemon)
+    assert f'{PREFIX}_last_reload_successful{{service="web"}} 0.0' in failed
+    assert (
+        _value(failed, f'{PREFIX}_last_reload_success_timestamp_seconds{{service="web"}}')
+        == succeeded_at
+    )
     assert _ctl_metrics(daemon, "--openmetrics").endswith("# EOF\n")
     url = f"http://127.0.0.1:{metrics}/metrics"
     with urllib.request.urlopen(url, timeout=10) as answer:
         assert answer.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
-        assert not answer.read().decode().endswith("# EOF\n")
+        plain = answer.read().decode()
+    assert not plain.endswith("# EOF\n")
+    assert _value(plain, "process_open_fds") > 3, "the standard names over HTTP"
+    assert _value(plain, "process_start_time_seconds") > 1e9
     # Content negotiation, as Prometheus asks by default.
     asks = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
     asked = urllib.request.Request(url, headers={"Accept": asks})
@@ -94,6 +116,14 @@ def test_metrics_over_the_control_socket_and_http(start_daemon: Callable[..., Da
         "counters survive an upgrade, and so does the endpoint"
     )
     assert f"{PREFIX}_upgrades_total 1.0" in after
+
+
+def _value(text: str, series: str) -> float:
+    """The value of the sample ``series`` (name and labels, as written) in ``text``."""
+    for line in text.splitlines():
+        if line.startswith(f"{series} "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {series} in:\n{text}")
 
 
 def _ctl_metrics(daemon: Daemon, *options: str) -> str:
@@ -291,6 +321,9 @@ def test_node_exporter_textfile_collector_and_promtool_read_it(
     assert "node_textfile_scrape_error 0" in scraped["default"]
     assert f'{PREFIX}_workers{{service="web",state="RUNNING"}} 1' in scraped["default"]
     assert f'{PREFIX}_build_info{{version="' in scraped["default"]
+    # Ours under the prefix, beside node_exporter's own process_* (a clash
+    # would be dropped from the scrape with a gathering error).
+    assert f"\n{PREFIX}_process_open_fds " in scraped["default"]
 
 
 def _ready(port: int) -> bool:
