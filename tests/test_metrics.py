@@ -199,9 +199,23 @@ def prometheus_for(tmp_path: Path) -> Iterator[Callable[[str], Prometheus]]:
 def _dashboard_queries() -> list[str]:
     board = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for panel in board["panels"] for t in panel["targets"]]
+    # As Grafana would send them with every variable at "All".
     return [
-        e.replace('{service=~"$service"}', "").replace('service=~"$service"', "") for e in exprs
+        re.sub(r"\$(job|instance|service)\b", ".*", e).replace("$__rate_interval", "1m")
+        for e in exprs
     ]
+
+
+def test_the_dashboard_selects_by_job_and_instance_and_rates_by_the_scrape_interval() -> None:
+    board = json.loads(DASHBOARD.read_text())
+    variables = [v["name"] for v in board["templating"]["list"]]
+    assert variables == ["datasource", "job", "instance", "service"]
+    for panel in board["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for selector in re.findall(r"reuseport_supervisor_\w+(\{[^}]*\})?", expr):
+                assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, expr
+            assert not re.search(r"rate\([^)]*\[\d+[smh]\]\)", expr), f"a fixed rate window: {expr}"
 
 
 @pytest.mark.kernel
@@ -331,3 +345,20 @@ def _ready(port: int) -> bool:
         return bool(_get(f"http://127.0.0.1:{port}/metrics"))
     except OSError:
         return False
+
+
+def test_the_shipped_alert_rules_pass_promtool_and_their_own_tests() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("needs Debian's prometheus (promtool)")
+    root = Path(__file__).resolve().parent.parent
+    checked = subprocess.run(
+        [promtool, "check", "rules", str(root / "config" / "prometheus-alerts.yml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run(
+        [promtool, "test", "rules", "alerts-test.yml"],
+        cwd=root / "tests" / "prometheus", capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert tested.returncode == 0, tested.stdout + tested.stderr
