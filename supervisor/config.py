@@ -149,6 +149,9 @@ class HealthHttp(Model):
     kind: Literal["http"]
     path: str = "/healthz"
     host: str | None = None
+    # "https": the probe speaks TLS first (the worker serves it itself). The
+    # chain is not verified: the probe asks whether the worker answers.
+    scheme: Literal["http", "https"] = "http"
     timeout: Duration = 5.0
     interval: Duration = 0.1
 

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import h11
 import trio
 
 from supervisor.config import Health, HealthExec, HealthHttp, HealthNone, HealthTcp, HealthTls
@@ -26,6 +27,7 @@ from supervisor.text import printable
 from supervisor.values import ListenAddress, connect_address
 
 _MAX_OUTPUT = 2000
+_MAX_HEAD = 8192  # an answer's status line and headers, at most
 ACCEPT_POLL = 0.01
 
 
@@ -172,7 +174,8 @@ class TcpProbe(Probe):
 
 
 class HttpProbe(TcpProbe):
-    """``http``: healthy once ``GET path`` answers with a 2xx status."""
+    """``http``: healthy once ``GET path`` answers with a 2xx status (over TLS
+    with ``scheme = "https"``). The answer is parsed by h11."""
 
     name = "http"
 
@@ -180,27 +183,70 @@ class HttpProbe(TcpProbe):
         super().__init__(target, check)
         self.path = check.path
         self.host = check.host
+        self.context = _unverified() if check.scheme == "https" else None
 
     async def attempt(self) -> bool:
         stream = await self._connect()
         if stream is None:
             return False
-        host = self.host or "localhost"
-        request = f"GET {self.path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        what = f"GET {self.path}"
+        channel: trio.abc.Stream = stream
+        if self.context is not None:
+            channel = trio.SSLStream(stream, self.context, server_hostname=self.host)
+            what = f"GET https {self.path}"
         try:
             with trio.fail_after(self.timeout):
-                await stream.send_all(request.encode())
-                head = await _read_status_line(stream)
+                response = await _get(channel, self.path, self.host or "localhost")
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-            self.last_error = f"GET {self.path}: {exc or 'timed out'}"
+            cause = exc.__cause__ or exc
+            self.last_error = f"{what}: {cause or 'timed out'}"
+            return False
+        except h11.ProtocolError as exc:
+            self.last_error = f"{what}: not an HTTP/1 answer: {exc}"
             return False
         finally:
-            await stream.aclose()
-        parts = head.split(" ", 2)
-        if len(parts) >= 2 and parts[1].isdigit() and parts[1].startswith("2"):
+            await trio.aclose_forcefully(channel)
+        if response is None:
+            self.last_error = f"{what}: no response"
+            return False
+        if 200 <= response.status_code < 300:
             return True
-        self.last_error = f"GET {self.path}: {head or 'no response'}"
+        reason = response.reason.decode(errors="replace")
+        self.last_error = (
+            f"{what}: HTTP/{response.http_version.decode()} {response.status_code} {reason}"
+        )
         return False
+
+
+async def _get(stream: trio.abc.Stream, path: str, host: str) -> h11.Response | None:
+    """Send ``GET path`` and read the answer's head (None: closed before one).
+
+    Raises:
+        h11.ProtocolError: what came back is not HTTP/1.
+    """
+    client = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
+    request = h11.Request(
+        method="GET",
+        target=path,
+        headers=[("Host", host), ("Connection", "close"), ("User-Agent", "reuseport-supervisor")],
+    )
+    await stream.send_all(client.send(request) + client.send(h11.EndOfMessage()))
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            client.receive_data(bytes(await stream.receive_some(4096)))
+        elif isinstance(event, h11.Response):
+            return event
+        elif isinstance(event, h11.ConnectionClosed):
+            return None
+        # an InformationalResponse (1xx): the final one follows
+
+
+def _unverified() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 class TlsProbe(TcpProbe):
@@ -216,9 +262,7 @@ class TlsProbe(TcpProbe):
     def __init__(self, target: ProbeTarget, check: HealthTls) -> None:
         super().__init__(target, check)
         self.server_name = check.server_name
-        self.context = ssl.create_default_context()
-        self.context.check_hostname = False
-        self.context.verify_mode = ssl.CERT_NONE
+        self.context = _unverified()
 
     async def attempt(self) -> bool:
         if self.target.certificate is None:
@@ -263,16 +307,6 @@ def _describe(der: bytes | None) -> str:
 
     cert = x509.load_der_x509_certificate(der)
     return f"({cert.subject.rfc4514_string()}, serial {cert.serial_number:x})"
-
-
-async def _read_status_line(stream: trio.SocketStream) -> str:
-    data = b""
-    while b"\r\n" not in data and len(data) < 8192:
-        chunk = await stream.receive_some(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.split(b"\r\n", 1)[0].decode(errors="replace")
 
 
 class ExecProbe(Probe):

@@ -197,12 +197,14 @@ def test_a_worker_cannot_send_notify_commands_through_a_failed_reload(
     failed = systemd.next()
     # One READY=1 with one STATUS=: no command of the worker's became a line.
     assert set(failed) == {"READY", "STATUS"}, failed
-    assert "503 x WATCHDOG=trigger FDSTOREREMOVE=1" in failed["STATUS"]
+    # The worker's words arrive as text (h11 refuses its answer and names the
+    # line it choked on), on the one line STATUS= is.
+    assert "WATCHDOG=trigger" in failed["STATUS"]
     assert "\x1b" not in failed["STATUS"]
     removed = [m["FDNAME"] for m in systemd.stored if "FDSTOREREMOVE" in m]
     removed = [name for name in removed if name != CONFIG_NAME]  # replaced at each reload
     assert removed == [f"web/tcp-127.0.0.1-{port}/g2/w0"], "only the candidate's own listener"
     # The reasons the client and the log show are printable too.
     reasons = " ".join(answer.answer["reasons"])
-    assert "503 x WATCHDOG=trigger" in reasons and "\n" not in reasons and "\x1b" not in reasons
+    assert "WATCHDOG=trigger" in reasons and "\n" not in reasons and "\x1b" not in reasons
     assert daemon.terminate() == 0

@@ -255,7 +255,7 @@ def test_a_worker_cannot_command_systemd_through_a_failed_reload(unit: Unit) -> 
         time.sleep(1)  # what systemd would have done with a smuggled command, it has
     assert failed.returncode != 0, "the hostile candidate was rolled back"
     after = unit.ns.show(UNIT, "MainPID", "NFileDescriptorStore", "NRestarts", "StatusText")
-    assert "503 x WATCHDOG=trigger FDSTOREREMOVE=1" in after["StatusText"], after
+    assert "WATCHDOG=trigger" in after["StatusText"], after
     assert after["MainPID"] == before["MainPID"], "MAINPID= was not taken"
     assert after["NRestarts"] == before["NRestarts"], "WATCHDOG=trigger was not taken"
     assert after["NFileDescriptorStore"] == before["NFileDescriptorStore"], "nor FDSTOREREMOVE"
