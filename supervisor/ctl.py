@@ -175,8 +175,8 @@ def get_parser() -> argparse.ArgumentParser:
     """The command line (shell completions and the man page are made from it)."""
     parser = argparse.ArgumentParser(
         prog="supervisorctl",
-        description="Control supervisord: status, reload, restart, signal, upgrade, shutdown, "
-        "metrics.",
+        description="Control supervisord: status, reload, restart, signal, stop, start, upgrade, "
+        "shutdown, metrics.",
         epilog="Exit status: 0 success; 1 the daemon answered with an error (a reload "
         "rejected or rolled back, an unknown service); 2 usage error, daemon unreachable, or "
         "no answer within --timeout; 3 status SERVICE: the service is not RUNNING or RELOADING; "
@@ -210,6 +210,12 @@ def get_parser() -> argparse.ArgumentParser:
             metavar="DURATION",
             help=f"give up waiting after DURATION (exit 2; the {verb} goes on in the daemon)",
         )
+    for verb, what in (
+        ("stop", "stop a service's workers and close its listeners, until start"),
+        ("start", "start a stopped service again, with the config it ran"),
+    ):
+        switched = sub.add_parser(verb, help=what)
+        switched.add_argument("service", help="the service")
     signalled = sub.add_parser(
         "signal", help="send a signal to a service's workers (every generation's, or one)"
     )
@@ -310,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
     """Carry out one command; return the exit code."""
     path = find_socket(args.socket, args.config)
     message: dict[str, Any] = {"command": args.command}
-    if args.command in ("status", "reload", "restart", "signal"):
+    if args.command in ("status", "reload", "restart", "signal", "stop", "start"):
         message["service"] = args.service
     if args.command in ("reload", "restart") and args.reason:
         message["reason"] = args.reason

@@ -24,7 +24,7 @@ import trio
 
 from supervisor import __version__, expiry, metrics, metrics_http, signals
 from supervisor.capabilities import Capabilities, check
-from supervisor.config import Config
+from supervisor.config import Config, ServiceConfig
 from supervisor.control import protocol
 from supervisor.control.access import Access
 from supervisor.control.server import ControlServer, bound_control_socket
@@ -34,11 +34,12 @@ from supervisor.inherit import Inheritance
 from supervisor.kernel import sysctl
 from supervisor.loader import load_config
 from supervisor.reloads import CONFIG_REJECTED, ServiceDirectory, handle_reload, reload_summary
-from supervisor.requests import Reload, Reopen, Request, Shutdown, Signal, Upgrade
+from supervisor.requests import Reload, Reopen, Reply, Request, Shutdown, Signal, Switch, Upgrade
 from supervisor.service import Service, ServiceEnv
 from supervisor.spawner import Spawner
 from supervisor.state import ClientState
 from supervisor.status import DaemonStatus, Status
+from supervisor.switch import Stopped, switch
 from supervisor.systemd import SystemdNotifier
 from supervisor.upgrade import monotonic
 from supervisor.watch import WatchSpec, watch_services
@@ -61,6 +62,7 @@ class Handed:
     watch_seen: dict[str, dict[str, str | None]] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)  # metrics.Tally.export()
     metrics_sock: socket.socket | None = None
+    stopped: dict[str, Stopped] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,9 +106,12 @@ class Daemon:
             spawner, self.capabilities, store=store, on_rollout=self.tally.rollout
         )
         inheritances = inheritances or {}
+        # Stopped by `supervisorctl stop`, until `start` (see switch.py).
+        self.stopped: dict[str, Stopped] = {} if handed is None else dict(handed.stopped)
         self.services = {
             name: Service(name, service, self._env, inheritances.get(name))
             for name, service in config.services.items()
+            if name not in self.stopped
         }
         self._send, self._receive = trio.open_memory_channel[Request](128)
         self.started_at = monotonic() if handed is None else handed.started_at
@@ -121,7 +126,7 @@ class Daemon:
         self.control_sock: socket.socket | None = None  # the listening control socket
         self.metrics_sock: socket.socket | None = None  # metrics_listen's, if configured
         self.upgrade: UpgradeRun | None = None
-        self._reloads = 0  # reload tasks under way
+        self._reloads = 0  # reload (and stop, start) tasks under way
         self._reloads_done = trio.Event()
 
     def capabilities(self) -> Capabilities:
@@ -154,12 +159,23 @@ class Daemon:
             load=self.load_checked,
             current=lambda: self.config,
             start=self._start_service,
-            stop=self._stop_service,
+            stop=self.stop_service,
+            stopped=lambda: self.stopped,
         )
 
     async def _start_service(self, name: str, config: Config) -> None:
+        await self.start_service(name, config.services[name])
+
+    async def start_service(
+        self, name: str, config: ServiceConfig, *, first_generation: int = 1
+    ) -> None:
+        """Run a service (new in the file, or started again); return once it serves.
+
+        Raises:
+            SupervisorError: its first generation could not start.
+        """
         assert self._services_nursery is not None
-        service = Service(name, config.services[name], self._env)
+        service = Service(name, config, self._env, first_generation=first_generation)
         await self._services_nursery.start(self._run_service, service)
 
     async def _run_service(
@@ -173,7 +189,8 @@ class Daemon:
             if self.services.get(service.name) is service:
                 del self.services[service.name]
 
-    async def _stop_service(self, name: str) -> None:
+    async def stop_service(self, name: str) -> None:
+        """Stop every generation of a service; return once it has stopped."""
         service = self.services[name]
         service.request_stop()
         await service.stopped.wait()
@@ -189,7 +206,10 @@ class Daemon:
                 last_upgrade=self.last_upgrade,
                 fd_store=self.store.enabled,
             ),
-            services={name: svc.snapshot() for name, svc in self.services.items()},
+            services={
+                **{name: svc.snapshot() for name, svc in self.services.items()},
+                **{name: off.snapshot(name) for name, off in self.stopped.items()},
+            },
         )
 
     async def run(self) -> None:
@@ -342,6 +362,8 @@ class Daemon:
                 self.reopen(request)
             elif isinstance(request, Signal):
                 self.signal(request)
+            elif isinstance(request, Switch):
+                self._switch_soon(root, request)
             elif isinstance(request, Upgrade):
                 if self.upgrade is not None:
                     self.upgrade.callers.append(request)
@@ -398,10 +420,26 @@ class Daemon:
                     else (f"no worker {request.worker} runs")
                 )
                 answer = protocol.error(f"{request.service}: {which}: nothing was sent")
-        if request.reply is not None:
-            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-                request.reply.send_nowait(answer)
-            request.reply.close()
+        _answer(request.reply, answer)
+
+    def _switch_soon(self, root: trio.Nursery, request: Switch) -> None:
+        """A stop or start runs as its own task, counted as a reload is, so an
+        upgrade waits for it; one asked for during an upgrade is refused."""
+        if self.upgrade is not None:
+            _answer(request.reply, protocol.error("an upgrade is under way: try again after it"))
+            return
+        self._reloads += 1
+
+        async def run() -> None:
+            try:
+                answer = await switch(self, request)
+            finally:
+                self._reload_task_done()
+            self.notifier.send(STATUS=self.summary())
+            self._remember_config()
+            _answer(request.reply, answer)
+
+        root.start_soon(run)
 
     def start_reload(self, root: trio.Nursery, request: Reload) -> None:
         self._reloads += 1
@@ -444,10 +482,13 @@ class Daemon:
             self.notifier.reload_finished(self.summary())
             self._reloaded.set()
             self._reloaded = trio.Event()
-            self._reloads -= 1
-            if not self._reloads:
-                self._reloads_done.set()
-                self._reloads_done = trio.Event()
+            self._reload_task_done()
+
+    def _reload_task_done(self) -> None:
+        self._reloads -= 1
+        if not self._reloads:
+            self._reloads_done.set()
+            self._reloads_done = trio.Event()
 
     @property
     def last_reload(self) -> str | None:
@@ -484,8 +525,11 @@ class Daemon:
     def summary(self) -> str:
         """One line for systemd's ``STATUS=``: generations, then the last reload."""
         services = ", ".join(
-            f"{name} generation {svc.current.number if svc.current else 0} {svc.state().value}"
-            for name, svc in self.services.items()
+            [
+                f"{name} generation {svc.current.number if svc.current else 0} {svc.state().value}"
+                for name, svc in self.services.items()
+            ]
+            + [f"{name} STOPPED" for name in self.stopped]
         )
         last = f"; last reload {self._last_reload}" if self._last_reload else ""
         refused = f"; running the last good config, the file was refused: {self.refused}"
@@ -493,7 +537,8 @@ class Daemon:
 
     def running_config(self) -> Config:
         """The config that runs: each service's as its serving generation has it."""
-        services = {name: svc.config for name, svc in self.services.items()}
+        services = {name: off.config for name, off in self.stopped.items()}
+        services.update({name: svc.config for name, svc in self.services.items()})
         return self.config.model_copy(update={"services": services})
 
     def _remember_config(self) -> None:
@@ -526,6 +571,14 @@ class Daemon:
             elif request.reply is not None:
                 async with request.reply:
                     await request.reply.send(protocol.error("the daemon is shutting down"))
+
+
+def _answer(reply: Reply | None, answer: dict[str, Any]) -> None:
+    """The one answer to a request that takes no time to carry out."""
+    if reply is not None:
+        with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+            reply.send_nowait(answer)
+        reply.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -168,6 +168,7 @@ def export(daemon: Daemon, run: UpgradeRun, *, with_clients: bool = True) -> Dae
         last_reload=daemon.last_reload,
         metrics=daemon.tally.export(),
         metrics_fd=-1 if daemon.metrics_sock is None else daemon.metrics_sock.fileno(),
+        stopped={name: off.export() for name, off in daemon.stopped.items()},
     )
 
 

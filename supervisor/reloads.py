@@ -12,7 +12,7 @@ in one result.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ class ServiceDirectory:
     current: Callable[[], Config]
     start: Callable[[str, Config], Awaitable[None]]  # raises SupervisorError
     stop: Callable[[str], Awaitable[None]]
+    stopped: Callable[[], MutableMapping[str, Any]]  # by `supervisorctl stop`: left alone
 
 
 async def handle_reload(directory: ServiceDirectory, request: Reload) -> dict[str, Any]:
@@ -68,6 +69,14 @@ async def handle_reload(directory: ServiceDirectory, request: Reload) -> dict[st
     return answer
 
 
+class _Refused(Exception):
+    """The request is answered before any rollout starts (``answer``)."""
+
+    def __init__(self, answer: dict[str, Any]) -> None:
+        super().__init__(answer.get("error"))
+        self.answer = answer
+
+
 async def _reload(
     directory: ServiceDirectory, request: Reload, reply: Reply | None
 ) -> dict[str, Any]:
@@ -77,33 +86,15 @@ async def _reload(
 
     notes: list[str] = []
     results: dict[str, dict[str, Any]] = {}
-    if request.keep_config:
-        snapshots = _running(directory, request.service)
-        if snapshots is None:
-            return protocol.error(f"no service named {request.service!r}", services={})
-    else:
-        began = trio.current_time()
-        try:
-            config = directory.load()
-        except ConfigError as exc:
-            return protocol.error(CONFIG_REJECTED, [str(i) for i in exc.issues], services={})
-        validated_in = trio.current_time() - began
-        if request.service is not None and request.service not in directory.services:
-            return protocol.error(f"no service named {request.service!r}", services={})
-        if request.service is not None and request.service not in config.services:
-            return protocol.error(
-                f"service {request.service!r} is no longer in the config file",
-                ["reload every service to stop it"],
-                services={},
-            )
-        if config.supervisor != directory.current().supervisor:
-            notes.append("changes to [supervisor] take effect at the next start")
-        if request.service is None:
-            await _add_and_remove(directory, config, results, say)
-            names = [n for n in config.services if n in directory.services and n not in results]
+    if request.service is not None and request.service in directory.stopped():
+        return _stopped(request.service)
+    try:
+        if request.keep_config:
+            snapshots = _running(directory, request.service)
         else:
-            names = [request.service]
-        snapshots = {name: Snapshot(config.services[name], validated_in) for name in names}
+            snapshots = await _from_file(directory, request.service, notes, results, say)
+    except _Refused as refused:
+        return refused.answer
     tickets = {
         name: directory.services[name].request_rollout(snapshot, request.reason)
         for name, snapshot in snapshots.items()
@@ -121,13 +112,65 @@ async def _reload(
     return protocol.result(message=f"{what} succeeded", services=results, notes=notes)
 
 
-def _running(directory: ServiceDirectory, service: str | None) -> dict[str, Snapshot] | None:
-    """``supervisorctl restart``: each service's snapshot of the config it runs
-    (the file is neither read nor judged); None if ``service`` is unknown."""
+async def _from_file(
+    directory: ServiceDirectory,
+    service: str | None,
+    notes: list[str],
+    results: dict[str, dict[str, Any]],
+    say: Callable[[str], Awaitable[None]],
+) -> dict[str, Snapshot]:
+    """``reload``: the file, loaded and judged once; services new in it started
+    and those gone from it stopped (a reload of every service); the snapshot
+    each service rolls out.
+
+    Raises:
+        _Refused: the file, or the named service, cannot be reloaded.
+    """
+    began = trio.current_time()
+    try:
+        config = directory.load()
+    except ConfigError as exc:
+        raise _Refused(
+            protocol.error(CONFIG_REJECTED, [str(i) for i in exc.issues], services={})
+        ) from None
+    validated_in = trio.current_time() - began
     if service is not None and service not in directory.services:
-        return None
+        raise _Refused(protocol.error(f"no service named {service!r}", services={}))
+    if service is not None and service not in config.services:
+        raise _Refused(
+            protocol.error(
+                f"service {service!r} is no longer in the config file",
+                ["reload every service to stop it"],
+                services={},
+            )
+        )
+    if config.supervisor != directory.current().supervisor:
+        notes.append("changes to [supervisor] take effect at the next start")
+    if service is None:
+        await _add_and_remove(directory, config, results, say)
+        names = [n for n in config.services if n in directory.services and n not in results]
+    else:
+        names = [service]
+    return {name: Snapshot(config.services[name], validated_in) for name in names}
+
+
+def _running(directory: ServiceDirectory, service: str | None) -> dict[str, Snapshot]:
+    """``supervisorctl restart``: each service's snapshot of the config it runs
+    (the file is neither read nor judged).
+
+    Raises:
+        _Refused: no such service.
+    """
+    if service is not None and service not in directory.services:
+        raise _Refused(protocol.error(f"no service named {service!r}", services={}))
     names = list(directory.services) if service is None else [service]
     return {name: Snapshot(directory.services[name].config) for name in names}
+
+
+def _stopped(name: str) -> dict[str, Any]:
+    return protocol.error(
+        f"service {name!r} is stopped", [f"supervisorctl start {name} first"], services={}
+    )
 
 
 async def _add_and_remove(
@@ -136,7 +179,12 @@ async def _add_and_remove(
     results: dict[str, dict[str, Any]],
     say: Callable[[str], Awaitable[None]],
 ) -> None:
-    for name in [n for n in config.services if n not in directory.services]:
+    stopped = directory.stopped()
+    for name in [n for n in stopped if n not in config.services]:
+        await say(f"{name}: removed from the config: forgotten (it was stopped)")
+        del stopped[name]
+        results[name] = {"ok": True, "outcome": "stopped"}
+    for name in [n for n in config.services if n not in directory.services and n not in stopped]:
         await say(f"{name}: new service: starting generation 1")
         try:
             await directory.start(name, config)

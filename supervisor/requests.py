@@ -67,4 +67,14 @@ class Signal:
     reply: Reply | None = None
 
 
-Request = Shutdown | Reload | Upgrade | Reopen | Signal
+@dataclass(frozen=True)
+class Switch:
+    """``supervisorctl stop`` (``on=False``) or ``start`` (``on=True``) of one service."""
+
+    source: str
+    service: str
+    on: bool
+    reply: Reply | None = None
+
+
+Request = Shutdown | Reload | Upgrade | Reopen | Signal | Switch

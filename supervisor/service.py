@@ -110,8 +110,11 @@ class Service:
         config: ServiceConfig,
         env: ServiceEnv,
         inheritance: Inheritance | None = None,
+        *,
+        first_generation: int = 1,
     ) -> None:
         self.name = name
+        self._first_generation = first_generation
         self.config = config
         self._env = env
         self._inheritance = inheritance
@@ -185,7 +188,7 @@ class Service:
                 migrates = self._env.capabilities().can_migrate
                 config = keep_queued(found, self.config, migrates=migrates)
                 await take_steering(self.steering, found, self._env.store, config)
-            number = 1 if found is None else found.generation
+            number = self._first_generation if found is None else found.generation
             self.last_generation = number if found is None else found.last_generation
             if found is not None and found.last_rollout is not None:
                 self.last_rollout = RolloutReport.from_dict(found.last_rollout)

@@ -45,6 +45,7 @@ from supervisor.loader import (
 from supervisor.plan import describe, plan_config, plan_rollout
 from supervisor.spawner import ProcessSpawner
 from supervisor.state import DaemonState, StateError
+from supervisor.switch import Stopped
 from supervisor.systemd import SystemdNotifier
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -234,8 +235,21 @@ def _check(path: Path, config: Config) -> int:
     return EXIT_OK
 
 
+def _stopped_of(document: DaemonState) -> dict[str, Stopped]:
+    """The services the previous image had stopped (``supervisorctl stop``).
+
+    Raises:
+        ConfigError: this code's schema refuses one's config.
+    """
+    try:
+        return {name: Stopped.restore(data) for name, data in document.stopped.items()}
+    except ValidationError as exc:
+        raise ConfigError("a stopped service's config", issues_from_validation(exc)) from exc
+
+
 def _config_of(document: DaemonState) -> Config:
-    """The config the previous image ran, validated by this code's schema.
+    """The config the previous image ran (its stopped services' too), validated
+    by this code's schema.
 
     Raises:
         ConfigError: this code's schema refuses it.
@@ -244,7 +258,8 @@ def _config_of(document: DaemonState) -> Config:
         return Config(
             supervisor=SupervisorSection.model_validate(document.supervisor),
             services={
-                svc.name: ServiceConfig.model_validate(svc.config) for svc in document.services
+                **{name: off["config"] for name, off in document.stopped.items()},
+                **{svc.name: ServiceConfig.model_validate(svc.config) for svc in document.services},
             },
         )
     except ValidationError as exc:
@@ -265,6 +280,7 @@ def _check_state(fd: int) -> int:
     try:
         document, _ = upgrade.read_document(fd, verify=False)
         config = _config_of(document)
+        _stopped_of(document)
     except (StateError, ConfigError) as exc:
         print(f"supervisord {__version__}: cannot take over: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -299,6 +315,7 @@ def _continue_upgrade(fd: int) -> None:
     try:
         document, lost = upgrade.read_document(fd)  # first: before anything takes an fd
         config = _config_of(document)
+        stopped = _stopped_of(document)
     except (StateError, ConfigError) as exc:
         # The old image is gone: with an fd store systemd restarts us and the
         # listeners are recovered from it; without, this costs what a crash does.
@@ -330,6 +347,7 @@ def _continue_upgrade(fd: int) -> None:
         watch_seen={k: dict(v) for k, v in document.watch_seen.items()},
         metrics=dict(document.metrics),
         metrics_sock=None if document.metrics_fd < 0 else fds.adopt_socket(document.metrics_fd),
+        stopped=stopped,
     )
     nofile = raise_fd_limit()
     spawner = ProcessSpawner(environment_for_workers(os.environ), nofile)

@@ -101,6 +101,7 @@ class DaemonState(Doc):
     identities: dict[int, tuple[int, int]] = Field(default_factory=dict)  # fd -> (dev, inode)
     metrics: dict[str, Any] = Field(default_factory=dict)  # the counters (metrics.Tally)
     metrics_fd: int = -1  # the metrics_listen socket, if any
+    stopped: dict[str, dict[str, Any]] = Field(default_factory=dict)  # switch.Stopped.export()
 
     def fds(self) -> list[int]:
         """Every fd the document names: what must survive the exec (-1: none)."""

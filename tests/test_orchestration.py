@@ -401,6 +401,7 @@ async def test_a_reload_reads_and_checks_the_file_once_and_rolls_out_what_it_che
             current=lambda: first,
             start=_never_start,
             stop=_never_stop,
+            stopped=dict,
         )
         answer = await handle_reload(directory, Reload(source="test"))
         assert answer["ok"], answer

@@ -1,4 +1,4 @@
-"""``supervisorctl signal`` and ``supervisorctl restart``, against a real daemon.
+"""``supervisorctl signal``, ``restart``, ``stop`` and ``start``, against a real daemon.
 
 ``signal`` reaches the workers it names and only those, by pid. ``restart``
 is a rollout of the config the service runs: lossless under load, and it
@@ -8,13 +8,14 @@ reload is refused).
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
 
 import pytest
 
-from tests.harness import Daemon, free_port, service_toml, wait_until
+from tests.harness import Daemon, free_port, process_gone, service_toml, wait_until
 from tests.load import Load
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -95,3 +96,37 @@ def test_restart_rolls_out_the_running_config_under_load_whatever_the_file_says(
     assert result.ok > 0
     requested = [e for e in daemon.events if e.get("event") == "reload_requested"]
     assert [e["restart"] for e in requested] == [False, True, True]
+
+
+def test_stop_closes_a_service_until_start_and_reloads_and_upgrades_leave_it_stopped(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    port = free_port()
+    daemon = start_daemon(service_toml("web", port=port, workers=2))
+    pids = daemon.worker_pids()
+    stopped = ctl(daemon, "stop", "web")
+    assert stopped.returncode == 0, stopped.stderr
+    assert "web: stopped (generation 1); its listeners are closed" in stopped.stdout
+    assert all(process_gone(pid) for pid in pids)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    assert ctl(daemon, "status", "web").returncode == 3, "STOPPED is not active"
+    assert daemon.status()["services"]["web"]["state"] == "STOPPED"
+    assert ctl(daemon, "stop", "web").stdout.strip() == "web: already stopped"
+
+    assert daemon.reload().ok, "a reload of every service leaves it stopped"
+    refused = ctl(daemon, "reload", "web")
+    assert refused.returncode == 1 and "service 'web' is stopped" in refused.stderr
+    assert daemon.upgrade().ok
+    assert daemon.status()["services"]["web"]["state"] == "STOPPED", "the upgrade carried it"
+
+    started = ctl(daemon, "start", "web")
+    assert started.returncode == 0, started.stderr
+    assert "web: started (generation 2)" in started.stdout
+    web = daemon.status()["services"]["web"]
+    assert (web["state"], web["generation"]) == ("RUNNING", 2)
+    with Load(port, threads=2, duration=30) as load:
+        wait_until(load.answered, 15, "the started service to answer")
+    assert load.result.failed == 0
+    unknown = ctl(daemon, "start", "nope")
+    assert unknown.returncode == 1 and "no stopped service named 'nope'" in unknown.stderr

@@ -1,7 +1,8 @@
 """The control protocol: one JSON request line, then JSON response lines.
 
-Request: ``{"command": "status" | "reload" | "restart" | "signal" | "shutdown" |
-"upgrade" | "metrics", "service": str|null, "reason": str|null}``; ``signal``
+Request: ``{"command": "status" | "reload" | "restart" | "signal" | "stop" |
+"start" | "shutdown" | "upgrade" | "metrics", "service": str|null, "reason":
+str|null}`` (``stop``, ``start`` and ``signal`` need the service); ``signal``
 also takes ``"signal"`` (a name) and ``"worker"`` (an index), ``metrics``
 ``"format"``. Responses: any number of ``{"type": "progress", ...}``
 lines, then exactly one ``{"type": "result", "ok": true, ...}`` or
@@ -26,7 +27,9 @@ MAX_LINE = 64 * 1024
 class ControlRequest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    command: Literal["status", "reload", "restart", "signal", "shutdown", "upgrade", "metrics"]
+    command: Literal[
+        "status", "reload", "restart", "signal", "stop", "start", "shutdown", "upgrade", "metrics"
+    ]
     service: str | None = Field(default=None, max_length=64)
     reason: str | None = Field(default=None, max_length=1024)
     format: Format = "prometheus"  # of ``metrics``: text 0.0.4, or OpenMetrics
@@ -34,9 +37,11 @@ class ControlRequest(BaseModel):
     worker: int | None = Field(default=None, ge=0, lt=MAX_WORKERS)  # of ``signal``
 
     @model_validator(mode="after")
-    def _signal_needs_a_target(self) -> ControlRequest:
+    def _needs_a_target(self) -> ControlRequest:
         if self.command == "signal" and (self.service is None or self.signal is None):
             raise ValueError("signal needs a service and a signal")
+        if self.command in ("stop", "start") and self.service is None:
+            raise ValueError(f"{self.command} needs a service")
         return self
 
 

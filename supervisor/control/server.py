@@ -24,7 +24,7 @@ from supervisor.control.access import Access, Peer, peer_of
 from supervisor.errors import OUT_OF_RESOURCES, AlreadyRunning, ControlError
 from supervisor.kernel import caps
 from supervisor.metrics import Format
-from supervisor.requests import Reload, Reply, Request, Shutdown, Signal, Upgrade
+from supervisor.requests import Reload, Reply, Request, Shutdown, Signal, Switch, Upgrade
 from supervisor.status import Status
 
 log = structlog.get_logger("supervisor.control")
@@ -280,6 +280,9 @@ class ControlServer:
                 return Shutdown(source=source, reply=reply)
             if request.command == "upgrade":
                 return Upgrade(source=source, reply=reply, connection=fd)
+            if request.command in ("stop", "start"):
+                assert request.service is not None  # the model checks it
+                return Switch(source, request.service, request.command == "start", reply)
             if request.command == "signal":
                 assert request.service is not None  # the model checks both
                 assert request.signal is not None
