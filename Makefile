@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/demo.toml
 
-.PHONY: run test test-fast test-lowest man soak lint typecheck bench bench-quick bench-deps clean
+.PHONY: run test test-fast test-lowest man docs soak lint typecheck bench bench-quick bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ test-lowest: $(LOWEST)/.installed
 man: $(VENV)/.installed-run
 	$(BIN)/python -m supervisor.manpage docs/man
 
+# docs/configuration.md and docs/config.schema.json, from the config models
+# (a test fails if they are stale).
+docs: man
+	$(BIN)/python -m supervisor.reference docs
+
 # 1,000 reloads under load (several minutes): nothing lost, no fd or memory leak.
 soak: $(VENV)/.installed-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -m soak -s
@@ -66,7 +71,7 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 bench-deps: $(VENV)/.installed-bench
 	.ci/apt-install wrk=wrk nginx=nginx haproxy=haproxy
 
-# About 25 minutes: writes bench/RESULTS.md and bench/*.png (README shows them).
+# About 25 minutes: writes bench/RESULTS.md and bench/*.png (docs/benchmarks.md shows them).
 bench: bench-deps
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/run.py
 

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -66,7 +67,9 @@ class SupervisorSection(Model):
     """``[supervisor]``: settings of the daemon itself."""
 
     control_socket: Path = DEFAULT_CONTROL_SOCKET
-    control_socket_mode: int = Field(default=0o600, ge=0, le=0o777)
+    control_socket_mode: Annotated[
+        int, WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}]})
+    ] = Field(default=0o600, ge=0, le=0o777)
     control_socket_group: str | None = None  # the socket file's group; its members may connect
     control_allow_users: list[str] = Field(default_factory=list)
     control_allow_groups: list[str] = Field(default_factory=list)

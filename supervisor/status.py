@@ -62,7 +62,11 @@ class DaemonStatus(Snapshot):
     fd_store: bool = False  # listeners are kept in systemd's fd store
 
 
+SCHEMA_VERSION = 1  # of status --json; raised when a field changes meaning or goes
+
+
 class Status(Snapshot):
+    schema_version: int = SCHEMA_VERSION
     daemon: DaemonStatus
     services: dict[str, ServiceStatus]
 

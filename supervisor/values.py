@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BeforeValidator, PlainSerializer
+from pydantic import AfterValidator, BeforeValidator, PlainSerializer, WithJsonSchema
 
 # systemd.time(7)'s units; "m" is minutes there too.
 _UNIT_SECONDS = {
@@ -87,6 +87,8 @@ Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
+    # For editors (docs/config.schema.json): "30s", "1m30s", or seconds.
+    WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0}, {"type": "string"}]}),
 ]
 
 Protocol = Literal["tcp", "udp"]
@@ -182,6 +184,7 @@ Listen = Annotated[
     ListenAddress,
     BeforeValidator(parse_listen),
     PlainSerializer(_as_text, return_type=str),
+    WithJsonSchema({"type": "string", "examples": ["127.0.0.1:8080", "udp://[::1]:53"]}),
 ]
 
 

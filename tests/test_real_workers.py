@@ -9,6 +9,7 @@ and uvicorn come with the test extras).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import re
 import shutil
 import ssl
@@ -44,6 +45,12 @@ def needs(program: str) -> None:
         pytest.skip(f"{program} is not installed here")
 
 
+def needs_module(name: str) -> None:
+    """The examples run Python servers as ``{python} -m NAME``: the daemon's own interpreter."""
+    if importlib.util.find_spec(name) is None:
+        pytest.skip(f"{name} is not installed beside the supervisor")
+
+
 def reload_under_load(
     daemon: Daemon, service: str, port: int, tls: ssl.SSLContext | None = None
 ) -> None:
@@ -65,7 +72,7 @@ def reload_under_load(
 def test_python_servers_across_reloads(
     server: str, start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
-    needs(server)
+    needs_module(server)
     shutil.copytree(CONFIG / "apps", tmp_path / "apps")
     port = free_port()
     daemon = start_daemon(example(server, port))

@@ -303,7 +303,7 @@ NOGROUP = grp.getgrgid(NOBODY.pw_gid).gr_name
 
 
 def test_a_group_may_use_the_control_socket_under_the_shipped_unit() -> None:
-    # The README's advice for giving operators access. Under a bounding set
+    # The docs' advice (troubleshooting) for giving operators access. Under a bounding set
     # without CAP_CHOWN the daemon could not give the socket to a group it is
     # not in: "Operation not permitted", exit 1, a restart loop.
     group = f'control_socket_group = "{NOGROUP}"\ncontrol_socket_mode = "0660"'

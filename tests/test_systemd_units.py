@@ -115,11 +115,11 @@ def test_real_systemd_tests_say_why_they_skip_a_venv_under_tmp(tmp_path: Path) -
 
 
 def test_the_units_documentation_is_what_the_install_steps_put_there() -> None:
-    """Each ``man:NAME(SECTION)`` of ``Documentation=`` is a page README's
-    install steps install under that name, from a page the wheel ships."""
+    """Each ``man:NAME(SECTION)`` of ``Documentation=`` is a page the install
+    steps (docs/operations.md) install under that name, from a page the wheel ships."""
     pages = re.findall(r"man:([a-z-]+)\((\d)\)", UNIT.read_text())
     assert {name for name, _ in pages} == {"reuseport-supervisord", "reuseport-supervisorctl"}
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "operations.md").read_text()
     for name, section in pages:
         shipped = name.removeprefix("reuseport-")
         assert (ROOT / "docs" / "man" / f"{shipped}.{section}").is_file()

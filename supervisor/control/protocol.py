@@ -77,9 +77,21 @@ def progress(message: str, **fields: Any) -> dict[str, Any]:
     return {"type": "progress", "message": message, **fields}
 
 
+# Of every final answer (what `reload --json` and `upgrade --json` print);
+# raised when a field changes meaning or goes. New fields keep it.
+SCHEMA_VERSION = 1
+
+
 def result(**fields: Any) -> dict[str, Any]:
-    return {"type": "result", "ok": True, **fields}
+    return {"type": "result", "ok": True, "schema_version": SCHEMA_VERSION, **fields}
 
 
 def error(message: str, reasons: list[str] | None = None, **fields: Any) -> dict[str, Any]:
-    return {"type": "error", "ok": False, "error": message, "reasons": reasons or [], **fields}
+    return {
+        "type": "error",
+        "ok": False,
+        "schema_version": SCHEMA_VERSION,
+        "error": message,
+        "reasons": reasons or [],
+        **fields,
+    }
