@@ -118,13 +118,27 @@ class Unit:
 
 
 @contextlib.contextmanager
-def booted(text: str) -> Iterator[Unit]:
-    """The shipped unit installed with the config ``text``, systemd booted; not started."""
+def booted(text: str, *, prelude: str | None = None) -> Iterator[Unit]:
+    """The shipped unit installed with the config ``text``, systemd booted; not started.
+
+    ``prelude``: Python run first by the daemon's entry point (a script of
+    the test's own that the unit starts, and an upgrade execs, instead of
+    the venv's ``reuseport-supervisord``)."""
     ns = SystemdNamespace()
     try:
         config = ns.root / "supervisor.toml"
         config.write_text(text)
-        install_supervisor(ns, config, VENV_BIN)
+        commands = VENV_BIN
+        if prelude is not None:
+            commands = ns.root / "bin"
+            commands.mkdir()
+            entry = commands / "reuseport-supervisord"
+            entry.write_text(
+                f"#!{sys.executable}\n{prelude}\nfrom supervisor.daemon import main\nmain()\n"
+            )
+            entry.chmod(0o755)
+            (commands / "reuseport-supervisorctl").symlink_to(VENV_BIN / "reuseport-supervisorctl")
+        install_supervisor(ns, config, commands)
         ns.boot()
         yield Unit(ns, config)
     finally:
