@@ -392,3 +392,16 @@ def test_workers_lowered_while_down_on_a_drain_host_resets_nothing() -> None:
         assert not [e for e in retired if e["queued"]], retired
         assert at_connect(result) == 0, (result.at_connect, result.examples)
         assert result.failed <= 2, (result.failures, result.examples)
+
+
+def test_systemctl_reload_finds_a_control_socket_the_config_moved() -> None:
+    # ExecReload once named the default socket with -s: a config that put it
+    # elsewhere made every `systemctl reload` fail. It reads the file now.
+    text = config_text(workers=1).replace(
+        "/run/reuseport-supervisor/control.sock", "/run/reuseport-supervisor/elsewhere.sock"
+    )
+    with booted(text) as unit:
+        unit.ctl("start", UNIT)
+        reloaded = unit.ctl("reload", UNIT, check=False)
+        assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+        assert "web generation 2 RUNNING" in unit.ns.show(UNIT, "StatusText")["StatusText"]

@@ -83,7 +83,9 @@ def test_unit_matches_the_daemon() -> None:
     assert service["Type"] == "notify"
     # The control socket's default directory is the unit's RuntimeDirectory.
     assert DEFAULT_CONTROL_SOCKET.parent == Path("/run") / service["RuntimeDirectory"]
-    assert f"-s {DEFAULT_CONTROL_SOCKET} reload" in service["ExecReload"]
+    # The client finds the socket where the daemon's own file puts it.
+    config = service["ExecStart"].split(" -c ", 1)[1].split()[0]
+    assert f" -c {config} reload" in service["ExecReload"]
     caps = set(service["CapabilityBoundingSet"].split())
     assert {"CAP_NET_BIND_SERVICE", "CAP_BPF", "CAP_SETUID", "CAP_SETGID", "CAP_KILL"} <= caps
     assert "CAP_SYS_ADMIN" not in caps
