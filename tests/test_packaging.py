@@ -49,18 +49,16 @@ def _run(*argv: str | Path, env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
-@pytest.mark.slow
-def test_the_wheel_ships_what_a_host_needs_and_its_demo_serves_from_any_path(
-    tmp_path: Path,
-) -> None:
-    """``pip install`` of the wheel into a fresh venv; with nothing on PATH but
-    that venv's bin, the shipped demo config starts and serves.
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``pip install`` of the wheel into a fresh venv.
 
     The tests run in a network namespace of their own: the wheel is built
     without build isolation and installed without its dependencies, which
     the fresh venv then finds in this one's site-packages (a path line in a
     .pth file: this venv's own install of the package is not activated).
     ``make test-lowest`` resolves the dependencies from PyPI."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     dist = tmp_path / "dist"
     _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
          "-w", dist, ROOT)  # fmt: skip
@@ -71,6 +69,15 @@ def test_the_wheel_ships_what_a_host_needs_and_its_demo_serves_from_any_path(
          "--no-deps", wheel)  # fmt: skip
     (site,) = (venv / "lib").glob("python3*/site-packages")
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_what_a_host_needs_and_its_demo_serves_from_any_path(
+    venv: Path, tmp_path: Path
+) -> None:
+    """With nothing on PATH but the venv's bin, the shipped demo config
+    starts and serves."""
     share = venv / "share"
     for shipped in (
         "reuseport-supervisor/systemd/reuseport-supervisor.service",
@@ -119,3 +126,64 @@ def _answers(port: int) -> bool:
             return b"pid=" in answer.read()
     except OSError:
         return False
+
+
+# bash-completion's loader, asked for each command as bash asks when TAB is
+# pressed after it; then the function it registered, called as bash calls it.
+_BASH_COMPLETE = r"""
+. /usr/share/bash-completion/bash_completion
+for pair in "$@"; do
+    cmd=${pair%%=*} word=${pair#*=}
+    __load_completion "$cmd" || { echo "$cmd: nothing loaded"; continue; }
+    read -r -a spec <<< "$(complete -p "$cmd")"
+    COMP_WORDS=("$cmd" "$word") COMP_CWORD=1 COMP_LINE="$cmd $word" COMPREPLY=()
+    COMP_POINT=${#COMP_LINE}
+    "${spec[-2]}" "$cmd" "$word" "$cmd"
+    echo "$cmd: ${COMPREPLY[*]}"
+done
+"""
+
+# zsh's compinit reads the #compdef lines on fpath; the function, run the
+# way compinit runs it, defines shtab's and binds it to the command.
+_ZSH_COMPLETE = r"""
+fpath=("$1" $fpath)
+autoload -Uz compinit && compinit -u -d "$2/zcompdump"
+for cmd in reuseport-supervisorctl reuseport-supervisord; do
+    echo "$cmd: $_comps[$cmd]"
+    "$_comps[$cmd]" 2>/dev/null   # _arguments outside a completion: only its definitions stand
+    echo "$cmd: bound to $_comps[$cmd], $(whence -w _shtab_${cmd#reuseport-})"
+done
+"""
+
+
+@pytest.mark.slow
+def test_the_shipped_completions_complete_every_command_name(venv: Path, tmp_path: Path) -> None:
+    """bash-completion finds the shipped files under XDG_DATA_DIRS by the
+    command's name, for both names of both commands, and completes; zsh's
+    compinit binds the reuseport- names."""
+    env = {
+        "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
+        "XDG_DATA_DIRS": str(venv / "share"),
+        "HOME": str(tmp_path),
+    }
+    pairs = [
+        *(f"{name}=re" for name in ("supervisorctl", "reuseport-supervisorctl")),
+        *(f"{name}=--ch" for name in ("supervisord", "reuseport-supervisord")),
+        "no-such-command=x",  # the control: what the loader says when nothing is shipped
+    ]
+    lines = _run("bash", "-c", _BASH_COMPLETE, "bash", *pairs, env=env).splitlines()
+    assert lines == [
+        "supervisorctl: reload restart",
+        "reuseport-supervisorctl: reload restart",
+        "supervisord: --check",
+        "reuseport-supervisord: --check",
+        "no-such-command: nothing loaded",
+    ]
+    site = venv / "share" / "zsh" / "site-functions"
+    zsh = _run("zsh", "-f", "-c", _ZSH_COMPLETE, "zsh", site, tmp_path, env=env).splitlines()
+    assert zsh == [
+        "reuseport-supervisorctl: _reuseport-supervisorctl",
+        "reuseport-supervisorctl: bound to _shtab_supervisorctl, _shtab_supervisorctl: function",
+        "reuseport-supervisord: _reuseport-supervisord",
+        "reuseport-supervisord: bound to _shtab_supervisord, _shtab_supervisord: function",
+    ]
