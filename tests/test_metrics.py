@@ -7,6 +7,7 @@ among them) must answer with what the daemon did.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -142,13 +144,15 @@ def _get(url: str) -> str:
 class Prometheus:
     """Debian's prometheus, scraping ``target`` every second; ended by pid."""
 
-    def __init__(self, workdir: Path, target: str) -> None:
+    def __init__(self, workdir: Path, targets: dict[str, str]) -> None:
         self.port = free_port()
         config = workdir / "prometheus.yml"
+        jobs = "".join(
+            f"  - job_name: {job}\n    static_configs:\n      - targets: ['{target}']\n"
+            for job, target in targets.items()
+        )
         config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            f"scrape_configs:\n  - job_name: supervisor\n    static_configs:\n"
-            f"      - targets: ['{target}']\n"
+            f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{jobs}"
         )
         self.proc = subprocess.Popen(
             ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={workdir}/tsdb",
@@ -175,19 +179,80 @@ class Prometheus:
         result = self.query(expr)
         return float(result[0]["value"][1]) if result else None
 
+    def equals(self, expr: str, value: float) -> Callable[[], bool]:
+        """A condition for ``wait_until``: ``expr`` evaluates to ``value``."""
+        return lambda: self.value(expr) == value
+
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
 
 
+class AcceptRelay:
+    """A relay in front of an HTTP endpoint that replaces each request's
+    ``Accept`` header and records the ``Content-Type`` of each answer. One
+    request per connection (it asks the endpoint to close after it)."""
+
+    def __init__(self, upstream: str, accept: str) -> None:
+        host, _, port = upstream.rpartition(":")
+        self.upstream = (host, int(port))
+        self.accept = accept
+        self.answered: list[str] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> AcceptRelay:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.listener.close()
+        self.thread.join(10)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            with client:
+                client.settimeout(10)
+                with contextlib.suppress(OSError):  # the scrape fails; Prometheus's up says so
+                    self._relay(client)
+
+    def _relay(self, client: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = client.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        lines = head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+        kept = [
+            line for line in lines[1:] if not line.lower().startswith((b"accept:", b"connection:"))
+        ]
+        request = [lines[0], *kept, b"Accept: " + self.accept.encode(), b"Connection: close"]
+        with socket.create_connection(self.upstream, timeout=10) as upstream:
+            upstream.sendall(b"\r\n".join(request) + b"\r\n\r\n")
+            answer = b""
+            while chunk := upstream.recv(65536):
+                answer += chunk
+        for line in answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+            if line.lower().startswith(b"content-type:"):
+                self.answered.append(line.split(b":", 1)[1].strip().decode())
+        client.sendall(answer)
+
+
 @pytest.fixture
-def prometheus_for(tmp_path: Path) -> Iterator[Callable[[str], Prometheus]]:
+def prometheus_for(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
+    """``start(job=target, ...)``: a prometheus scraping each target as its job."""
     if shutil.which("prometheus") is None:
         pytest.skip("needs Debian's prometheus")
     started: list[Prometheus] = []
 
-    def start(target: str) -> Prometheus:
-        server = Prometheus(tmp_path, target)
+    def start(**targets: str) -> Prometheus:
+        server = Prometheus(tmp_path, targets)
         started.append(server)
         return server
 
@@ -221,23 +286,34 @@ def test_the_dashboard_selects_by_job_and_instance_and_rates_by_the_scrape_inter
 @pytest.mark.kernel
 @pytest.mark.slow
 def test_a_real_prometheus_scrapes_it_and_the_dashboard_queries_answer(
-    start_daemon: Callable[..., Daemon], prometheus_for: Callable[[str], Prometheus]
+    start_daemon: Callable[..., Daemon], prometheus_for: Callable[..., Prometheus]
 ) -> None:
+    """Two jobs scrape the same endpoint: as Prometheus asks (it prefers
+    OpenMetrics), and through a relay that asks for the text format 0.0.4
+    only, as a Prometheus configured for it (or any other scraper) does."""
     port, metrics = free_port(), free_port()
     daemon = start_daemon(
         service_toml("web", port=port, workers=2),
         supervisor_extra=f'metrics_listen = "127.0.0.1:{metrics}"\nsteering = "ebpf"',
     )
-    server = prometheus_for(f"127.0.0.1:{metrics}")
-    wait_until(lambda: server.value("up") == 1.0, 60, "the first scrape")
-    for _ in range(3):
-        assert daemon.reload().ok
-    total = f'sum({PREFIX}_reloads_total{{outcome="succeeded"}})'
-    wait_until(lambda: server.value(total) == 3.0, 60, "a scrape after the reloads")
-    assert server.value(f"{PREFIX}_generation") == 4.0
-    assert (server.value(f"sum(rate({PREFIX}_reloads_total[1m]))") or 0) > 0
+    with AcceptRelay(f"127.0.0.1:{metrics}", "text/plain;version=0.0.4") as relay:
+        server = prometheus_for(supervisor=f"127.0.0.1:{metrics}", plain=relay.address)
+        for job in ("supervisor", "plain"):
+            wait_until(server.equals(f'up{{job="{job}"}}', 1.0), 60, f"{job}'s first scrape")
+        for _ in range(3):
+            assert daemon.reload().ok
+        for job in ("supervisor", "plain"):
+            total = f'sum({PREFIX}_reloads_total{{job="{job}",outcome="succeeded"}})'
+            wait_until(server.equals(total, 3.0), 60, f"{job}: a scrape after the reloads")
+        assert "text/plain; version=0.0.4; charset=utf-8" in relay.answered
+        assert not any(kind.startswith("application/openmetrics") for kind in relay.answered)
+        plain_fds = server.value('process_open_fds{job="plain"}')
+        assert plain_fds is not None and plain_fds > 3, "the standard process_* names too"
+    assert server.value(f'{PREFIX}_generation{{job="supervisor"}}') == 4.0
+    assert (server.value(f'sum(rate({PREFIX}_reloads_total{{job="supervisor"}}[1m]))') or 0) > 0
     p99 = server.value(
-        f"histogram_quantile(0.99, sum by (le) ({PREFIX}_reload_duration_seconds_bucket))"
+        "histogram_quantile(0.99, sum by (le) "
+        f'({PREFIX}_reload_duration_seconds_bucket{{job="supervisor"}}))'
     )
     assert p99 is not None and 0 < p99 <= 5.0
     for expr in _dashboard_queries():
