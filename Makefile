@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/demo.toml
 
-.PHONY: run test test-fast test-lowest man docs soak lint typecheck bench bench-quick bench-deps clean
+.PHONY: run test test-fast test-lowest test-pipx man docs soak lint typecheck bench bench-quick bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ $(LOWEST)/.installed: pyproject.toml .ci/lowest.txt
 
 test-lowest: $(LOWEST)/.installed
 	PATH="$(abspath $(LOWEST))/bin:$$PATH" $(LOWEST)/bin/pytest -p no:cacheprovider -m "not slow and not soak"
+
+# `pipx install .` with PyPI, then the demo served from what pipx exposed, in
+# a private network namespace (tests/pipx_route.py; needs the network, so
+# not part of make test).
+test-pipx: $(VENV)/.installed-test
+	$(BIN)/python tests/pipx_route.py
 
 # The man pages in docs/man, made from the commands' parsers (a test checks they are current).
 man: $(VENV)/.installed-run
