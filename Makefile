@@ -57,12 +57,12 @@ test-pipx: $(VENV)/.installed-test
 
 # The man pages in docs/man, made from the commands' parsers (a test checks they are current).
 man: $(VENV)/.installed-run
-	$(BIN)/python -m supervisor.manpage docs/man
+	$(BIN)/python -m supervisor.daemon.manpage docs/man
 
 # docs/configuration.md and docs/config.schema.json, from the config models
 # (a test fails if they are stale).
 docs: man
-	$(BIN)/python -m supervisor.reference docs
+	$(BIN)/python -m supervisor.config.reference docs
 
 # 1,000 reloads under load (several minutes): nothing lost, no fd or memory leak.
 soak: $(VENV)/.installed-test

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bench.procs import DEMO, ROOT, SelfBound, children, wait_for, wait_gone
-from supervisor.ctl import request
+from supervisor.control.ctl import request
 from supervisor.errors import DaemonUnreachable
 
 BODY = "service=web generation=1 worker=0 pid=0 listener=0"

@@ -18,7 +18,7 @@ import trio
 
 from supervisor.errors import SteeringError
 from supervisor.kernel.proc import CommandResult
-from supervisor.plan import WorkerPlan
+from supervisor.plan.plan import WorkerPlan
 from supervisor.steering import Backend, ListenerCounts, Role
 from supervisor.values import ListenAddress
 

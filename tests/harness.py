@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from bench.procs import alive, state, wait_for
-from supervisor.ctl import request
+from supervisor.control.ctl import request
 from supervisor.kernel.sysctl import MIGRATE_REQ, set_migrate_req
 from supervisor.values import ListenAddress, parse_listen
 

@@ -133,9 +133,8 @@ def booted(text: str, *, prelude: str | None = None) -> Iterator[Unit]:
             commands = ns.root / "bin"
             commands.mkdir()
             entry = commands / "reuseport-supervisord"
-            entry.write_text(
-                f"#!{sys.executable}\n{prelude}\nfrom supervisor.daemon import main\nmain()\n"
-            )
+            main = "from supervisor.daemon.startup import main\nmain()\n"
+            entry.write_text(f"#!{sys.executable}\n{prelude}\n{main}")
             entry.chmod(0o755)
             (commands / "reuseport-supervisorctl").symlink_to(VENV_BIN / "reuseport-supervisorctl")
         install_supervisor(ns, config, commands)

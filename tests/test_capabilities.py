@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.capabilities import Capabilities
-from supervisor.plan import retire_decision
+from supervisor.plan.capabilities import Capabilities
+from supervisor.plan.plan import retire_decision
 from tests.harness import free_port, service_toml
 
 EBPF = Capabilities(migrate_req=0, cbpf=True, ebpf=True)

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import __version__, ctl, manpage
-from supervisor.config import DEFAULT_CONTROL_SOCKET
+from supervisor import __version__
+from supervisor.config.schema import DEFAULT_CONTROL_SOCKET
+from supervisor.control import ctl
+from supervisor.daemon import manpage
 from tests.harness import DEMO, Background, Daemon, free_port, service_toml
 
-CTL = [sys.executable, "-m", "supervisor.ctl"]
+CTL = [sys.executable, "-m", "supervisor.control.ctl"]
 
 
 def supervisorctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -159,7 +161,9 @@ def test_the_man_pages_are_made_from_the_parsers() -> None:
 @pytest.mark.parametrize("program", ["supervisorctl", "supervisord"])
 @pytest.mark.parametrize("shell", ["bash", "zsh"])
 def test_shell_completions_come_from_the_parsers(program: str, shell: str) -> None:
-    module = {"supervisorctl": "supervisor.ctl", "supervisord": "supervisor.daemon"}[program]
+    module = {"supervisorctl": "supervisor.control.ctl", "supervisord": "supervisor.daemon"}[
+        program
+    ]
     done = subprocess.run(
         [sys.executable, "-m", module, "--print-completion", shell],
         capture_output=True,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import Config, HealthHttp, HealthNone
+from supervisor.config.loader import load_config, parse_config
+from supervisor.config.schema import Config, HealthHttp, HealthNone
 from supervisor.errors import ConfigError
-from supervisor.loader import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = """

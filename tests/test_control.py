@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
+from supervisor.control.ctl import find_socket
 from supervisor.control.protocol import ProtocolError, parse_request
-from supervisor.ctl import find_socket
 from tests.harness import Daemon, free_port, listening_sockets, service_toml
 
-CTL = [sys.executable, "-m", "supervisor.ctl"]
+CTL = [sys.executable, "-m", "supervisor.control.ctl"]
 
 
 def raw_exchange(path: Path, payload: bytes) -> list[dict[str, Any]]:

@@ -47,7 +47,7 @@ def as_nobody(socket_path: Path, *, group: str = NOGROUP) -> subprocess.Complete
             "--clear-groups",
             sys.executable,
             "-m",
-            "supervisor.ctl",
+            "supervisor.control.ctl",
             "-s",
             str(socket_path),
             "status",

@@ -14,8 +14,8 @@ import trio
 import trio.testing
 
 from supervisor.control import server
+from supervisor.control.requests import Reload, Request
 from supervisor.control.server import ControlServer, bound_control_socket
-from supervisor.requests import Reload, Request
 
 MESSAGES = 5000  # about 1 MB: more than a unix socket buffers
 

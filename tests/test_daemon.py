@@ -149,7 +149,7 @@ def test_workers_die_with_a_killed_daemon(start_daemon: Callable[..., Daemon]) -
 def test_supervisorctl_status_and_shutdown(start_daemon: Callable[..., Daemon]) -> None:
     port = free_port()
     daemon = start_daemon(service_toml("web", port=port, workers=2))
-    ctl = [sys.executable, "-m", "supervisor.ctl", "-s", str(daemon.control)]
+    ctl = [sys.executable, "-m", "supervisor.control.ctl", "-s", str(daemon.control)]
     text = subprocess.run([*ctl, "status"], capture_output=True, text=True, timeout=30)
     assert text.returncode == 0, text.stderr
     assert "web: RUNNING  generation 1" in text.stdout
@@ -208,10 +208,10 @@ def test_reload_report_splits_the_workers_time_from_the_supervisors(
 def test_the_daemon_loads_prometheus_and_cryptography_only_when_used() -> None:
     # 12 and 9 MB of RSS that a daemon without a scraper or a [tls] service never needs.
     code = (
-        "import sys, supervisor.daemon, supervisor.startup\n"
+        "import sys, supervisor.daemon.daemon, supervisor.daemon.startup\n"
         "print(sorted(m for m in ('prometheus_client', 'cryptography') if m in sys.modules))\n"
-        "from supervisor import metrics\n"
-        "metrics.render(metrics.Tally(), {})\n"
+        "from supervisor.observe import exposition, metrics\n"
+        "exposition.render(metrics.Tally(), {}, 'prometheus')\n"
         "print('prometheus_client' in sys.modules)\n"
     )
     done = subprocess.run(

@@ -17,8 +17,8 @@ import trio
 
 from supervisor.kernel import diag
 from supervisor.kernel.sockets import ListenerOptions, open_listener, socket_cookie
-from supervisor.listener import Listener
-from supervisor.retire import Retirement, drain_tcp
+from supervisor.serve.listener import Listener
+from supervisor.serve.retire import Retirement, drain_tcp
 from supervisor.steering import Role
 from supervisor.steering.cbpf import CbpfGroup
 from supervisor.values import ListenAddress, parse_listen

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import reference
-from supervisor.config import ServiceConfig, SocketOptions, SupervisorSection, TlsFiles
+from supervisor.config import reference
+from supervisor.config.schema import ServiceConfig, SocketOptions, SupervisorSection, TlsFiles
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.procs import rss_kib
+from supervisor.config.loader import load_config, parse_config
 from supervisor.errors import ConfigError
-from supervisor.loader import load_config, parse_config
 from tests.harness import Daemon, cpu_seconds, free_port, open_fd_count, service_toml
 
 SERVICE_KEYS = [

@@ -16,8 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor import launch
-from supervisor.kernel import fastspawn
+from supervisor.kernel import fastspawn, launch
 from supervisor.kernel.proc import LAUNCHER, Credentials, describe_exit, spawn
 from tests.harness import process_gone, wait_until
 

@@ -9,18 +9,18 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor.config import HealthNone, HealthNotify
+from supervisor.config.loader import parse_config
+from supervisor.config.schema import HealthNone, HealthNotify
 from supervisor.errors import HealthCheckFailed, SpawnError
-from supervisor.lifecycle import (
+from supervisor.plan.plan import plan_worker
+from supervisor.serve.lifecycle import (
     RestartPolicy,
     TransitionError,
     Watched,
     WorkerState,
     check_transition,
 )
-from supervisor.loader import parse_config
-from supervisor.plan import plan_worker
-from supervisor.worker import SlotSettings, WorkerSlot
+from supervisor.serve.worker import SlotSettings, WorkerSlot
 from tests.fakes import FakeSpawner
 
 S = WorkerState

@@ -26,10 +26,11 @@ from typing import Any
 
 import pytest
 
-from supervisor.metrics import PREFIX, Histogram, Tally
-from supervisor.rollout import RolloutReport
+from supervisor.observe.metrics import PREFIX, Histogram, Tally
+from supervisor.serve.rollout import RolloutReport
 from tests.harness import DAEMON, Daemon, free_port, open_fd_count, service_toml, wait_until
 
+CTL = [sys.executable, "-m", "supervisor.control.ctl"]
 DASHBOARD = Path(__file__).resolve().parent.parent / "config" / "grafana-dashboard.json"
 
 
@@ -130,7 +131,7 @@ def _value(text: str, series: str) -> float:
 
 def _ctl_metrics(daemon: Daemon, *options: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "supervisor.ctl", "-s", str(daemon.control), "metrics", *options],
+        [*CTL, "-s", str(daemon.control), "metrics", *options],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     return done.stdout

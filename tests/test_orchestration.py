@@ -21,15 +21,15 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor.capabilities import Capabilities
-from supervisor.config import Config, ServiceConfig
+from supervisor.config.loader import parse_config
+from supervisor.config.schema import Config, ServiceConfig
+from supervisor.control.requests import Reload
+from supervisor.daemon.reloads import ServiceDirectory, handle_reload
 from supervisor.errors import DiagError, KernelFeatureMissing
 from supervisor.kernel import bpf, diag
-from supervisor.loader import parse_config
-from supervisor.reloads import ServiceDirectory, handle_reload
-from supervisor.requests import Reload
-from supervisor.rollout import RolloutReport, Snapshot, ready_progress
-from supervisor.service import Service, ServiceEnv
+from supervisor.plan.capabilities import Capabilities
+from supervisor.serve.rollout import RolloutReport, Snapshot, ready_progress
+from supervisor.serve.service import Service, ServiceEnv
 from supervisor.steering import Role
 from supervisor.steering.ebpf import available as ebpf_available
 from tests.fakes import FakeGroup, FakeGroups, FakeProcess, FakeSpawner
@@ -436,9 +436,9 @@ async def test_a_bug_after_the_cutover_retires_the_old_generation_all_the_same(
         raise ValueError("a bug")
 
     if where == "retire":
-        monkeypatch.setattr("supervisor.rollout.retire", bug)
+        monkeypatch.setattr("supervisor.serve.rollout.retire", bug)
     else:
-        monkeypatch.setattr("supervisor.rollout.netstat.delta", bug)
+        monkeypatch.setattr("supervisor.serve.rollout.netstat.delta", bug)
     async with running() as rig:
         old = rig.live(1)
         report = await rig.reload()

@@ -17,7 +17,7 @@ import structlog
 import trio
 import trio.testing
 
-from supervisor.output import BURST, MAX_LINE, OutputHub, Pipe, level_of, open_pipes
+from supervisor.serve.output import BURST, MAX_LINE, OutputHub, Pipe, level_of, open_pipes
 from tests.harness import Daemon, cpu_seconds, free_port, service_toml, wait_until
 
 
@@ -81,7 +81,7 @@ def test_daemon_lines_carry_journald_priorities(tmp_path: Path) -> None:
         st = os.fstat(1)
         os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
         import structlog
-        from supervisor import logs
+        from supervisor.observe import logs
         logs.configure("json", "debug")
         log = structlog.get_logger()
         log.info("i"); log.warning("w"); log.error("e"); log.debug("d")
@@ -116,7 +116,7 @@ def test_each_daemon_line_is_one_write_on_an_unbuffered_stdout() -> None:
         recorder = Recorder()
         sys.stdout = io.TextIOWrapper(recorder, write_through=True)  # as python -u has it
         import structlog
-        from supervisor import logs
+        from supervisor.observe import logs
         logs.configure("json", "info")
         structlog.get_logger().info("one", detail="x" * 3000)
         structlog.get_logger().warning("two")

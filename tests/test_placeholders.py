@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.config.loader import load_config, parse_config
 from supervisor.errors import ConfigError
 from supervisor.kernel.files import ensure_directory
-from supervisor.loader import load_config, parse_config
 
 NGINX = """
 [services.nginx]

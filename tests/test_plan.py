@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from supervisor.loader import parse_config
-from supervisor.plan import describe, plan_config, plan_service, socket_changes, substitute
+from supervisor.config.loader import parse_config
+from supervisor.plan.plan import describe, plan_config, plan_service, socket_changes, substitute
 
 CONFIG = """
 [services.web]

@@ -244,7 +244,7 @@ def test_rollbacks_keep_the_old_generation_serving(migrating: tuple[Daemon, int]
             web(port, extra='preflight = ["sh", "-c", "echo nginx: bad directive; exit 3"]')
         )
         cli = subprocess.run(
-            [sys.executable, "-m", "supervisor.ctl", "-s", str(daemon.control), "reload"],
+            [sys.executable, "-m", "supervisor.control.ctl", "-s", str(daemon.control), "reload"],
             capture_output=True,
             text=True,
             timeout=120,

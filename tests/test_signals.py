@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import pytest
 
-from supervisor.signals import IGNORED, name
+from supervisor.daemon.signals import IGNORED, name
 from tests.harness import Daemon, free_port, service_toml, upgrading, wait_until
 from tests.load import Load
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from supervisor.config import MAX_WORKERS
+from supervisor.config.schema import MAX_WORKERS
 from supervisor.kernel import cbpf
 from supervisor.kernel.sockets import ListenerOptions, open_listener
 from supervisor.kernel.sysctl import MIGRATE_REQ, set_migrate_req

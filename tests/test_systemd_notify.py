@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.fdstore import CONFIG_NAME
+from supervisor.daemon.systemd import monotonic_usec
+from supervisor.handoff.fdstore import CONFIG_NAME
 from supervisor.kernel.notify import parse
-from supervisor.systemd import monotonic_usec
 from tests.harness import Daemon, free_port, service_toml, smuggling_worker
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]

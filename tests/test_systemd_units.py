@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import DEFAULT_CONTROL_SOCKET
+from supervisor.config.schema import DEFAULT_CONTROL_SOCKET
 from supervisor.kernel import sysctl
 
 ROOT = Path(__file__).resolve().parent.parent

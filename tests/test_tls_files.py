@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import TlsFiles
+from supervisor.config.schema import TlsFiles
+from supervisor.config.tls import check_pair
 from supervisor.errors import TlsError
-from supervisor.tls import check_pair
 from tests.certs import DAY, NOW, issue, write_pair
 
 

@@ -180,7 +180,7 @@ def test_the_cli_upgrade_is_synchronous_and_says_what_it_did(
     start_daemon: Callable[..., Daemon],
 ) -> None:
     daemon = start_daemon(web(free_port(), workers=2))
-    cli = [sys.executable, "-m", "supervisor.ctl", "-s", str(daemon.control), "upgrade"]
+    cli = [sys.executable, "-m", "supervisor.control.ctl", "-s", str(daemon.control), "upgrade"]
     text = subprocess.run(cli, capture_output=True, text=True, timeout=120, check=True).stdout
     assert "upgraded 0.1.0 -> 0.1.0 in place" in text
     assert "adopted: 1 service(s), 2 listener(s), 2 worker(s); restarted: 0 worker(s)" in text
@@ -314,7 +314,7 @@ def test_a_new_install_with_a_module_that_does_not_import_is_refused(
         refused = daemon.upgrade()
     assert not refused.ok, refused.answer
     reason = refused.answer["reasons"][0]
-    assert "module supervisor.handover does not import: SyntaxError" in reason, reason
+    assert "module supervisor.daemon.handover does not import: SyntaxError" in reason, reason
     assert daemon.proc.poll() is None
     assert daemon.worker_pids() == workers
     assert load.result.failed == 0, (load.result.failures, load.result.examples)

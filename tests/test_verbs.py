@@ -20,7 +20,7 @@ from tests.load import Load
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
-CTL = [sys.executable, "-m", "supervisor.ctl"]
+CTL = [sys.executable, "-m", "supervisor.control.ctl"]
 # A worker that says which signal it got: its stdout becomes worker_output events.
 TELLING = (
     "import signal, socket, sys, time\n"

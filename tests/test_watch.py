@@ -7,7 +7,7 @@ from pathlib import Path
 
 import trio
 
-from supervisor.watch import WatchSpec, watch_files
+from supervisor.control.watch import WatchSpec, watch_files
 
 DEBOUNCE = 0.3
 

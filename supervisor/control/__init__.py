@@ -1,1 +1,3 @@
-"""The control plane: the unix control socket and its JSON-lines protocol."""
+"""The operator's side: requests in, snapshots out. The unix control socket
+and its JSON-lines protocol, access checks, watched files, and
+``supervisorctl`` (``ctl``)."""

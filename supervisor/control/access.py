@@ -15,8 +15,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from supervisor.config import SupervisorSection
-from supervisor.errors import ConfigIssue
+from supervisor.config.schema import SupervisorSection
 
 SO_PEERGROUPS = 59  # Linux 4.13+; not in Python's socket module
 _UCRED = struct.Struct("iII")  # pid, uid, gid
@@ -69,27 +68,3 @@ class Access:
 
     def describe(self) -> dict[str, list[int]]:
         return {"uids": sorted(self.uids), "gids": sorted(self.gids)}
-
-
-def check_names(section: SupervisorSection) -> list[ConfigIssue]:
-    """Every configured user and group must exist on this host."""
-    issues = []
-    for index, name in enumerate(section.control_allow_users):
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            issues.append(
-                ConfigIssue(f"supervisor.control_allow_users.{index}", f"no user {name!r}")
-            )
-    named = [
-        (f"supervisor.control_allow_groups.{i}", n)
-        for i, n in enumerate(section.control_allow_groups)
-    ]
-    if section.control_socket_group is not None:
-        named.append(("supervisor.control_socket_group", section.control_socket_group))
-    for where, name in named:
-        try:
-            grp.getgrnam(name)
-        except KeyError:
-            issues.append(ConfigIssue(where, f"no group {name!r}"))
-    return issues

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from supervisor.config import MAX_WORKERS
-from supervisor.metrics import Format
+from supervisor.config.schema import MAX_WORKERS
+from supervisor.observe.metrics import Format
 from supervisor.values import SignalName
 
 MAX_LINE = 64 * 1024

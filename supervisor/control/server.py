@@ -21,10 +21,10 @@ import trio
 
 from supervisor.control import protocol
 from supervisor.control.access import Access, Peer, peer_of
+from supervisor.control.requests import Reload, Reply, Request, Shutdown, Signal, Switch, Upgrade
 from supervisor.errors import OUT_OF_RESOURCES, AlreadyRunning, ControlError
 from supervisor.kernel import caps
-from supervisor.metrics import Format
-from supervisor.requests import Reload, Reply, Request, Shutdown, Signal, Switch, Upgrade
+from supervisor.observe.metrics import Format
 from supervisor.status import Status
 
 log = structlog.get_logger("supervisor.control")

@@ -11,8 +11,8 @@ import sys
 
 import trio
 
-from supervisor import logs
 from supervisor.demo.server import ListenFdsError, serve, tls_context
+from supervisor.observe import logs
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ A worker start must do four things in the child, after the fork and before
 the worker's own program: move the listener fds to 3, 4, ...; set
 ``LISTEN_PID`` to the child's own pid; set the parent-death signal; lower
 the soft fd limit and change directory if asked. The Python launcher
-(``supervisor/launch.py``) does them in a fresh interpreter, which costs
+(``supervisor/kernel/launch.py``) does them in a fresh interpreter, which costs
 10.5 ms of CPU per start against 1 ms for ``/usr/bin/true``. On cores that
 serve the load, a reload's CPU is taken from serving: with 4 nginx workers,
 a reload cost the machine 100 ms of CPU with the launcher and 55 ms this

@@ -27,8 +27,7 @@ from typing import Literal
 import structlog
 import trio
 
-from supervisor import launch
-from supervisor.kernel import fastspawn
+from supervisor.kernel import fastspawn, launch
 
 LAUNCHER = Path(launch.__file__).resolve()
 EXIT_LAUNCH_FAILED = 127

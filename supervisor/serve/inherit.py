@@ -1,0 +1,441 @@
+"""What a starting service takes over instead of creating.
+
+Two sources, one shape (``Inheritance``):
+
+- an in-place upgrade: the state document names each fd and pid; every one
+  is checked (a socket with the same SO_COOKIE, our child with the same
+  start time, a BPF map of the right type) before it is trusted;
+- a crash or ``systemctl restart``: systemd's fd store hands back the
+  listeners and eBPF objects by name; the workers are gone and start anew.
+
+What cannot be taken over is reported and replaced, never silently dropped:
+a listener that is gone is taken back from the worker that holds it
+(``pidfd_getfd``) or bound anew and a repair rollout follows; a worker that
+is gone is respawned on its listener; steering objects that are gone are
+made anew, the old program replaced in the kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from supervisor.config.schema import ServiceConfig
+from supervisor.errors import SteeringError, SupervisorError
+from supervisor.handoff.fdstore import FdStore, StoredFd
+from supervisor.handoff.state import ListenerState, ServiceState
+from supervisor.handoff.state import WorkerState as SavedWorker
+from supervisor.kernel import fds
+from supervisor.kernel.proc import adopt_child, fd_of
+from supervisor.kernel.sockets import accept_queue, socket_cookie
+from supervisor.plan.plan import FIRST_LISTEN_FD
+from supervisor.serve.lifecycle import WorkerState
+from supervisor.serve.listener import Inherited, Listener
+from supervisor.serve.output import Pipe
+from supervisor.serve.worker import Handover
+from supervisor.steering import Role, Steering, SteeringGroup
+from supervisor.steering.discover import socks_order
+from supervisor.values import ListenAddress, parse_listen
+
+log = structlog.get_logger("supervisor.serve.inherit")
+
+TAKEOVER_TIMEOUT = 2.0  # a replaced program's old socket array lets go within this
+
+
+@dataclass
+class GroupHandover:
+    """How a group's steering is taken over (an upgrade carries it; after a
+    crash there is none: eBPF steering is made anew, the classic order learned)."""
+
+    ebpf: dict[str, int] | None = None  # map and program fds, by name
+    order: list[tuple[int, Role]] | None = None  # classic BPF: (cookie, role), socks[] order
+
+
+@dataclass
+class Inheritance:
+    """What one service finds at start."""
+
+    generation: int  # the number of the generation it runs
+    last_generation: int
+    listeners: dict[tuple[ListenAddress, int], Inherited] = field(default_factory=dict)
+    leftovers: list[tuple[ListenAddress, Inherited]] = field(default_factory=list)
+    # Slots the config no longer has (workers lowered while the daemon was
+    # down) whose listeners hold queued connections: see ``keep_queued``.
+    queued_slots: dict[tuple[ListenAddress, int], Inherited] = field(default_factory=dict)
+    handovers: dict[int, Handover] | None = None  # None: no worker runs (after a crash)
+    groups: dict[ListenAddress, GroupHandover] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    repair: bool = False  # roll out a fresh generation once serving
+    follow_up: str | None = None  # roll out the config once serving, for this reason
+    last_rollout: dict[str, object] | None = None
+    lost_workers: int = 0  # workers that were gone (respawned)
+
+    def note(self, problem: str) -> None:
+        log.warning("inherit_problem", problem=problem)
+        self.problems.append(problem)
+
+    def adopted_workers(self) -> int:
+        return sum(1 for h in (self.handovers or {}).values() if h.process is not None)
+
+
+def _socket(fd: int, cookie: int | None) -> socket.socket | None:
+    """The socket at ``fd`` if it is one (and has ``cookie``, when given)."""
+    try:
+        sock = fds.adopt_socket(fd)
+    except OSError:
+        return None
+    try:
+        if cookie is None or socket_cookie(sock) == cookie:
+            return sock
+    except SupervisorError:
+        pass
+    sock.detach()  # not ours to close: it is not the socket we were told of
+    return None
+
+
+def address_of(sock: socket.socket) -> ListenAddress | None:
+    """The address a listener is bound to, as the config would write it."""
+    try:
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return None
+    return ListenAddress("tcp" if kind == socket.SOCK_STREAM else "udp", host, port)
+
+
+# --- an in-place upgrade -------------------------------------------------------------
+
+
+def from_upgrade(state: ServiceState, config: ServiceConfig) -> Inheritance:
+    """Check and take over what the state document says this service had."""
+    found = Inheritance(state.generation, state.last_generation, last_rollout=state.last_rollout)
+    found.handovers = {}
+    pids = {w.index: w.pid for w in state.workers}
+    for worker in state.workers:
+        found.handovers[worker.index] = _worker(found, worker.index, worker)
+    for lst in state.listeners:
+        address = parse_listen(lst.address)
+        sock = _socket(lst.fd, lst.cookie) or _from_worker(found, config, address, lst, pids)
+        if sock is None:
+            found.note(
+                f"listener {address} of worker {lst.worker} (cookie {lst.cookie}) was lost in "
+                "the upgrade: a new one is bound, and a rollout replaces the generation"
+            )
+            found.repair = True
+            continue
+        found.listeners[(address, lst.worker)] = Inherited(sock, lst.name, lst.cookie)
+    for group in state.groups:
+        found.groups[parse_listen(group.address)] = GroupHandover(
+            ebpf=group.ebpf,
+            order=None if group.order is None else [(c, Role(r)) for c, r in group.order],
+        )
+    return found
+
+
+def _worker(found: Inheritance, index: int, worker: SavedWorker) -> Handover:
+    state = WorkerState(worker.state)
+    process = None if worker.pid is None else adopt_child(worker.pid, worker.start_time)
+    if worker.pid is not None and process is None:
+        found.note(f"worker {index} (pid {worker.pid}) was gone after the upgrade: respawned")
+        found.lost_workers += 1
+        state = WorkerState.BACKOFF if state is not WorkerState.FATAL else state
+    notify = _socket(worker.notify_fd, None)
+    if notify is None and process is not None:
+        found.note(f"worker {index}: its NOTIFY_SOCKET was lost; later notifications are lost")
+    pipes = _pipes(worker.output_fds)
+    if worker.output_fds and pipes is None:
+        found.note(f"worker {index}: its output pipes were lost: a rollout gives it new ones")
+        found.repair = True  # a pipe nobody reads would stop its writer once full
+    return Handover(
+        state=state,
+        process=process,
+        restarts=worker.restarts,
+        short_runs=worker.short_runs,
+        last_exit=worker.last_exit,
+        start_seconds=worker.start_seconds,
+        notify=notify,
+        pipes=pipes,
+    )
+
+
+def _pipes(numbers: Sequence[int]) -> tuple[Pipe, Pipe] | None:
+    """The handed-over output pipes, if all four ends are there."""
+    if len(numbers) != 4 or min(numbers) < 0:
+        return None
+    return Pipe("stdout", numbers[0], numbers[1]), Pipe("stderr", numbers[2], numbers[3])
+
+
+def _from_worker(
+    found: Inheritance,
+    config: ServiceConfig,
+    address: ListenAddress,
+    lst: ListenerState,
+    pids: Mapping[int, int | None],
+) -> socket.socket | None:
+    """Take a lost listener back from the worker holding it as fd 3, 4, ..."""
+    handover = (found.handovers or {}).get(lst.worker)
+    pid = pids.get(lst.worker)
+    if handover is None or handover.process is None or pid is None:
+        return None
+    try:
+        fd = fd_of(pid, FIRST_LISTEN_FD + list(config.listen).index(address))
+    except (OSError, ValueError):
+        return None
+    sock = _socket(fd, lst.cookie)
+    if sock is None:
+        os.close(fd)
+        return None
+    found.note(f"listener {address} of worker {lst.worker} was taken back from pid {pid}")
+    return sock
+
+
+# --- systemd's fd store, after a crash or a restart ---------------------------------
+
+
+def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> Inheritance:
+    """Sort what the store kept for service ``name``: one listener per (address,
+    worker) of the config is taken, the rest retire once the new workers serve.
+
+    Of two for one slot, the one that holds connections is taken, else the
+    newer generation's: after a crash in the middle of a rollout the
+    candidate's listeners were never promoted and are empty, while the serving
+    generation's queued what came during the outage. Where retirement cannot
+    migrate, the one not taken resets what it holds.
+    """
+    mine = [s for s in stored if s.service == name]
+    generations = [s.generation for s in mine if s.generation is not None]
+    newest = max(generations, default=0)
+    found = Inheritance(newest + 1, newest + 1, handovers=None)
+    wanted = set(config.listen)
+    by_slot: dict[tuple[ListenAddress, int], tuple[int, Inherited]] = {}
+    extra: dict[tuple[ListenAddress, int], tuple[int, Inherited]] = {}
+    for item in (s for s in mine if s.is_listener):
+        sock = _socket(item.fd, None)
+        address = None if sock is None else address_of(sock)
+        if sock is None or address is None:
+            found.note(f"fd store: {item.name} is not a socket: closed")
+            with contextlib.suppress(OSError):
+                os.close(item.fd)
+            continue
+        inherited = Inherited(sock, item.name, socket_cookie(sock))
+        key = (address, item.worker or 0)
+        gen = item.generation or 0
+        slots = by_slot if key[1] < config.workers else extra
+        if address not in wanted or (slots is extra and not _holds_connections(inherited)):
+            found.leftovers.append((address, inherited))
+            continue
+        if key in slots:
+            other_gen, other = slots[key]
+            if _preferred((other_gen, other), (gen, inherited)) is other:
+                found.leftovers.append((address, inherited))
+                continue
+            found.leftovers.append((address, other))
+        slots[key] = (gen, inherited)
+    found.listeners = {key: inherited for key, (_, inherited) in by_slot.items()}
+    found.queued_slots = {key: inherited for key, (_, inherited) in extra.items()}
+    return found
+
+
+def keep_queued(found: Inheritance, config: ServiceConfig, *, migrates: bool) -> ServiceConfig:
+    """The config the first generation runs: ``config``, or, where the kernel
+    cannot migrate, as many workers as it takes to serve the stored slots that
+    hold queued connections, followed by a rollout to ``config`` (which
+    retires the extra workers by drain, after they accepted those
+    connections). Shutting those listeners down would reset what they hold.
+    Where the kernel migrates, they are leftovers like any other."""
+    queued, found.queued_slots = found.queued_slots, {}
+    if migrates or not queued:
+        found.leftovers.extend((address, item) for (address, _), item in queued.items())
+        return config
+    found.listeners.update(queued)
+    workers = max(worker for _, worker in queued) + 1
+    log.info(
+        "inherited_queues_kept",
+        names=[item.name for item in queued.values()],
+        workers=workers,
+        configured=config.workers,
+    )
+    found.follow_up = f"workers {workers} -> {config.workers}: the extra slots held connections"
+    return config.model_copy(update={"workers": workers})
+
+
+def _preferred(a: tuple[int, Inherited], b: tuple[int, Inherited]) -> Inherited:
+    """Of two stored listeners for one slot: the one with queued connections,
+    else the newer generation's."""
+    a_holds, b_holds = _holds_connections(a[1]), _holds_connections(b[1])
+    if a_holds != b_holds:
+        return a[1] if a_holds else b[1]
+    return a[1] if a[0] > b[0] else b[1]
+
+
+def _holds_connections(item: Inherited) -> bool:
+    try:
+        return item.sock.type == socket.SOCK_STREAM and accept_queue(item.sock).queued > 0
+    except SupervisorError:
+        return False
+
+
+def _addresses(found: Inheritance) -> set[ListenAddress]:
+    return {a for a, _ in found.listeners} | {a for a, _ in found.leftovers}
+
+
+# --- steering ----------------------------------------------------------------------
+
+
+async def take_steering(
+    steering: Steering, found: Inheritance, store: FdStore, config: ServiceConfig
+) -> None:
+    """Put every inherited socket in its group's model before the generation starts:
+    adopt the group's eBPF objects (or replace them), or its classic order
+    (carried, or learned from the kernel). A socket that cannot be modelled is
+    closed and reported. Leftovers on an address the config no longer has
+    get no group: they are shut down once the generation serves."""
+    for address in _addresses(found) & set(config.listen):
+        members = [i for (a, _), i in found.listeners.items() if a == address]
+        leftovers = [i for a, i in found.leftovers if a == address]
+        handover = found.groups.get(address, GroupHandover())
+        if steering.backend == "ebpf":
+            await _take_ebpf(steering, address, [*members, *leftovers], handover, found=found)
+        else:
+            _take_cbpf(
+                steering, address, members, leftovers, handover=handover, found=found, store=store
+            )
+        for inherited in leftovers:
+            if inherited.sock.fileno() >= 0:
+                steering.group(address).set_role([inherited.sock], Role.RETIRING)
+
+
+async def _take_ebpf(
+    steering: Steering,
+    address: ListenAddress,
+    inherited: list[Inherited],
+    handover: GroupHandover,
+    *,
+    found: Inheritance,
+) -> None:
+    socks = [i.sock for i in inherited]
+    if handover.ebpf is not None:
+        try:
+            unslotted = steering.adopt_ebpf(address, handover.ebpf, socks)
+        except SteeringError as exc:
+            found.note(f"the steering of {address} could not be taken over ({exc}): made anew")
+        else:
+            for sock in unslotted:
+                await _join_when_free(steering.group(address), sock, found)
+            return
+    # New maps and a new program. The old program is still the group's, and
+    # its socket array holds these sockets (a socket sits in one array only):
+    # attach ours first, and the kernel lets the old array go.
+    group = steering.group(address)
+    if socks:
+        take_over = getattr(group, "take_over", None)
+        if take_over is not None:
+            try:
+                take_over(socks[0])
+            except SteeringError as exc:
+                found.note(f"the steering of {address} could not be replaced: {exc}")
+    for sock in socks:
+        await _join_when_free(group, sock, found)
+
+
+async def _join_when_free(group: SteeringGroup, sock: socket.socket, found: Inheritance) -> None:
+    """Join ``sock``, retrying while an old socket array still holds it (EBUSY)."""
+    failure: SteeringError | None = None
+    with trio.move_on_after(TAKEOVER_TIMEOUT):
+        while True:
+            try:
+                group.join(sock, Role.STANDBY)
+            except SteeringError as exc:
+                failure = exc
+                if exc.errno != errno.EBUSY:
+                    break
+                await trio.sleep(0.01)
+            else:
+                return
+    found.note(f"a listener of {group.address} could not join its steering ({failure}): closed")
+    sock.close()
+
+
+def _take_cbpf(
+    steering: Steering,
+    address: ListenAddress,
+    members: list[Inherited],
+    leftovers: list[Inherited],
+    *,
+    handover: GroupHandover,
+    found: Inheritance,
+    store: FdStore,
+) -> None:
+    everyone = [*members, *leftovers]
+    by_cookie = {i.cookie: i.sock for i in everyone}
+    roles = {i.sock: Role.RETIRING for i in leftovers}
+    order: list[socket.socket] | None = None
+    if handover.order is not None and {c for c, _ in handover.order} <= set(by_cookie):
+        order = [by_cookie[c] for c, _ in handover.order]
+        roles.update({by_cookie[c]: r for c, r in handover.order if by_cookie[c] not in roles})
+    elif address.proto == "tcp":
+        try:
+            order = socks_order(address, [i.sock for i in everyone])
+        except SteeringError as exc:
+            found.note(f"the classic BPF order of {address} could not be learned: {exc}")
+    if order is None:
+        _drop(address, everyone, found, store, "its steering order is unknown")
+        return
+    steering.adopt_cbpf(address, [(sock, roles.get(sock, Role.ACTIVE)) for sock in order])
+
+
+def _drop(
+    address: ListenAddress,
+    inherited: Iterable[Inherited],
+    found: Inheritance,
+    store: FdStore,
+    why: str,
+) -> None:
+    gone = {id(i) for i in inherited}
+    found.listeners = {k: i for k, i in found.listeners.items() if id(i) not in gone}
+    found.leftovers = [(a, i) for a, i in found.leftovers if id(i) not in gone]
+    for item in inherited:
+        found.note(f"{address}: inherited listener {item.name} closed: {why}")
+        store.drop(item.name)
+        item.sock.close()
+
+
+def retire_leftovers(
+    steering: Steering, found: Inheritance, store: FdStore, *, migrates: bool
+) -> list[str]:
+    """Shut down what was inherited and not taken (another generation's listeners,
+    an address or worker the config no longer has), now that the new
+    generation serves: the kernel migrates their queues to its active
+    listeners where it can (``migrates``), and resets them where it cannot.
+    Returns a line for each, with what it cost."""
+    groups = dict(steering.items())
+    lines = []
+    for address, item in found.leftovers:
+        if item.sock.fileno() < 0:
+            continue
+        group = groups.get(address)
+        queued, moved = 0, False
+        try:
+            if group is not None and group.role(item.sock) is not None:
+                lst = Listener(-1, address, item.sock, item.cookie, group, item.name, store)
+                queued, moved = lst.queued(), migrates and lst.active_peers() > 0
+                lst.shutdown() if lst.tcp else lst.discard()
+            else:  # an address no longer served: nothing can take its queue
+                if address.proto == "tcp":
+                    queued = accept_queue(item.sock).queued
+                    item.sock.shutdown(socket.SHUT_RDWR)
+                store.drop(item.name)
+        except (SupervisorError, OSError) as exc:
+            found.note(f"{item.name}: could not be shut down: {exc}")
+        item.sock.close()
+        fate = "moved to the new listeners" if moved else "reset: nothing can take them here"
+        lines.append(f"{item.name}: {queued} queued connection(s) {fate}" if queued else item.name)
+        log.info("inherited_listener_retired", name=item.name, queued=queued, moved=moved)
+    return lines

@@ -1,0 +1,399 @@
+"""A service: its generations over time, and the rollouts that replace them.
+
+The service owns a nursery in which its generations live. One rollout runs
+at a time; requests that arrive meanwhile coalesce into one follow-up
+rollout, which rolls out the newest config snapshot among them (each was
+validated once, by the reload that asked) and answers all of them.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from supervisor.config.schema import ServiceConfig
+from supervisor.handoff.fdstore import NO_STORE, FdStore
+from supervisor.plan.capabilities import Capabilities
+from supervisor.plan.plan import plan_service
+from supervisor.serve.generation import Generation, GenerationSpec, run_generation
+from supervisor.serve.inherit import Inheritance, keep_queued, retire_leftovers, take_steering
+from supervisor.serve.lifecycle import Watched, WorkerState
+from supervisor.serve.rollout import (
+    RolloutContext,
+    RolloutReport,
+    RolloutResult,
+    Snapshot,
+    Stage,
+    Ticket,
+    run_rollout,
+)
+from supervisor.serve.spawner import Spawner
+from supervisor.serve.worker import SlotSettings
+from supervisor.status import CertificateStatus, ServiceStatus
+from supervisor.steering import Backend, Role, Steering, SteeringGroup
+from supervisor.values import ListenAddress
+
+if TYPE_CHECKING:
+    from supervisor.config import tls
+
+log = structlog.get_logger("supervisor.serve.service")
+
+
+class ServiceState(enum.Enum):
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"  # every worker of the current generation RUNNING
+    RELOADING = "RELOADING"  # a rollout is under way; the current generation serves
+    DEGRADED = "DEGRADED"  # some worker respawning or FATAL
+    FATAL = "FATAL"  # every worker FATAL
+    STOPPING = "STOPPING"
+    STOPPED = "STOPPED"
+
+
+def _workers_state(states: set[WorkerState]) -> ServiceState:
+    if states == {WorkerState.RUNNING}:
+        return ServiceState.RUNNING
+    if states == {WorkerState.FATAL}:
+        return ServiceState.FATAL
+    return ServiceState.DEGRADED
+
+
+def slot_settings(config: ServiceConfig) -> SlotSettings:
+    return SlotSettings(
+        health=config.health,
+        ready_timeout=config.ready_timeout,
+        stop_signal=signal.Signals[config.stop_signal],
+        stop_timeout=config.stop_timeout,
+        certificate=None if config.tls is None else config.tls.cert,
+        output=config.output,
+    )
+
+
+GroupFactory = Callable[[Backend, ListenAddress], SteeringGroup]
+
+
+@dataclass(frozen=True)
+class TookOver:
+    """What a service's start took over (an upgrade, or systemd's fd store)."""
+
+    generation: int
+    listeners: int  # inherited listeners it serves on
+    workers: int  # running workers adopted (an upgrade)
+    restarted: int  # workers that were gone and are respawned
+    retired: list[str]  # inherited listeners it shut down (another generation's, ...)
+    problems: list[str]
+
+
+@dataclass(frozen=True)
+class ServiceEnv:
+    """What the daemon gives each service."""
+
+    spawner: Spawner
+    capabilities: Callable[[], Capabilities]
+    groups: GroupFactory | None = None  # steering groups; None: the backend's own
+    store: FdStore = NO_STORE  # systemd's fd store, where listeners outlive the daemon
+    # Told of every finished rollout, with the restarts of the generation it retired.
+    on_rollout: Callable[[RolloutReport, int], None] = lambda _report, _restarts: None
+
+
+class Service:
+    """One configured service; ``run`` owns its generations."""
+
+    def __init__(
+        self,
+        name: str,
+        config: ServiceConfig,
+        env: ServiceEnv,
+        inheritance: Inheritance | None = None,
+        *,
+        first_generation: int = 1,
+    ) -> None:
+        self.name = name
+        self._first_generation = first_generation
+        self.config = config
+        self._env = env
+        self._inheritance = inheritance
+        self.current: Generation | None = None
+        self.stage = Stage()
+        backend = env.capabilities().steering
+        self.steering = Steering(backend, env.groups)
+        self.last_generation = 0
+        self.last_rollout: RolloutReport | None = None
+        self.inherited: TookOver | None = None  # what the start took over
+        self.certificate: tls.Served | None = None  # what the serving generation loaded
+        self._preserve = False
+        self._rolling_out = False
+        self._busy = Watched(False)  # a rollout runs or waits
+        self._queue: list[Ticket] = []
+        self._wake = trio.Event()
+        self._stop_requested = trio.Event()
+        self._stopped = False
+        self.stopped = trio.Event()
+
+    def request_stop(self, *, preserve: bool = False) -> None:
+        """Stop every generation. ``preserve``: leave the serving generation's
+        listeners (and steering) to systemd's fd store for the next daemon."""
+        self._preserve = self._preserve or preserve
+        self._stop_requested.set()
+
+    def request_rollout(self, snapshot: Snapshot, reason: str | None = None) -> Ticket:
+        """Queue a rollout to ``snapshot``; it shares the next one to start (never
+        overlaps one), which rolls out the newest snapshot of those waiting."""
+        ticket = Ticket(reason, snapshot)
+        if self._stop_requested.is_set():
+            ticket.finish(self._refused("the service is stopping"))
+            return ticket
+        self._queue.append(ticket)
+        self._wake.set()
+        self._busy.set(True)
+        return ticket
+
+    @property
+    def idle(self) -> bool:
+        """No rollout runs or waits."""
+        return not self._busy.value
+
+    async def wait_idle(self) -> None:
+        await self._busy.wait_for(lambda busy: not busy)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start generation 1; ``started()`` once it serves; roll out on request;
+        stop every generation on ``request_stop``.
+
+        Raises:
+            RolloutAborted: the first generation could not start.
+        """
+        structlog.contextvars.bind_contextvars(service=self.name)
+        try:
+            await self._run(task_status)
+        finally:
+            self.steering.close(preserve=self._preserve)
+        for ticket in self._queue:
+            ticket.finish(self._refused("the service stopped"))
+        self._stopped = True
+        self.stopped.set()
+        log.info("service_stopped")
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
+        found = self._inheritance
+        self._inheritance = None  # the sockets belong to the generation from here on
+        config = self.config
+        async with trio.open_nursery() as nursery:
+            if found is not None:
+                migrates = self._env.capabilities().can_migrate
+                config = keep_queued(found, self.config, migrates=migrates)
+                await take_steering(self.steering, found, self._env.store, config)
+            number = self._first_generation if found is None else found.generation
+            self.last_generation = number if found is None else found.last_generation
+            if found is not None and found.last_rollout is not None:
+                self.last_rollout = RolloutReport.from_dict(found.last_rollout)
+            plan = plan_service(self.name, config, number)
+            log.info("generation_starting", generation=number, workers=len(plan.workers))
+            spec = GenerationSpec(
+                plan,
+                slot_settings(config),
+                self._env.spawner,
+                self.steering,
+                Role.ACTIVE,
+                store=self._env.store,
+                inherited=None if found is None else found.listeners,
+                handovers=None if found is None else found.handovers,
+                keep_if_failed=found is not None,
+            )
+            self.current = await nursery.start(run_generation, spec)
+            self.certificate = _served(self.config)
+            if found is not None:
+                self._took_over(found)
+            task_status.started()
+            async with trio.open_nursery() as rollouts:
+                rollouts.start_soon(self._rollout_loop, nursery)
+                await self._stop_requested.wait()
+                log.info("service_stopping")
+                rollouts.cancel_scope.cancel()
+            # A rollout cut short may leave a candidate: stop every generation.
+            nursery.cancel_scope.deadline = trio.current_time() + self.config.stop_timeout + 5
+            await self.current.stop(preserve=self._preserve)
+            nursery.cancel_scope.cancel()
+
+    def _took_over(self, found: Inheritance) -> None:
+        """The first generation serves on what it inherited: retire the rest, and
+        replace the generation if something could not be taken over."""
+        assert self.current is not None
+        migrates = self._env.capabilities().can_migrate
+        retired = retire_leftovers(self.steering, found, self._env.store, migrates=migrates)
+        self.inherited = TookOver(
+            generation=self.current.number,
+            listeners=len(found.listeners),
+            workers=found.adopted_workers(),
+            restarted=found.lost_workers,
+            retired=retired,
+            problems=list(found.problems),
+        )
+        log.info("service_inherited", **asdict(self.inherited))
+        if found.repair:
+            self.request_rollout(
+                Snapshot(self.config), "repair: something was lost in the handover"
+            )
+        elif found.follow_up is not None:
+            self.request_rollout(Snapshot(self.config), found.follow_up)
+
+    async def _rollout_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            tickets, self._queue = self._queue, []
+            if tickets:
+                await self._rollout(nursery, tickets)
+            if not self._queue:
+                self._busy.set(False)
+
+    async def _rollout(self, nursery: trio.Nursery, tickets: list[Ticket]) -> None:
+        assert self.current is not None
+        old = self.current
+        reasons = sorted({t.reason for t in tickets if t.reason})
+        snapshot = next(t.snapshot for t in reversed(tickets) if t.snapshot is not None)
+        self.last_generation += 1
+        context = RolloutContext(
+            name=self.name,
+            nursery=nursery,
+            steering=self.steering,
+            spawner=self._env.spawner,
+            current=self.current,
+            generation=self.last_generation,
+            capabilities=self._env.capabilities,
+            settings=slot_settings,
+            stage=self.stage,
+            promoted=self._promoted,
+            store=self._env.store,
+        )
+
+        def say(message: str) -> None:
+            log.info("rollout_progress", message=message)
+            for ticket in tickets:
+                ticket.say(f"{self.name}: {message}")
+
+        log.info("rollout_started", callers=len(tickets), reasons=reasons)
+        self._rolling_out = True
+        try:
+            result = await run_rollout(context, snapshot, say)
+        except Exception as exc:
+            # run_rollout translates every operating failure; this is a bug.
+            # Report it and keep serving: the service must not die of it.
+            log.exception("rollout_crashed")
+            assert self.current is not None
+            result = _crashed(self.name, self.last_generation, old, self.current, exc)
+            if self.current is not old:  # after the cutover: the old one must not linger
+                with trio.CancelScope(shield=True):
+                    await old.stop()
+        except BaseException:
+            for ticket in tickets:
+                ticket.finish(self._refused("the rollout was cut short: the daemon is stopping"))
+            raise
+        finally:
+            self._rolling_out = False
+        report = result.report
+        report.reason = "; ".join(reasons) or None
+        if report.generation is None:
+            self.last_generation -= 1  # rejected before a candidate existed: no number used
+        self.last_rollout = report
+        self._env.on_rollout(report, sum(s.restarts for s in old.slots) if report.ok else 0)
+        log.info("rollout_finished", **report.to_dict())
+        for ticket in tickets:
+            ticket.finish(report)
+
+    def _promoted(self, generation: Generation, config: ServiceConfig) -> None:
+        """The cutover happened: ``generation`` serves, with ``config``."""
+        self.current, self.config = generation, config
+        self.certificate = _served(config)
+
+    def _refused(self, why: str) -> RolloutReport:
+        current = None if self.current is None else self.current.number
+        return RolloutReport(self.name, "cancelled", None, current, reasons=[why])
+
+    def signal_workers(self, sig: int, index: int | None = None) -> list[int]:
+        """Send ``sig`` to the workers of every generation this service runs
+        (during a rollout, the candidate's and the retiring one's too), or to
+        the serving generation's worker ``index``; the pids it went to."""
+        if index is not None:
+            return [] if self.current is None else self.current.signal(sig, index)
+        stage = self.stage
+        held = (self.current, stage.candidate, stage.retiring)
+        return [pid for gen in dict.fromkeys(held) if gen is not None for pid in gen.signal(sig)]
+
+    def state(self) -> ServiceState:
+        current = self.current
+        if self._stopped:
+            return ServiceState.STOPPED
+        if current is None:
+            return ServiceState.STARTING
+        if self._stop_requested.is_set():
+            return ServiceState.STOPPING
+        if self._rolling_out:
+            return ServiceState.RELOADING
+        return _workers_state({slot.state.value for slot in current.slots})
+
+    def snapshot(self) -> ServiceStatus:
+        """What ``status`` shows: during a rollout, the candidate's workers with
+        their own states and the retiring generation's as RETIRING, beside the
+        serving generation's. Reads no kernel state that could fail it."""
+        current = self.current
+        caps = self._env.capabilities()
+        last = self.last_rollout
+        stage = self.stage
+        workers = [] if current is None else current.worker_status()
+        if stage.candidate is not None:
+            workers += stage.candidate.worker_status()
+        if stage.retiring is not None:
+            workers += stage.retiring.worker_status(shown_as="RETIRING")
+        return ServiceStatus(
+            name=self.name,
+            generation=0 if current is None else current.number,
+            state=self.state().value,
+            retire=caps.retire_path(self.config.retire),
+            steering=self.steering.backend,
+            workers=workers,
+            candidate=None if stage.candidate is None else stage.candidate.number,
+            retiring=None if stage.retiring is None else stage.retiring.number,
+            certificate=_certificate(self.certificate),
+            last_rollout=None if last is None else last.to_dict(),
+        )
+
+
+def _served(config: ServiceConfig) -> tls.Served | None:
+    if config.tls is None:
+        return None
+    from supervisor.config import tls  # noqa: PLC0415  (only with [tls]: see tls.py)
+
+    return tls.served(config.tls.cert)
+
+
+def _certificate(served: tls.Served | None) -> CertificateStatus | None:
+    if served is None:
+        return None
+    return CertificateStatus(
+        path=str(served.path),
+        subject=served.subject,
+        not_after=served.not_after.isoformat(),
+        days_left=round(served.seconds_left() / 86400, 2),
+    )
+
+
+def _crashed(
+    name: str, generation: int, old: Generation, current: Generation, exc: Exception
+) -> RolloutResult:
+    """The report of a rollout that raised: rolled back if the old generation
+    still serves; after the cutover, succeeded, with the error as a problem."""
+    error = f"internal error: {exc!r}"
+    if current is old:
+        return RolloutResult(
+            RolloutReport(name, "rolled_back", generation, old.number, reasons=[error])
+        )
+    report = RolloutReport(name, "succeeded", current.number, old.number)
+    stopped = f"generation {old.number} was stopped without its planned retirement"
+    report.problems = [f"{error}; {stopped}"]
+    return RolloutResult(report, current, None)
