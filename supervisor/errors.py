@@ -195,6 +195,28 @@ class AlreadyRunning(ControlError):
         super().__init__(f"another supervisord is already serving the control socket {path}")
 
 
+class ProtocolError(ControlError, ValueError):
+    """A request line that is not a valid request."""
+
+
+class HandoffError(SupervisorError):
+    """What crosses an exec or a crash (the upgrade's state document, systemd's
+    fd store) could not cross."""
+
+
+class StateError(HandoffError):
+    """A state document that cannot be read, or is of a version this code does not know."""
+
+
+class UpgradeRefused(HandoffError):
+    """The new code cannot take over; nothing changed and the old image serves on."""
+
+
+class TransitionError(RuntimeError):
+    """A state change the lifecycle does not allow: a bug, not an operating
+    condition (so not a SupervisorError: nothing should handle it)."""
+
+
 def leaves(group: BaseExceptionGroup[ExcT]) -> list[ExcT]:
     """The exceptions inside a (possibly nested) exception group, in order."""
     out: list[ExcT] = []

@@ -11,11 +11,10 @@ import trio.testing
 
 from supervisor.config.loader import parse_config
 from supervisor.config.schema import HealthNone, HealthNotify
-from supervisor.errors import HealthCheckFailed, SpawnError
+from supervisor.errors import HealthCheckFailed, SpawnError, TransitionError
 from supervisor.plan.plan import plan_worker
 from supervisor.serve.lifecycle import (
     RestartPolicy,
-    TransitionError,
     Watched,
     WorkerState,
     check_transition,

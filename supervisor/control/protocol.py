@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from supervisor.config.schema import MAX_WORKERS
+from supervisor.errors import ProtocolError
 from supervisor.observe.metrics import Format
 from supervisor.values import SignalName
 
@@ -43,10 +44,6 @@ class ControlRequest(BaseModel):
         if self.command in ("stop", "start") and self.service is None:
             raise ValueError(f"{self.command} needs a service")
         return self
-
-
-class ProtocolError(ValueError):
-    """A request line that is not a valid request."""
 
 
 def parse_request(line: bytes) -> ControlRequest:

@@ -22,7 +22,7 @@ import trio
 from supervisor.control import protocol
 from supervisor.control.access import Access, Peer, peer_of
 from supervisor.control.requests import Reload, Reply, Request, Shutdown, Signal, Switch, Upgrade
-from supervisor.errors import OUT_OF_RESOURCES, AlreadyRunning, ControlError
+from supervisor.errors import OUT_OF_RESOURCES, AlreadyRunning, ControlError, ProtocolError
 from supervisor.kernel import caps
 from supervisor.observe.metrics import Format
 from supervisor.status import Status
@@ -251,7 +251,7 @@ class ControlServer:
             return
         try:
             request = protocol.parse_request(await _read_line(stream))
-        except (protocol.ProtocolError, trio.TooSlowError) as exc:
+        except (ProtocolError, trio.TooSlowError) as exc:
             message = str(exc) or "no request received in time"
             log.warning("control_bad_request", peer_pid=peer.pid, reason=message)
             await _refuse(stream, message)
@@ -346,11 +346,11 @@ async def _read_line(stream: trio.SocketStream) -> bytes:
     with trio.fail_after(REQUEST_TIMEOUT):
         while b"\n" not in buffer:
             if len(buffer) > protocol.MAX_LINE:
-                raise protocol.ProtocolError(f"request longer than {protocol.MAX_LINE} bytes")
+                raise ProtocolError(f"request longer than {protocol.MAX_LINE} bytes")
             chunk = await stream.receive_some(4096)
             if not chunk:
                 if buffer.strip():
                     break
-                raise protocol.ProtocolError("connection closed before a request was sent")
+                raise ProtocolError("connection closed before a request was sent")
             buffer += chunk
     return buffer.split(b"\n", 1)[0]

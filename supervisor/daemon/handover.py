@@ -27,6 +27,7 @@ from supervisor import __version__
 from supervisor.control import protocol
 from supervisor.control.requests import Reload, Reply, Upgrade
 from supervisor.daemon import signals, upgrade
+from supervisor.errors import UpgradeRefused
 from supervisor.handoff import state
 from supervisor.handoff.state import ClientState, DaemonState
 
@@ -96,7 +97,7 @@ async def run_upgrade(daemon: Daemon, root: trio.Nursery) -> None:
             error = upgrade.execute(entry, document, environ)  # returns only if it failed
         daemon.notifier.reload_finished(daemon.summary())
         reason = f"exec {entry[0]} failed: {error}"
-    except upgrade.UpgradeRefused as exc:
+    except UpgradeRefused as exc:
         reason = str(exc)
     finally:
         log.error("upgrade_refused", reason=reason)

@@ -42,9 +42,9 @@ from supervisor.daemon import signals, upgrade
 from supervisor.daemon.daemon import Daemon, Handed
 from supervisor.daemon.switch import Stopped
 from supervisor.daemon.systemd import SystemdNotifier
-from supervisor.errors import ConfigError, SupervisorError
+from supervisor.errors import ConfigError, StateError, SupervisorError
 from supervisor.handoff import fdstore
-from supervisor.handoff.state import DaemonState, StateError
+from supervisor.handoff.state import DaemonState
 from supervisor.kernel import fds, proc, sysctl
 from supervisor.kernel.proc import raise_fd_limit
 from supervisor.observe import logs

@@ -22,7 +22,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from supervisor.errors import SupervisorError
+from supervisor.errors import StateError, UpgradeRefused
 from supervisor.handoff import state
 from supervisor.handoff.state import (
     DaemonState,
@@ -41,10 +41,6 @@ log = structlog.get_logger("supervisor.daemon.upgrade")
 
 CHECK_TIMEOUT = 30.0
 STATE_FD_FLAG = "--state-fd"
-
-
-class UpgradeRefused(SupervisorError):
-    """The new code cannot take over; nothing changed and the old image serves on."""
 
 
 def monotonic() -> float:
@@ -185,7 +181,7 @@ def read_document(fd: int, *, verify: bool = True) -> tuple[DaemonState, list[in
     try:
         data = fds.read_sealed(fd)
     except OSError as exc:
-        raise state.StateError(f"fd {fd}: {exc}") from exc
+        raise StateError(f"fd {fd}: {exc}") from exc
     finally:
         os.close(fd)
     document = state.decode(data)

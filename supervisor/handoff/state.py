@@ -18,15 +18,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from supervisor.errors import SupervisorError
+from supervisor.errors import StateError
 from supervisor.kernel import fds
 
 VERSION = 1
 READABLE = frozenset({1})  # versions this code can adopt
-
-
-class StateError(SupervisorError):
-    """A state document that cannot be read, or is of a version this code does not know."""
 
 
 class Doc(BaseModel):

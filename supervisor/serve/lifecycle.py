@@ -15,6 +15,8 @@ from typing import Generic, TypeVar
 
 import trio
 
+from supervisor.errors import TransitionError
+
 T = TypeVar("T")
 
 
@@ -39,10 +41,6 @@ _ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.EXITED: frozenset(),
     WorkerState.FATAL: frozenset(),
 }
-
-
-class TransitionError(RuntimeError):
-    """A state change the lifecycle does not allow: a bug, not an operating condition."""
 
 
 def check_transition(old: WorkerState, new: WorkerState) -> None:
