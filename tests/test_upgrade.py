@@ -307,7 +307,7 @@ def test_a_new_install_with_a_module_that_does_not_import_is_refused(
     port = free_port()
     daemon = start_daemon(web(port, workers=2), entry=[str(entry)])
     workers = daemon.worker_pids()
-    handover = root / "supervisor" / "handover.py"
+    handover = root / "supervisor" / "daemon" / "handover.py"
     handover.write_text(handover.read_text() + "\ndef broken(:\n")
     with Load(port, threads=4, duration=60, max_connections=20_000) as load:
         wait_until(load.answered, 15, "the load to be answered")
