@@ -3,7 +3,7 @@
 Handshakes are held half-open with a tc filter on loopback (in the test's
 private network namespace) that drops pure ACKs to the port: the server
 keeps a request socket until the client's first data segment brings the
-ACK along (KERNEL.md section 1, experiment q1).
+ACK along (docs/kernel.md §1).
 """
 
 from __future__ import annotations

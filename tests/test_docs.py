@@ -110,3 +110,17 @@ def test_the_json_schema_takes_what_the_loader_takes() -> None:
     assert {"type": "string"} in service["stop_timeout"]["anyOf"], "durations as text"
     assert service["listen"]["items"]["type"] == "string"
     assert "description" in service["command"]
+
+
+def test_every_citation_of_the_kernel_facts_names_a_section_that_exists() -> None:
+    """Docstrings cite ``docs/kernel.md §N``; its sections are numbered so
+    they resolve, and nothing cites the maintainers' notes outside the tree."""
+    sections = set(re.findall(r"^## (\d+)\. ", (ROOT / "docs" / "kernel.md").read_text(), re.M))
+    cited: dict[str, str] = {}
+    for path in [*(ROOT / "supervisor").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]:
+        text = path.read_text()
+        assert not re.search(r"\b(KERNEL|DESIGN)\.md\b", text), f"{path}: cite docs/ instead"
+        for citation in re.findall(r"docs/kernel\.md\s+((?:§\d+(?:,\s*)?)+)", text):
+            cited |= {n: str(path) for n in re.findall(r"§(\d+)", citation)}
+    assert cited, "no citation found: the pattern is wrong"
+    assert set(cited) <= sections, {n: cited[n] for n in set(cited) - sections}

@@ -1,4 +1,4 @@
-"""The config schema: frozen pydantic models in the shape of DESIGN.md.
+"""The config schema: frozen pydantic models in the shape of docs/design.md.
 
 Models are pure: they check types, ranges and cross-field rules. Facts about
 the host (does the command exist, does the user exist) are checked by

@@ -1,7 +1,7 @@
 """The ``bpf()`` syscall through ctypes: maps and program load, no compiler.
 
-Layouts of ``union bpf_attr`` are from include/uapi/linux/bpf.h (KERNEL.md
-section 4). Every map and program is an fd owned by one ``BpfObject``;
+Layouts of ``union bpf_attr`` are from include/uapi/linux/bpf.h (docs/kernel.md
+§3). Every map and program is an fd owned by one ``BpfObject``;
 ``close()`` releases it (a program attached to a reuseport group stays
 attached: the group holds its own reference).
 """

@@ -1,7 +1,7 @@
 """Classic BPF for reuseport groups: instruction encoding and attach/detach.
 
 A reuseport cBPF program returns an index into the group's listening
-sockets (KERNEL.md section 2). It cannot drop: an index past the end makes
+sockets (docs/kernel.md §2). It cannot drop: an index past the end makes
 the kernel fall back to its own hash over every listening member. Loads use
 ``SKF_NET_OFF`` because ``skb->data`` points past the transport header.
 """

@@ -4,7 +4,7 @@ A drain must know when every SYN steered to a retiring listener has become
 a connection in its accept queue or has died. Request sockets
 (``TCP_NEW_SYN_RECV``) are dumped by ``inet_req_diag_fill`` with state
 SYN_RECV and their own cookie, but not with their listener: the kernel only
-tells us the local address and port (KERNEL.md section 6). So a drain takes
+tells us the local address and port (docs/kernel.md §4). So a drain takes
 the set of pending handshakes on its address once steering has moved away,
 and waits until each of them is gone: no new request can be created for a
 listener that no longer receives SYNs.

@@ -100,7 +100,7 @@ def socket_changes(old: ServiceConfig, new: ServiceConfig) -> list[str]:
 
     The kernel would migrate a request between such listeners as if they were
     alike; the application could then see a connection with settings it did
-    not ask for (KERNEL.md section 1, "still lost", item 6). A rollout with
+    not ask for (docs/kernel.md §1). A rollout with
     changes retires by drain and refuses migrations where it can.
     """
     changes = []

@@ -1,8 +1,8 @@
 """Retirement of an old generation that no longer gets new connections
-(KERNEL.md sections 1, 5, 6). Cutover (``cutover.promote``) comes first.
+(docs/kernel.md §1, §4). Cutover (``cutover.promote``) comes first.
 
-- *migrate*: after a short pause (the kernel race of KERNEL.md section 1,
-  item 4: a handshake completing during close is reset; measured: none once
+- *migrate*: after a short pause (the kernel race of docs/kernel.md §1:
+  a handshake completing during close is reset; measured: none once
   the listener had been steered away 10 ms before), the old workers get
   their stop signal, then each old listener is ``shutdown(SHUT_RDWR)``; the
   kernel moves its accept queue and half-open requests to active listeners

@@ -1,7 +1,7 @@
 """Classic BPF steering (unprivileged): an exact model of the group's socks[].
 
 The supervisor creates every member of its groups, so it can model the
-kernel's ``socks[]`` listening section exactly (KERNEL.md section 2):
+kernel's ``socks[]`` listening section exactly (docs/kernel.md §2):
 ``listen()`` appends; leaving (``shutdown()``, or the last ``close()``)
 moves the last member into the hole. Members moved to the closed section by
 a migrating shutdown are no longer indexable by a program, so the model

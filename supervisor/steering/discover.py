@@ -1,7 +1,7 @@
 """Learn the kernel's ``socks[]`` order of a reuseport group we did not build.
 
 Classic BPF steers by index into the group's listening section, so its model
-must know the order of every member (KERNEL.md section 2). After a crash the
+must know the order of every member (docs/kernel.md §2). After a crash the
 daemon gets its listeners back from systemd's fd store, still in their group,
 in an order nobody remembers. This module asks the kernel: for each index k
 it attaches a program that sends every new connection to ``socks[k]``,

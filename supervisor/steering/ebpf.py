@@ -1,4 +1,4 @@
-"""eBPF steering of one reuseport group (needs CAP_BPF; KERNEL.md section 3).
+"""eBPF steering of one reuseport group (needs CAP_BPF; docs/kernel.md §3).
 
 Members sit in a ``REUSEPORT_SOCKARRAY`` by identity (a slot each), so no
 index model is needed and the program stays attached across membership

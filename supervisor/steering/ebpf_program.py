@@ -1,6 +1,6 @@
 """The SK_REUSEPORT program of eBPF steering, and the layout of its maps.
 
-Loaded as ``SELECT_OR_MIGRATE`` (KERNEL.md section 3), it runs for every
+Loaded as ``SELECT_OR_MIGRATE`` (docs/kernel.md §3), it runs for every
 new SYN and for every request the kernel migrates away from a listener
 that was shut down:
 
