@@ -28,7 +28,7 @@ from supervisor.daemon.reloads import ServiceDirectory, handle_reload
 from supervisor.errors import DiagError, KernelFeatureMissing
 from supervisor.kernel import bpf, diag
 from supervisor.plan.capabilities import Capabilities
-from supervisor.serve.rollout import RolloutReport, Snapshot, ready_progress
+from supervisor.serve.rollout import RolloutReport, ValidatedConfig, ready_progress
 from supervisor.serve.service import Service, ServiceEnv
 from supervisor.steering import Role
 from supervisor.steering.ebpf import available as ebpf_available
@@ -62,8 +62,8 @@ class Rig:
     nursery: trio.Nursery
     base: dict[str, str]  # the keys the service started with
 
-    def snapshot(self, **keys: str) -> Snapshot:
-        return Snapshot(config(self.port, **{**self.base, **keys}))
+    def snapshot(self, **keys: str) -> ValidatedConfig:
+        return ValidatedConfig(config(self.port, **{**self.base, **keys}))
 
     def group(self) -> FakeGroup:
         return next(iter(self.groups.made.values()))

@@ -51,7 +51,7 @@ from supervisor.daemon.systemd import SystemdNotifier
 from supervisor.daemon.upgrade import monotonic
 from supervisor.errors import ConfigError, SupervisorError, leaves
 from supervisor.handoff.fdstore import NO_STORE, FdStore
-from supervisor.handoff.state import ClientState
+from supervisor.handoff.state import ClientDoc
 from supervisor.kernel import sysctl
 from supervisor.observe import expiry, metrics, metrics_http
 from supervisor.plan.capabilities import Capabilities, check
@@ -68,8 +68,8 @@ class Handed:
     """What the image before an in-place upgrade left to this one."""
 
     control: socket.socket | None  # None: lost in the handover, bound anew
-    clients: list[ClientState]
-    pending: list[ClientState]
+    clients: list[ClientDoc]
+    pending: list[ClientDoc]
     started_at: float
     requested_at: float
     upgrades: int

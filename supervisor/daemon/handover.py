@@ -29,7 +29,7 @@ from supervisor.control.requests import Reload, Reply, Upgrade
 from supervisor.daemon import signals, upgrade
 from supervisor.errors import UpgradeRefused
 from supervisor.handoff import state
-from supervisor.handoff.state import ClientState, DaemonState
+from supervisor.handoff.state import ClientDoc, DaemonDoc
 
 if TYPE_CHECKING:
     from supervisor.daemon.daemon import Daemon, UpgradeRun
@@ -136,19 +136,19 @@ def _absorb(daemon: Daemon, run: UpgradeRun) -> None:
             daemon.send_nowait(request)
 
 
-def export(daemon: Daemon, run: UpgradeRun, *, with_clients: bool = True) -> DaemonState:
+def export(daemon: Daemon, run: UpgradeRun, *, with_clients: bool = True) -> DaemonDoc:
     """The whole daemon as the state document (services idle: no rollout runs)."""
     assert daemon.control_sock is not None
-    clients: list[ClientState] = []
-    pending: list[ClientState] = []
+    clients: list[ClientDoc] = []
+    pending: list[ClientDoc] = []
     if with_clients:
         clients += [
-            ClientState(fd=caller.connection, command="upgrade", source=caller.source)
+            ClientDoc(fd=caller.connection, command="upgrade", source=caller.source)
             for caller in run.callers
             if caller.connection is not None
         ]
         for request in run.parked:
-            item = ClientState(
+            item = ClientDoc(
                 fd=request.connection if request.connection is not None else -1,
                 command="restart" if request.keep_config else "reload",
                 service=request.service,
@@ -156,7 +156,7 @@ def export(daemon: Daemon, run: UpgradeRun, *, with_clients: bool = True) -> Dae
                 source=request.source,
             )
             (clients if request.connection is not None else pending).append(item)
-    return DaemonState(
+    return DaemonDoc(
         software=__version__,
         config_path=str(daemon.config_path),
         supervisor=daemon.config.supervisor.model_dump(mode="json"),
@@ -199,7 +199,7 @@ def finish(daemon: Daemon, root: trio.Nursery) -> None:
         daemon.start_reload(root, _reload_for(client, None))
 
 
-def _reload_for(client: ClientState, reply: Reply | None) -> Reload:
+def _reload_for(client: ClientDoc, reply: Reply | None) -> Reload:
     """The reload (or restart) a client asked for before the upgrade."""
     restart = client.command == "restart"
     return Reload(client.source, client.service, client.reason, reply, keep_config=restart)

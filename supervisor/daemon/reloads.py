@@ -23,7 +23,7 @@ from supervisor.config.schema import Config
 from supervisor.control import protocol
 from supervisor.control.requests import Reload, Reply
 from supervisor.errors import ConfigError, SupervisorError
-from supervisor.serve.rollout import Snapshot, Ticket
+from supervisor.serve.rollout import Ticket, ValidatedConfig
 from supervisor.serve.service import Service
 
 log = structlog.get_logger("supervisor.daemon.reloads")
@@ -118,7 +118,7 @@ async def _from_file(
     notes: list[str],
     results: dict[str, dict[str, Any]],
     say: Callable[[str], Awaitable[None]],
-) -> dict[str, Snapshot]:
+) -> dict[str, ValidatedConfig]:
     """``reload``: the file, loaded and judged once; services new in it started
     and those gone from it stopped (a reload of every service); the snapshot
     each service rolls out.
@@ -151,10 +151,10 @@ async def _from_file(
         names = [n for n in config.services if n in directory.services and n not in results]
     else:
         names = [service]
-    return {name: Snapshot(config.services[name], validated_in) for name in names}
+    return {name: ValidatedConfig(config.services[name], validated_in) for name in names}
 
 
-def _running(directory: ServiceDirectory, service: str | None) -> dict[str, Snapshot]:
+def _running(directory: ServiceDirectory, service: str | None) -> dict[str, ValidatedConfig]:
     """``supervisorctl restart``: each service's snapshot of the config it runs
     (the file is neither read nor judged).
 
@@ -164,7 +164,7 @@ def _running(directory: ServiceDirectory, service: str | None) -> dict[str, Snap
     if service is not None and service not in directory.services:
         raise _Refused(protocol.error(f"no service named {service!r}", services={}))
     names = list(directory.services) if service is None else [service]
-    return {name: Snapshot(directory.services[name].config) for name in names}
+    return {name: ValidatedConfig(directory.services[name].config) for name in names}
 
 
 def _stopped(name: str) -> dict[str, Any]:

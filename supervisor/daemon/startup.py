@@ -44,7 +44,7 @@ from supervisor.daemon.switch import Stopped
 from supervisor.daemon.systemd import SystemdNotifier
 from supervisor.errors import ConfigError, StateError, SupervisorError
 from supervisor.handoff import fdstore
-from supervisor.handoff.state import DaemonState
+from supervisor.handoff.state import DaemonDoc
 from supervisor.kernel import fds, proc, sysctl
 from supervisor.kernel.proc import raise_fd_limit
 from supervisor.observe import logs
@@ -240,7 +240,7 @@ def _check(path: Path, config: Config) -> int:
     return EXIT_OK
 
 
-def _stopped_of(document: DaemonState) -> dict[str, Stopped]:
+def _stopped_of(document: DaemonDoc) -> dict[str, Stopped]:
     """The services the previous image had stopped (``supervisorctl stop``).
 
     Raises:
@@ -252,7 +252,7 @@ def _stopped_of(document: DaemonState) -> dict[str, Stopped]:
         raise ConfigError("a stopped service's config", issues_from_validation(exc)) from exc
 
 
-def _config_of(document: DaemonState) -> Config:
+def _config_of(document: DaemonDoc) -> Config:
     """The config the previous image ran (its stopped services' too), validated
     by this code's schema.
 

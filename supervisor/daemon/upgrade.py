@@ -25,11 +25,11 @@ import trio
 from supervisor.errors import StateError, UpgradeRefused
 from supervisor.handoff import state
 from supervisor.handoff.state import (
-    DaemonState,
-    GroupState,
-    ListenerState,
-    ServiceState,
-    WorkerState,
+    DaemonDoc,
+    GroupDoc,
+    ListenerDoc,
+    ServiceDoc,
+    WorkerDoc,
 )
 from supervisor.kernel import fds
 from supervisor.kernel.proc import run_command, start_time
@@ -70,13 +70,13 @@ def entry_point() -> list[str]:
     return out
 
 
-def export_service(service: Service) -> ServiceState:
+def export_service(service: Service) -> ServiceDoc:
     """A serving, idle service (no rollout under way) as the next image needs it."""
     current = service.current
     assert current is not None
     cookies = {id(lst.sock): lst.cookie for lst in current.listeners}
     listeners = [
-        ListenerState(
+        ListenerDoc(
             fd=lst.sock.fileno(),
             worker=lst.worker,
             address=str(lst.address),
@@ -92,7 +92,7 @@ def export_service(service: Service) -> ServiceState:
         pid = None if handover.process is None else handover.process.pid
         assert slot.notify_fd is not None
         workers.append(
-            WorkerState(
+            WorkerDoc(
                 index=slot.plan.index,
                 state=handover.state.value,
                 pid=pid,
@@ -108,12 +108,12 @@ def export_service(service: Service) -> ServiceState:
     groups = []
     for address, group in service.steering.items():
         if isinstance(group, EbpfGroup):
-            groups.append(GroupState(address=str(address), ebpf=group.objects()))
+            groups.append(GroupDoc(address=str(address), ebpf=group.objects()))
         elif isinstance(group, CbpfGroup):
             order = [(cookies[id(sock)], role.value) for sock, role in group.order()]
-            groups.append(GroupState(address=str(address), order=order))
+            groups.append(GroupDoc(address=str(address), order=order))
     last = service.last_rollout
-    return ServiceState(
+    return ServiceDoc(
         name=service.name,
         config=service.config.model_dump(mode="json"),
         steering=service.steering.backend,
@@ -148,7 +148,7 @@ async def check_new_code(entry: Sequence[str], document: bytes) -> str:
     return done.output.strip()
 
 
-def execute(entry: Sequence[str], document: DaemonState, environ: Mapping[str, str]) -> OSError:
+def execute(entry: Sequence[str], document: DaemonDoc, environ: Mapping[str, str]) -> OSError:
     """Exec the new image with ``document`` and ``environ`` (the daemon's own
     environment, systemd's variables put back); returns only if the exec
     failed (every fd is close-on-exec again then, and the old image serves on)."""
@@ -170,7 +170,7 @@ def execute(entry: Sequence[str], document: DaemonState, environ: Mapping[str, s
     return error
 
 
-def read_document(fd: int, *, verify: bool = True) -> tuple[DaemonState, list[int]]:
+def read_document(fd: int, *, verify: bool = True) -> tuple[DaemonDoc, list[int]]:
     """The state document the previous image left at ``fd`` (closed after
     reading). ``verify``: every fd it names that is not what it was at the exec
     (closed, or its number reused) is replaced by -1, and listed.

@@ -29,7 +29,7 @@ class Doc(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class ListenerState(Doc):
+class ListenerDoc(Doc):
     fd: int
     worker: int
     address: str  # as in the config: 127.0.0.1:8080, udp://[::1]:53
@@ -37,7 +37,7 @@ class ListenerState(Doc):
     name: str  # its name in systemd's fd store
 
 
-class WorkerState(Doc):
+class WorkerDoc(Doc):
     index: int
     state: Literal["STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL"]
     pid: int | None  # None when no process runs (BACKOFF, FATAL)
@@ -51,25 +51,25 @@ class WorkerState(Doc):
     output_fds: list[int] = Field(default_factory=list)
 
 
-class GroupState(Doc):
+class GroupDoc(Doc):
     address: str
     ebpf: dict[str, int] | None = None  # map and program fds, by name
     order: list[tuple[int, str]] | None = None  # classic BPF: (cookie, role) in socks[] order
 
 
-class ServiceState(Doc):
+class ServiceDoc(Doc):
     name: str
     config: dict[str, Any]  # the ServiceConfig it runs, as the config file would say it
     steering: Literal["ebpf", "cbpf"]
     generation: int
     last_generation: int
-    listeners: list[ListenerState]
-    workers: list[WorkerState]
-    groups: list[GroupState]
+    listeners: list[ListenerDoc]
+    workers: list[WorkerDoc]
+    groups: list[GroupDoc]
     last_rollout: dict[str, Any] | None = None
 
 
-class ClientState(Doc):
+class ClientDoc(Doc):
     """A control client waiting for an answer (the upgrade's callers, and
     reloads asked for during the upgrade): the new image answers it."""
 
@@ -80,7 +80,7 @@ class ClientState(Doc):
     source: str = "control"
 
 
-class DaemonState(Doc):
+class DaemonDoc(Doc):
     version: int = VERSION
     software: str  # the version of the image that wrote it
     config_path: str
@@ -89,9 +89,9 @@ class DaemonState(Doc):
     started_at: float  # CLOCK_MONOTONIC seconds of the first image's start
     upgrade_requested_at: float  # CLOCK_MONOTONIC seconds
     upgrades: int = 0  # in-place upgrades so far, this one included
-    services: list[ServiceState]
-    clients: list[ClientState] = Field(default_factory=list)
-    pending: list[ClientState] = Field(default_factory=list)  # reloads without a client
+    services: list[ServiceDoc]
+    clients: list[ClientDoc] = Field(default_factory=list)
+    pending: list[ClientDoc] = Field(default_factory=list)  # reloads without a client
     watch_seen: dict[str, dict[str, str | None]] = Field(default_factory=dict)
     last_reload: str | None = None
     identities: dict[int, tuple[int, int]] = Field(default_factory=dict)  # fd -> (dev, inode)
@@ -110,7 +110,7 @@ class DaemonState(Doc):
                 out += list((group.ebpf or {}).values())
         return [fd for fd in out if fd >= 0]
 
-    def with_identities(self) -> DaemonState:
+    def with_identities(self) -> DaemonDoc:
         """The document with the identity of each of its fds recorded (at the exec)."""
         found = {fd: fds.identity(fd) for fd in self.fds()}
         return self.model_copy(update={"identities": {k: v for k, v in found.items() if v}})
@@ -125,7 +125,7 @@ class DaemonState(Doc):
         opens anything that could take their numbers."""
         return {fd for fd in self.fds() if fds.identity(fd) != self.identities.get(fd)}
 
-    def without(self, lost: set[int]) -> DaemonState:
+    def without(self, lost: set[int]) -> DaemonDoc:
         """The document with ``lost`` fds replaced by -1: nobody may use or close them."""
         if not lost:
             return self
@@ -170,18 +170,18 @@ class DaemonState(Doc):
         )
 
 
-def encode(state: DaemonState) -> bytes:
+def encode(state: DaemonDoc) -> bytes:
     return state.model_dump_json().encode()
 
 
-def decode(data: bytes) -> DaemonState:
+def decode(data: bytes) -> DaemonDoc:
     """Parse and validate a state document.
 
     Raises:
         StateError: not JSON, not a state document, or a version not in READABLE.
     """
     try:
-        raw = DaemonState.model_validate_json(data)
+        raw = DaemonDoc.model_validate_json(data)
     except ValidationError as exc:
         version = _version_of(data)
         if version is not None and version not in READABLE:

@@ -30,8 +30,7 @@ import trio
 from supervisor.config.schema import ServiceConfig
 from supervisor.errors import SteeringError, SupervisorError
 from supervisor.handoff.fdstore import FdStore, StoredFd
-from supervisor.handoff.state import ListenerState, ServiceState
-from supervisor.handoff.state import WorkerState as SavedWorker
+from supervisor.handoff.state import ListenerDoc, ServiceDoc, WorkerDoc
 from supervisor.kernel import fds
 from supervisor.kernel.proc import adopt_child, fd_of
 from supervisor.kernel.sockets import accept_queue, socket_cookie
@@ -113,7 +112,7 @@ def address_of(sock: socket.socket) -> ListenAddress | None:
 # --- an in-place upgrade -------------------------------------------------------------
 
 
-def from_upgrade(state: ServiceState, config: ServiceConfig) -> Inheritance:
+def from_upgrade(state: ServiceDoc, config: ServiceConfig) -> Inheritance:
     """Check and take over what the state document says this service had."""
     found = Inheritance(state.generation, state.last_generation, last_rollout=state.last_rollout)
     found.handovers = {}
@@ -139,7 +138,7 @@ def from_upgrade(state: ServiceState, config: ServiceConfig) -> Inheritance:
     return found
 
 
-def _worker(found: Inheritance, index: int, worker: SavedWorker) -> Handover:
+def _worker(found: Inheritance, index: int, worker: WorkerDoc) -> Handover:
     state = WorkerState(worker.state)
     process = None if worker.pid is None else adopt_child(worker.pid, worker.start_time)
     if worker.pid is not None and process is None:
@@ -176,7 +175,7 @@ def _from_worker(
     found: Inheritance,
     config: ServiceConfig,
     address: ListenAddress,
-    lst: ListenerState,
+    lst: ListenerDoc,
     pids: Mapping[int, int | None],
 ) -> socket.socket | None:
     """Take a lost listener back from the worker holding it as fd 3, 4, ..."""

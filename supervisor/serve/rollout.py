@@ -94,7 +94,7 @@ class Ticket:
     """One caller's share of a rollout: the config it validated, progress
     messages, then the report."""
 
-    def __init__(self, reason: str | None = None, snapshot: Snapshot | None = None) -> None:
+    def __init__(self, reason: str | None = None, snapshot: ValidatedConfig | None = None) -> None:
         self.reason = reason
         self.snapshot = snapshot
         self._send, self.messages = trio.open_memory_channel[str](256)
@@ -132,7 +132,7 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class ValidatedConfig:
     """One service's config as a reload validated it, once: the rollout uses
     exactly what the caller was shown."""
 
@@ -165,7 +165,7 @@ class RolloutResult:
 
 
 async def run_rollout(
-    ctx: RolloutContext, snapshot: Snapshot, say: Callable[[str], None]
+    ctx: RolloutContext, snapshot: ValidatedConfig, say: Callable[[str], None]
 ) -> RolloutResult:
     """Carry out one rollout of ``ctx.name`` to ``snapshot``.
 

@@ -28,9 +28,9 @@ from supervisor.serve.rollout import (
     RolloutContext,
     RolloutReport,
     RolloutResult,
-    Snapshot,
     Stage,
     Ticket,
+    ValidatedConfig,
     run_rollout,
 )
 from supervisor.serve.spawner import Spawner
@@ -141,7 +141,7 @@ class Service:
         self._preserve = self._preserve or preserve
         self._stop_requested.set()
 
-    def request_rollout(self, snapshot: Snapshot, reason: str | None = None) -> Ticket:
+    def request_rollout(self, snapshot: ValidatedConfig, reason: str | None = None) -> Ticket:
         """Queue a rollout to ``snapshot``; it shares the next one to start (never
         overlaps one), which rolls out the newest snapshot of those waiting."""
         ticket = Ticket(reason, snapshot)
@@ -237,10 +237,10 @@ class Service:
         log.info("service_inherited", **asdict(self.inherited))
         if found.repair:
             self.request_rollout(
-                Snapshot(self.config), "repair: something was lost in the handover"
+                ValidatedConfig(self.config), "repair: something was lost in the handover"
             )
         elif found.follow_up is not None:
-            self.request_rollout(Snapshot(self.config), found.follow_up)
+            self.request_rollout(ValidatedConfig(self.config), found.follow_up)
 
     async def _rollout_loop(self, nursery: trio.Nursery) -> None:
         while True:
