@@ -28,12 +28,23 @@ from dataclasses import dataclass
 import structlog
 
 from supervisor.kernel import fds, notify
+from supervisor.values import ListenAddress
 
 log = structlog.get_logger("supervisor.handoff.fdstore")
 
 FIRST_FD = 3
 CONFIG_NAME = "supervisor-config"
 _LISTENER = re.compile(r"^(?P<service>[^/]+)/(?P<address>[^/]+)/g(?P<gen>\d+)/w(?P<worker>\d+)$")
+
+
+def listener_name(service: str, generation: int, worker: int, address: ListenAddress) -> str:
+    """The listener's name in systemd's fd store: service, address and slot
+    (``parse_name`` reads it back; the format lives here only).
+
+    ``:`` is the one character systemd forbids in a name (it separates
+    ``LISTEN_FDNAMES``); ``/`` never occurs in a service name or an address.
+    """
+    return f"{service}/{address.fd_name}/g{generation}/w{worker}"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import structlog
 
 from supervisor.errors import SupervisorError
-from supervisor.handoff.fdstore import NO_STORE, FdStore
+from supervisor.handoff.fdstore import NO_STORE, FdStore, listener_name
 from supervisor.kernel.sockets import (
     ListenerOptions,
     accept_queue,
@@ -32,15 +32,6 @@ from supervisor.steering import ListenerCounts, Role, Steering, SteeringGroup
 from supervisor.values import ListenAddress
 
 log = structlog.get_logger("supervisor.serve.listener")
-
-
-def listener_name(service: str, generation: int, worker: int, address: ListenAddress) -> str:
-    """The listener's name in systemd's fd store: service, address and slot.
-
-    ``:`` is the one character systemd forbids in a name (it separates
-    ``LISTEN_FDNAMES``); ``/`` never occurs in a service name or an address.
-    """
-    return f"{service}/{address.fd_name}/g{generation}/w{worker}"
 
 
 @dataclass(frozen=True)
