@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from supervisor.observe.metrics import PREFIX, Histogram, Tally
-from supervisor.serve.rollout import RolloutReport
+from supervisor.reports import RolloutReport
 from tests.harness import DAEMON, Daemon, free_port, open_fd_count, service_toml, wait_until
 
 CTL = [sys.executable, "-m", "supervisor.control.ctl"]
@@ -36,11 +36,13 @@ DASHBOARD = Path(__file__).resolve().parent.parent / "config" / "grafana-dashboa
 
 def test_the_tally_counts_rollouts_and_comes_back_from_an_export() -> None:
     tally = Tally()
-    ok = RolloutReport("web", "succeeded", 2, 1, duration=0.3, queued_at_cutover=5, drained=2,
-                       left_at_shutdown=3, counters={"TCPMigrateReqSuccess": 3},
-                       timings={"overhead": 0.02})  # fmt: skip
+    ok = RolloutReport(
+        service="web", outcome="succeeded", generation=2, previous=1, duration=0.3,
+        queued_at_cutover=5, drained=2, left_at_shutdown=3,
+        counters={"TCPMigrateReqSuccess": 3}, timings={"overhead": 0.02},
+    )  # fmt: skip
     tally.rollout(ok, retired_restarts=4)
-    tally.rollout(RolloutReport("web", "rolled_back", 3, 2))
+    tally.rollout(RolloutReport(service="web", outcome="rolled_back", generation=3, previous=2))
     again = Tally.restore(json.loads(json.dumps(tally.export())))
     assert again == tally
     assert again.reloads == {"web": {"succeeded": 1, "rolled_back": 1}}

@@ -28,7 +28,8 @@ from supervisor.daemon.reloads import ServiceDirectory, handle_reload
 from supervisor.errors import DiagError, KernelFeatureMissing
 from supervisor.kernel import bpf, diag
 from supervisor.plan.capabilities import Capabilities
-from supervisor.serve.rollout import RolloutReport, ValidatedConfig, ready_progress
+from supervisor.reports import RolloutReport
+from supervisor.serve.rollout import ValidatedConfig, ready_progress
 from supervisor.serve.service import Service, ServiceEnv
 from supervisor.steering import Role
 from supervisor.steering.ebpf import available as ebpf_available

@@ -25,10 +25,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from supervisor import __version__
 from supervisor.config.schema import DEFAULT_CONTROL_SOCKET
 from supervisor.control import completion
 from supervisor.errors import DaemonUnreachable
+from supervisor.reports import RolloutReport, UpgradeResult, reports_of
 from supervisor.status import Status, render
 from supervisor.values import format_duration, parse_duration, parse_signal
 
@@ -265,50 +268,47 @@ def _print_status(reply: dict[str, Any], service: str | None, as_json: bool) -> 
     return EXIT_OK
 
 
-def describe_report(name: str, report: dict[str, Any]) -> list[str]:
+def describe_report(report: RolloutReport) -> list[str]:
     """Readable lines for one service's rollout report."""
-    outcome = report.get("outcome")
-    if outcome == "succeeded":
-        counters = ", ".join(f"{k} {v:+d}" for k, v in (report.get("counters") or {}).items())
+    name = report.service
+    if report.outcome == "succeeded":
+        counters = ", ".join(f"{k} {v:+d}" for k, v in report.counters.items())
         lines = [
-            f"{name}: generation {report['generation']} serving; generation "
-            f"{report['previous']} retired by {report['path']} in {report['duration']:.3f} s",
-            f"  why: {report.get('path_reason')} (steering: {report.get('steering')})",
-            f"  accept queue at cutover: {report['queued_at_cutover']}; half-open handshakes: "
-            f"{report.get('handshakes_at_cutover')}; drained: {report.get('drained')}; "
-            f"still queued at shutdown: {report['left_at_shutdown']}",
+            f"{name}: generation {report.generation} serving; generation "
+            f"{report.previous} retired by {report.path} in {report.duration:.3f} s",
+            f"  why: {report.path_reason} (steering: {report.steering})",
+            f"  accept queue at cutover: {report.queued_at_cutover}; half-open handshakes: "
+            f"{report.handshakes_at_cutover}; drained: {report.drained}; "
+            f"still queued at shutdown: {report.left_at_shutdown}",
             f"  kernel: {counters}",
         ]
-        if report.get("datagrams_left"):
-            lines.append(f"  datagram bytes unread at drain_timeout: {report['datagrams_left']}")
-        if report.get("drain_timed_out"):
+        if report.datagrams_left:
+            lines.append(f"  datagram bytes unread at drain_timeout: {report.datagrams_left}")
+        if report.drain_timed_out:
             lines.append("  drain_timeout reached before the old queues emptied")
-        lines += [
-            f"  {item}" for item in (report.get("unmovable") or []) + (report.get("notes") or [])
-        ]
+        lines += [f"  {item}" for item in report.unmovable + report.notes]
         return lines
-    if outcome in ("started", "stopped"):
-        return [f"{name}: {outcome}"]
-    return [f"{name}: {outcome}", *(f"  {r}" for r in report.get("reasons") or [])]
+    if report.outcome in ("started", "stopped"):
+        return [f"{name}: {report.outcome}"]
+    return [f"{name}: {report.outcome}", *(f"  {r}" for r in report.reasons)]
 
 
-def describe_upgrade(result: dict[str, Any]) -> list[str]:
+def describe_upgrade(result: UpgradeResult) -> list[str]:
     """Readable lines for an upgrade's result."""
-    adopted = result.get("adopted") or {}
+    adopted = result.adopted
     lines = [
-        f"upgraded {result.get('from')} -> {result.get('to')} in place (pid {result.get('pid')}) "
-        f"in {result.get('duration', 0):.3f} s",
-        f"  adopted: {adopted.get('services', 0)} service(s), {adopted.get('listeners', 0)} "
-        f"listener(s), {adopted.get('workers', 0)} worker(s); restarted: "
-        f"{result.get('restarted', 0)} worker(s)",
+        f"upgraded {result.from_version} -> {result.to_version} in place (pid {result.pid}) "
+        f"in {result.duration:.3f} s",
+        f"  adopted: {adopted.services} service(s), {adopted.listeners} listener(s), "
+        f"{adopted.workers} worker(s); restarted: {result.restarted} worker(s)",
     ]
-    lines += [f"  {problem}" for problem in result.get("problems") or []]
+    lines += [f"  {problem}" for problem in result.problems]
     return lines
 
 
 def _print_reload(reply: dict[str, Any]) -> None:
-    for name, report in (reply.get("services") or {}).items():
-        print("\n".join(describe_report(name, report)))
+    for report in reports_of(reply).values():
+        print("\n".join(describe_report(report)))
     for note in reply.get("notes") or []:
         print(f"note: {note}")
 
@@ -373,7 +373,7 @@ def _print_result(args: argparse.Namespace, reply: dict[str, Any], as_json: bool
     elif args.command == "signal":
         print(f"{reply.get('message')} (pids {', '.join(map(str, reply.get('pids') or []))})")
     elif args.command == "upgrade":
-        print("\n".join(describe_upgrade(reply.get("upgrade") or {})))
+        print("\n".join(describe_upgrade(UpgradeResult.model_validate(reply.get("upgrade")))))
     else:
         print(reply.get("message", "ok"))
     return EXIT_OK
@@ -385,6 +385,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = run(args)
     except DaemonUnreachable as exc:
         print(f"supervisorctl: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except ValidationError as exc:  # a daemon of another version: say which field
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "answer"
+        print(
+            f"supervisorctl {__version__}: cannot read the daemon's answer "
+            f"({where}: {first['msg']}); is the daemon another version?",
+            file=sys.stderr,
+        )
         code = EXIT_USAGE
     except KeyboardInterrupt:
         print("supervisorctl: interrupted (the daemon carries on)", file=sys.stderr)

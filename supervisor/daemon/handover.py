@@ -30,6 +30,7 @@ from supervisor.daemon import signals, upgrade
 from supervisor.errors import UpgradeRefused
 from supervisor.handoff import state
 from supervisor.handoff.state import ClientDoc, DaemonDoc
+from supervisor.reports import Adopted, UpgradeResult
 
 if TYPE_CHECKING:
     from supervisor.daemon.daemon import Daemon, UpgradeRun
@@ -181,7 +182,7 @@ def finish(daemon: Daemon, root: trio.Nursery) -> None:
     handed = daemon.handed
     assert handed is not None
     assert daemon.control is not None
-    result = _result(daemon)
+    result = _result(daemon).wire()
     daemon.last_upgrade = result
     daemon.tally.upgrades += 1
     log.info("upgrade_finished", **result)
@@ -205,23 +206,23 @@ def _reload_for(client: ClientDoc, reply: Reply | None) -> Reload:
     return Reload(client.source, client.service, client.reason, reply, keep_config=restart)
 
 
-def _result(daemon: Daemon) -> dict[str, Any]:
+def _result(daemon: Daemon) -> UpgradeResult:
     handed = daemon.handed
     assert handed is not None
     took = [svc.inherited for svc in daemon.services.values() if svc.inherited is not None]
-    return {
-        "from": handed.software,
-        "to": __version__,
-        "pid": os.getpid(),
-        "duration": round(upgrade.monotonic() - handed.requested_at, 4),
-        "adopted": {
-            "services": len(took),
-            "listeners": sum(t.listeners for t in took),
-            "workers": sum(t.workers for t in took),
-        },
-        "restarted": sum(t.restarted for t in took),
-        "problems": [p for t in took for p in t.problems],
-    }
+    return UpgradeResult(
+        from_version=handed.software,
+        to_version=__version__,
+        pid=os.getpid(),
+        duration=round(upgrade.monotonic() - handed.requested_at, 4),
+        adopted=Adopted(
+            services=len(took),
+            listeners=sum(t.listeners for t in took),
+            workers=sum(t.workers for t in took),
+        ),
+        restarted=sum(t.restarted for t in took),
+        problems=[p for t in took for p in t.problems],
+    )
 
 
 async def _answer(fd: int, message: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from supervisor.config.schema import Config
 from supervisor.control import protocol
 from supervisor.control.requests import Reload, Reply
 from supervisor.errors import ConfigError, SupervisorError
+from supervisor.reports import RolloutReport, reports_of
 from supervisor.serve.rollout import Ticket, ValidatedConfig
 from supervisor.serve.service import Service
 
@@ -85,7 +86,7 @@ async def _reload(
             await reply.send(protocol.progress(message))
 
     notes: list[str] = []
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, RolloutReport] = {}
     if request.service is not None and request.service in directory.stopped():
         return _stopped(request.service)
     try:
@@ -104,19 +105,20 @@ async def _reload(
             nursery.start_soon(_forward, ticket, reply)
     for name, ticket in tickets.items():
         assert ticket.report is not None
-        results[name] = ticket.report.to_dict()
-    failed = [f"{name}: {_why(r)}" for name, r in results.items() if not r["ok"]]
+        results[name] = ticket.report
+    failed = [f"{name}: {_why(r)}" for name, r in results.items() if not r.ok]
     what = "restart" if request.keep_config else "reload"
+    services = {name: report.model_dump() for name, report in results.items()}
     if failed:
-        return protocol.error(f"{what} failed", failed, services=results, notes=notes)
-    return protocol.result(message=f"{what} succeeded", services=results, notes=notes)
+        return protocol.error(f"{what} failed", failed, services=services, notes=notes)
+    return protocol.result(message=f"{what} succeeded", services=services, notes=notes)
 
 
 async def _from_file(
     directory: ServiceDirectory,
     service: str | None,
     notes: list[str],
-    results: dict[str, dict[str, Any]],
+    results: dict[str, RolloutReport],
     say: Callable[[str], Awaitable[None]],
 ) -> dict[str, ValidatedConfig]:
     """``reload``: the file, loaded and judged once; services new in it started
@@ -176,26 +178,26 @@ def _stopped(name: str) -> dict[str, Any]:
 async def _add_and_remove(
     directory: ServiceDirectory,
     config: Config,
-    results: dict[str, dict[str, Any]],
+    results: dict[str, RolloutReport],
     say: Callable[[str], Awaitable[None]],
 ) -> None:
     stopped = directory.stopped()
     for name in [n for n in stopped if n not in config.services]:
         await say(f"{name}: removed from the config: forgotten (it was stopped)")
         del stopped[name]
-        results[name] = {"ok": True, "outcome": "stopped"}
+        results[name] = RolloutReport(service=name, outcome="stopped")
     for name in [n for n in config.services if n not in directory.services and n not in stopped]:
         await say(f"{name}: new service: starting generation 1")
         try:
             await directory.start(name, config)
         except SupervisorError as exc:
-            results[name] = {"ok": False, "outcome": "rolled_back", "reasons": [str(exc)]}
+            results[name] = RolloutReport(service=name, outcome="rolled_back", reasons=[str(exc)])
         else:
-            results[name] = {"ok": True, "outcome": "started", "generation": 1}
+            results[name] = RolloutReport(service=name, outcome="started", generation=1)
     for name in [n for n in directory.services if n not in config.services]:
         await say(f"{name}: removed from the config: stopping")
         await directory.stop(name)
-        results[name] = {"ok": True, "outcome": "stopped"}
+        results[name] = RolloutReport(service=name, outcome="stopped")
 
 
 async def _forward(ticket: Ticket, reply: Reply | None) -> None:
@@ -206,9 +208,9 @@ async def _forward(ticket: Ticket, reply: Reply | None) -> None:
     await ticket.done.wait()
 
 
-def _why(report: Mapping[str, Any]) -> str:
-    reasons = "; ".join(report.get("reasons") or []) or "no reason given"
-    return f"{report.get('outcome')}: {reasons}"
+def _why(report: RolloutReport) -> str:
+    reasons = "; ".join(report.reasons) or "no reason given"
+    return f"{report.outcome}: {reasons}"
 
 
 def reload_summary(answer: Mapping[str, Any]) -> str:
@@ -217,20 +219,19 @@ def reload_summary(answer: Mapping[str, Any]) -> str:
         reasons = "; ".join(answer.get("reasons") or []) or answer.get("message", "")
         return f"failed: {reasons}"[:300]
     done = [
-        f"{name}: generation {r.get('generation')}"
-        + (f" by {r['path']} in {r['duration']:.2f} s" if r.get("path") else f" {r['outcome']}")
-        for name, r in (answer.get("services") or {}).items()
+        f"{name}: generation {r.generation}"
+        + (f" by {r.path} in {r.duration:.2f} s" if r.path else f" {r.outcome}")
+        for name, r in reports_of(answer).items()
     ]
     return f"succeeded ({', '.join(done)})"
 
 
 def _summary(answer: Mapping[str, Any]) -> dict[str, Any]:
-    services = answer.get("services") or {}
     return {
         "ok": answer.get("ok"),
         "services": {
-            name: {k: r.get(k) for k in ("outcome", "generation", "path", "duration")}
-            for name, r in services.items()
+            name: r.model_dump(include={"outcome", "generation", "path", "duration"})
+            for name, r in reports_of(answer).items()
         },
         "reasons": answer.get("reasons", []),
     }

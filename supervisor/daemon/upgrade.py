@@ -122,7 +122,7 @@ def export_service(service: Service) -> ServiceDoc:
         listeners=listeners,
         workers=workers,
         groups=groups,
-        last_rollout=None if last is None else last.to_dict(),
+        last_rollout=None if last is None else last.model_dump(),
     )
 
 

@@ -24,8 +24,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from supervisor import __version__
 from supervisor.errors import SupervisorError
 from supervisor.observe.metrics import KERNEL, PREFIX, Format, Tally
+from supervisor.reports import Outcome
 from supervisor.serve.lifecycle import WorkerState
-from supervisor.serve.rollout import Outcome
 
 if TYPE_CHECKING:
     from supervisor.serve.service import Service

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from supervisor.serve.rollout import RolloutReport
+    from supervisor.reports import RolloutReport
 
 PREFIX = "reuseport_supervisor"
 # Prometheus' text format 0.0.4 (the default: node_exporter's textfile collector

@@ -10,9 +10,8 @@ who asked while a rollout was running share the one that follows.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import structlog
 import trio
@@ -24,6 +23,7 @@ from supervisor.kernel import netstat
 from supervisor.kernel.proc import describe_exit, thread_schedstat
 from supervisor.plan.capabilities import Capabilities
 from supervisor.plan.plan import RolloutPlan, ServicePlan, plan_rollout, substitute
+from supervisor.reports import Outcome, RolloutReport
 from supervisor.serve.cutover import promote
 from supervisor.serve.generation import Generation, GenerationSpec, run_generation
 from supervisor.serve.retire import retire
@@ -33,61 +33,8 @@ from supervisor.steering import Role, Steering
 from supervisor.text import printable
 
 log = structlog.get_logger("supervisor.serve.rollout")
-Outcome = Literal["succeeded", "rejected", "rolled_back", "cancelled"]
 _MAX_OUTPUT = 4000
 READY_EVERY = 0.25  # seconds between "workers ready k/n" lines (the last always comes)
-
-
-@dataclass
-class RolloutReport:
-    """The answer to "did the reload work, and what did it cost?"."""
-
-    service: str
-    outcome: Outcome
-    generation: int | None  # the new (or attempted) generation
-    previous: int | None
-    duration: float = 0.0
-    path: str | None = None
-    path_reason: str | None = None
-    steering: str | None = None
-    queued_at_cutover: int | None = None
-    handshakes_at_cutover: int | None = None
-    listeners_at_cutover: list[dict[str, object]] = field(default_factory=list)
-    drained: int | None = None
-    left_at_shutdown: int | None = None
-    datagrams_left: int | None = None
-    drain_timed_out: bool = False
-    unmovable: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # kernel failures after the cutover
-    counters: dict[str, int] = field(default_factory=dict)
-    reasons: list[str] = field(default_factory=list)
-    reason: str | None = None  # why the rollout was asked for (--reason)
-    timings: dict[str, float] = field(default_factory=dict)  # see Timer
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome == "succeeded"
-
-    def to_dict(self) -> dict[str, Any]:
-        # Not dataclasses.asdict: its deep copy of every listener's entry cost
-        # 2 ms a report at 64 workers. Values are scalars, lists of scalars and
-        # dicts, so a copy two levels deep is a full one.
-        out: dict[str, Any] = {"ok": self.ok}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, list):
-                value = [dict(v) if isinstance(v, dict) else v for v in value]
-            elif isinstance(value, dict):
-                value = dict(value)
-            out[f.name] = value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RolloutReport:
-        """Back from ``to_dict`` (an upgrade carries the last report); unknown keys drop."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
 
 
 class Ticket:
@@ -175,7 +122,7 @@ async def run_rollout(
     (the daemon stopping) stops the candidate and propagates.
     """
     timer = Timer(already=snapshot.validated_in)
-    report = RolloutReport(ctx.name, "rejected", None, ctx.current.number)
+    report = RolloutReport(service=ctx.name, outcome="rejected", previous=ctx.current.number)
 
     def finish(outcome: Outcome, reasons: list[str] | None = None) -> RolloutResult:
         report.outcome = outcome

@@ -21,12 +21,12 @@ from supervisor.config.schema import ServiceConfig
 from supervisor.handoff.fdstore import NO_STORE, FdStore
 from supervisor.plan.capabilities import Capabilities
 from supervisor.plan.plan import plan_service
+from supervisor.reports import RolloutReport
 from supervisor.serve.generation import Generation, GenerationSpec, run_generation
 from supervisor.serve.inherit import Inheritance, keep_queued, retire_leftovers, take_steering
 from supervisor.serve.lifecycle import Watched, WorkerState
 from supervisor.serve.rollout import (
     RolloutContext,
-    RolloutReport,
     RolloutResult,
     Stage,
     Ticket,
@@ -191,7 +191,7 @@ class Service:
             number = self._first_generation if found is None else found.generation
             self.last_generation = number if found is None else found.last_generation
             if found is not None and found.last_rollout is not None:
-                self.last_rollout = RolloutReport.from_dict(found.last_rollout)
+                self.last_rollout = RolloutReport.model_validate(found.last_rollout)
             plan = plan_service(self.name, config, number)
             log.info("generation_starting", generation=number, workers=len(plan.workers))
             spec = GenerationSpec(
@@ -302,7 +302,7 @@ class Service:
             self.last_generation -= 1  # rejected before a candidate existed: no number used
         self.last_rollout = report
         self._env.on_rollout(report, sum(s.restarts for s in old.slots) if report.ok else 0)
-        log.info("rollout_finished", **report.to_dict())
+        log.info("rollout_finished", **report.model_dump())
         for ticket in tickets:
             ticket.finish(report)
 
@@ -313,7 +313,9 @@ class Service:
 
     def _refused(self, why: str) -> RolloutReport:
         current = None if self.current is None else self.current.number
-        return RolloutReport(self.name, "cancelled", None, current, reasons=[why])
+        return RolloutReport(
+            service=self.name, outcome="cancelled", previous=current, reasons=[why]
+        )
 
     def signal_workers(self, sig: int, index: int | None = None) -> list[int]:
         """Send ``sig`` to the workers of every generation this service runs
@@ -360,7 +362,7 @@ class Service:
             candidate=None if stage.candidate is None else stage.candidate.number,
             retiring=None if stage.retiring is None else stage.retiring.number,
             certificate=_certificate(self.certificate),
-            last_rollout=None if last is None else last.to_dict(),
+            last_rollout=None if last is None else last.model_dump(),
         )
 
 
@@ -391,9 +393,17 @@ def _crashed(
     error = f"internal error: {exc!r}"
     if current is old:
         return RolloutResult(
-            RolloutReport(name, "rolled_back", generation, old.number, reasons=[error])
+            RolloutReport(
+                service=name,
+                outcome="rolled_back",
+                generation=generation,
+                previous=old.number,
+                reasons=[error],
+            )
         )
-    report = RolloutReport(name, "succeeded", current.number, old.number)
+    report = RolloutReport(
+        service=name, outcome="succeeded", generation=current.number, previous=old.number
+    )
     stopped = f"generation {old.number} was stopped without its planned retirement"
     report.problems = [f"{error}; {stopped}"]
     return RolloutResult(report, current, None)
