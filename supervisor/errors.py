@@ -85,6 +85,30 @@ class SpawnError(SupervisorError):
         super().__init__(f"{worker}: cannot start: {reason}")
 
 
+def os_reason(err: OSError) -> str:
+    """``EMFILE: Too many open files``: the errno's name, then the words."""
+    name = errno_mod.errorcode.get(err.errno or 0)
+    words = err.strerror or str(err)
+    return f"{name}: {words}" if name else words
+
+
+class StartFailed(SupervisorError):
+    """A process (a worker, a preflight, an exec check) could not be started:
+    the spawner's one error, its OSError translated at the seam
+    (``serve/spawner.py``). ``starved``: the host ran out of something (fds,
+    memory, processes) and a retry may work; the program is not at fault."""
+
+    def __init__(self, program: str, err: OSError) -> None:
+        self.program = program
+        self.errno = err.errno or 0
+        self.reason = os_reason(err)
+        super().__init__(f"cannot start {program}: {self.reason}")
+
+    @property
+    def starved(self) -> bool:
+        return self.errno in OUT_OF_RESOURCES or self.errno == errno_mod.EAGAIN
+
+
 class WorkerFatal(SupervisorError):
     """A worker failed to start or stay up too many times in a row."""
 
@@ -170,7 +194,7 @@ def translated(error: type[KernelError], operation: str) -> Iterator[None]:
     """Turn an OSError raised inside into ``error(operation, exc)``."""
     try:
         yield
-    except OSError as exc:
+    except OSError as exc:  # the translation helper itself
         raise error(operation, exc) from exc
 
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import trio
 
-from supervisor.errors import SteeringError
+from supervisor.errors import StartFailed, SteeringError
 from supervisor.kernel.proc import CommandResult
 from supervisor.plan.plan import WorkerPlan
 from supervisor.steering import Backend, ListenerCounts, Role
@@ -85,8 +85,8 @@ class FakeSpawner:
         notify_socket: str | None,
         output: tuple[int, int] | None = None,
     ) -> FakeProcess:
-        if self.fail is not None:
-            raise self.fail
+        if self.fail is not None:  # as the real spawner does: our error, never OSError
+            raise StartFailed(plan.argv[0], self.fail)
         proc = FakeProcess(1000 + len(self.processes), plan, self.ignores)
         self.processes.append(proc)
         self._send.send_nowait(proc)

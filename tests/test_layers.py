@@ -79,3 +79,21 @@ def test_an_upward_import_is_caught(tmp_path: Path) -> None:
         copy.write_text(path.read_text())
     (tmp_path / "kernel" / "sneaky.py").write_text("from supervisor.daemon import upgrade\n")
     assert ("supervisor.kernel.sneaky", "supervisor.daemon") in upward_imports(tmp_path)
+
+
+def test_every_oserror_caught_above_the_kernel_says_why() -> None:
+    """Foreign errors are translated where they enter: above ``kernel/`` and
+    ``steering/`` an ``except OSError`` is a seam, and says so (a comment on
+    its line or the line above: ``# seam: what it is``)."""
+    bare = []
+    for path in PACKAGE.rglob("*.py"):
+        folder = path.relative_to(PACKAGE).parts[0]
+        if folder in ("kernel", "steering", "demo"):
+            continue
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines, 1):
+            if line.lstrip().startswith("except") and "OSError" in line.split("#")[0]:
+                above = lines[number - 2].strip()
+                if "#" not in line and not above.startswith("#"):
+                    bare.append(f"{path.relative_to(PACKAGE)}:{number}")
+    assert not bare, f"except OSError without a word of why: {bare}"

@@ -49,7 +49,9 @@ def test_hundred_reload_requests_in_a_second(start_daemon: Callable[..., Daemon]
         wait_until(lambda: idle(daemon, mark), 120, "the last rollout to finish")
     result = load.result
 
-    assert sent_in < 1.5, sent_in
+    # The premise: a burst, sent while rollouts run (100 paced 9 ms apart; a
+    # busy machine stretched it to 1.7 s once), not a trickle.
+    assert sent_in < 3.0, sent_in
     assert not errors, errors
     assert len(answers) == CLIENTS, "every caller answered"
     assert all(a.ok for a in answers), [a.answer for a in answers if not a.ok]

@@ -39,7 +39,7 @@ def load_config(path: Path, *, check_host_facts: bool = True) -> Config:
     source = str(path)
     try:
         text = read_regular(path, CONFIG_LIMIT).decode("utf-8")
-    except OSError as exc:
+    except OSError as exc:  # seam: the config file, read as ConfigError
         raise ConfigError(source, [ConfigIssue("", f"cannot read {path}: {exc.strerror}")]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(source, [ConfigIssue("", f"not UTF-8 text: {exc}")]) from exc

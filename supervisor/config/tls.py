@@ -57,7 +57,7 @@ class Certificate:
 def _read(path: Path, what: str) -> bytes:
     try:
         return read_regular(path, PEM_LIMIT)
-    except OSError as exc:
+    except OSError as exc:  # seam: a TLS file, read as TlsError
         why = caps.why_denied(caps.DAC_READ_SEARCH) if isinstance(exc, PermissionError) else ""
         raise TlsError(f"{what} {path}: cannot read: {exc.strerror or exc}{why}") from exc
 

@@ -37,7 +37,7 @@ def peer_of(sock: socket.socket) -> Peer:
     pid, uid, gid = _UCRED.unpack(raw)
     try:
         data = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _GID.size * _MAX_GROUPS)
-    except OSError:
+    except OSError:  # seam: SO_PEERGROUPS, absent on old kernels
         data = b""  # an older kernel: primary group only
     groups = frozenset(g for (g,) in _GID.iter_unpack(data[: len(data) // 4 * 4]))
     return Peer(pid, uid, gid, groups)

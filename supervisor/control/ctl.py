@@ -74,7 +74,7 @@ def control_socket_of(config: Path) -> Path | None:
     """
     try:
         text = config.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
+    except OSError as exc:  # seam: the client's config file
         raise ValueError(f"cannot read {config}: {exc.strerror}") from exc
     try:
         value = tomllib.loads(text).get("supervisor", {}).get("control_socket")
@@ -127,7 +127,7 @@ def request(
         sock.settimeout(5.0)
         try:
             sock.connect(str(path))
-        except OSError as exc:
+        except OSError as exc:  # seam: the control socket, as DaemonUnreachable
             raise DaemonUnreachable(str(path), exc.strerror or str(exc)) from exc
         sock.sendall(json.dumps(message).encode() + b"\n")
         buffer = b""

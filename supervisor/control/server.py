@@ -50,7 +50,7 @@ def _live_daemon_at(path: Path) -> bool:
         probe.settimeout(1.0)
         try:
             probe.connect(str(path))
-        except OSError as exc:
+        except OSError as exc:  # seam: the control socket's probe
             if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
                 return False
             raise
@@ -89,7 +89,7 @@ def bound_control_socket(
             log.warning("control_socket_stale", path=str(path), action="removed")
             path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    except OSError as exc:
+    except OSError as exc:  # seam: the control socket, as ControlError
         raise ControlError(f"cannot create control socket {path}: {exc.strerror}") from exc
     try:
         # The umask makes the file private from its first instant; chmod then
@@ -106,7 +106,7 @@ def bound_control_socket(
     except ControlError:
         sock.close()
         raise
-    except OSError as exc:
+    except OSError as exc:  # seam: the control socket, as ControlError
         sock.close()
         raise ControlError(f"cannot create control socket {path}: {exc.strerror}") from exc
     try:

@@ -51,7 +51,7 @@ def fingerprints(paths: Iterable[Path]) -> Fingerprints:
     for path in paths:
         try:
             out[path] = hashlib.sha256(read_regular(path, HASH_LIMIT)).hexdigest()
-        except OSError as exc:
+        except OSError as exc:  # seam: a watched file; unreadable is a fingerprint too
             out[path] = _by_stat(path) if exc.errno == errno.EFBIG else None
     return out
 
@@ -59,7 +59,7 @@ def fingerprints(paths: Iterable[Path]) -> Fingerprints:
 def _by_stat(path: Path) -> str | None:
     try:
         info = path.stat()
-    except OSError:
+    except OSError:  # seam: a watched file's stat
         return None
     return f"stat:{info.st_size}:{info.st_mtime_ns}:{info.st_dev}:{info.st_ino}"
 
@@ -120,7 +120,7 @@ def _watch_new(inotify: Inotify, directories: set[Path], watched: set[Path]) -> 
     for directory in directories:
         try:
             inotify.watch_directory(directory)
-        except OSError as exc:
+        except OSError as exc:  # seam: inotify
             # Gone again (a Kubernetes ..data swap), the watch limit, or a
             # directory root may not read: the watches in place go on, and the
             # daemon must not end over it.
@@ -160,7 +160,7 @@ async def watch_services(
 
             try:
                 await nursery.start(watch_files, spec, changed)
-            except OSError as exc:
+            except OSError as exc:  # seam: inotify at start; logged, retried
                 log.error("watch_failed", service=name, error=str(exc))
             else:
                 log.info("watching", service=name, paths=[str(p) for p in spec.paths])

@@ -93,7 +93,7 @@ class SystemdNotifier:
             return
         try:
             notify.send(message, self.address)
-        except OSError as exc:
+        except OSError as exc:  # seam: systemd's socket; a lost notify is logged
             log.warning("systemd_notify_failed", message=message, error=str(exc))
 
     def ready(self, status: str) -> None:

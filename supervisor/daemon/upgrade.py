@@ -138,7 +138,7 @@ async def check_new_code(entry: Sequence[str], document: bytes) -> str:
             done = await run_command(argv, env=dict(os.environ), fds=[memfd])
     except trio.TooSlowError:
         raise UpgradeRefused(f"{argv[0]} --check did not finish in {CHECK_TIMEOUT:g}s") from None
-    except OSError as exc:
+    except OSError as exc:  # seam: the new code's check, as UpgradeRefused
         raise UpgradeRefused(f"{argv[0]} cannot be run: {exc}") from exc
     finally:
         os.close(memfd)
@@ -163,7 +163,7 @@ def execute(entry: Sequence[str], document: DaemonDoc, environ: Mapping[str, str
     # of a SIGHUP or SIGUSR2 before it has its own (signals.forward).
     try:
         os.execve(argv[0], argv, dict(environ))  # noqa: S606  (our own entry point)
-    except OSError as exc:
+    except OSError as exc:  # seam: the exec itself; the old image serves on
         error = exc
     fds.set_inheritable(inherited, False)
     os.close(memfd)
@@ -180,7 +180,7 @@ def read_document(fd: int, *, verify: bool = True) -> tuple[DaemonDoc, list[int]
     """
     try:
         data = fds.read_sealed(fd)
-    except OSError as exc:
+    except OSError as exc:  # seam: the state document's fd, as StateError
         raise StateError(f"fd {fd}: {exc}") from exc
     finally:
         os.close(fd)

@@ -112,7 +112,7 @@ class FdStore:
             return
         try:
             notify.send(notify.message(FDSTORE=1, FDNAME=name), self.address, fds)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # seam: systemd's fd store; a failure is logged
             log.warning("fdstore_keep_failed", name=name, error=str(exc))
 
     def keep_config(self, data: bytes) -> None:
@@ -121,7 +121,7 @@ class FdStore:
             return
         try:
             memfd = fds.sealed_memfd(CONFIG_NAME, data)
-        except OSError as exc:
+        except OSError as exc:  # seam: the config's memfd for the store
             log.warning("fdstore_keep_failed", name=CONFIG_NAME, error=str(exc))
             return
         try:
@@ -136,7 +136,7 @@ class FdStore:
             return
         try:
             notify.send(notify.message(FDSTOREREMOVE=1, FDNAME=name), self.address)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # seam: systemd's fd store; a failure is logged
             log.warning("fdstore_drop_failed", name=name, error=str(exc))
 
 
@@ -150,7 +150,7 @@ def kept_config(stored: Sequence[StoredFd]) -> bytes | None:
         if item.name == CONFIG_NAME:
             try:
                 data = fds.read_sealed(item.fd)
-            except OSError as exc:
+            except OSError as exc:  # seam: a stored config that cannot be read
                 log.warning("stored_config_unreadable", error=str(exc))
             finally:
                 os.close(item.fd)

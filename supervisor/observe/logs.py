@@ -40,7 +40,7 @@ def to_journal(environ: MutableMapping[str, str] | None = None) -> bool:
         return False
     try:
         st = os.fstat(sys.stdout.fileno())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # seam: stdout may be closed or no file at all
         return False
     return f"{st.st_dev}:{st.st_ino}" == f"{device}:{inode}"
 

@@ -45,7 +45,7 @@ def bind(address: ListenAddress) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address.sockaddr)
         sock.listen(64)
-    except OSError as exc:
+    except OSError as exc:  # seam: the metrics socket, as ControlError
         sock.close()
         raise ListenerError(f"metrics_listen {address}", exc, "bind") from exc
     return sock

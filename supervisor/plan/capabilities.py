@@ -64,7 +64,7 @@ def _cbpf_works() -> bool:
         probe.bind(("127.0.0.1", 0))
         probe.listen(1)
         cbpf.attach(probe, build_program(socket.AF_INET, [0], []))
-    except OSError:
+    except OSError:  # seam: the probe of a kernel feature; refused means no
         return False
     finally:
         probe.close()
@@ -83,7 +83,7 @@ def prepare(config: SupervisorSection) -> Capabilities:
         try:
             sysctl.set_migrate_req(1)
             log.info("tcp_migrate_req_enabled")
-        except OSError as exc:
+        except OSError as exc:  # seam: the sysctl; not writable is logged
             log.warning("tcp_migrate_req_not_enabled", error=str(exc))
     caps = detect(config.steering)
     # How a worker that keeps the daemon's credentials starts (checked once, here):

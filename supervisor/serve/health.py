@@ -24,7 +24,7 @@ from supervisor.config.schema import (
     HealthTcp,
     HealthTls,
 )
-from supervisor.errors import DiagError, SupervisorError, TlsError
+from supervisor.errors import DiagError, StartFailed, SupervisorError, TlsError
 from supervisor.kernel import diag
 from supervisor.kernel.notify import NotifyMessage
 from supervisor.kernel.proc import CommandResult, describe_exit
@@ -149,6 +149,7 @@ class TcpProbe(Probe):
         try:
             with trio.fail_after(self.timeout):
                 return await self.target.connect()
+        # seam: the probe's connection; a failure is its result
         except (OSError, SupervisorError, trio.TooSlowError) as exc:
             self.last_error = f"connect {host}:{port}: {exc or 'timed out'}"
             return None
@@ -204,6 +205,7 @@ class HttpProbe(TcpProbe):
         try:
             with trio.fail_after(self.timeout):
                 response = await _get(channel, self.path, self.host or "localhost")
+        # seam: the probe's exchange; a failure is its result
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             cause = exc.__cause__ or exc
             self.last_error = f"{what}: {cause or 'timed out'}"
@@ -292,6 +294,7 @@ class TlsProbe(TcpProbe):
             with trio.fail_after(self.timeout):
                 await secure.do_handshake()
             served = secure.getpeercert(binary_form=True)
+        # seam: the probe's handshake; a failure is its result
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             cause = exc.__cause__ or exc
             self.last_error = f"TLS handshake: {cause or 'timed out'}"
@@ -340,8 +343,8 @@ class ExecProbe(Probe):
         except trio.TooSlowError:
             self.last_error = f"{self.argv} did not finish within {self.timeout}s"
             return False
-        except OSError as exc:
-            self.last_error = f"{self.argv}: {exc}"
+        except StartFailed as exc:
+            self.last_error = f"{self.argv}: {exc.reason}"
             return False
         if result.returncode == 0:
             return True

@@ -88,7 +88,7 @@ def _socket(fd: int, cookie: int | None) -> socket.socket | None:
     """The socket at ``fd`` if it is one (and has ``cookie``, when given)."""
     try:
         sock = fds.adopt_socket(fd)
-    except OSError:
+    except OSError:  # seam: an inherited fd that is no socket is not ours
         return None
     try:
         if cookie is None or socket_cookie(sock) == cookie:
@@ -104,7 +104,7 @@ def address_of(sock: socket.socket) -> ListenAddress | None:
     try:
         kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
         host, port = sock.getsockname()[:2]
-    except OSError:
+    except OSError:  # seam: an inherited socket we cannot read is not ours
         return None
     return ListenAddress("tcp" if kind == socket.SOCK_STREAM else "udp", host, port)
 
@@ -185,7 +185,7 @@ def _from_worker(
         return None
     try:
         fd = fd_of(pid, FIRST_LISTEN_FD + list(config.listen).index(address))
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # seam: another process's fd (pidfd_getfd), or none
         return None
     sock = _socket(fd, lst.cookie)
     if sock is None:
@@ -431,7 +431,7 @@ def retire_leftovers(
                     queued = accept_queue(item.sock).queued
                     item.sock.shutdown(socket.SHUT_RDWR)
                 store.drop(item.name)
-        except (SupervisorError, OSError) as exc:
+        except (SupervisorError, OSError) as exc:  # seam: a leftover socket's shutdown, noted
             found.note(f"{item.name}: could not be shut down: {exc}")
         item.sock.close()
         fate = "moved to the new listeners" if moved else "reset: nothing can take them here"

@@ -269,7 +269,7 @@ class OutputHub:
         worker's pipe never takes the generation's other workers' output down."""
         try:
             return reader.read()
-        except OSError as exc:
+        except OSError as exc:  # seam: a worker's pipe; one bad pipe is given up
             log.error(
                 "worker_output_failed",
                 worker=reader.worker,

@@ -17,7 +17,7 @@ import structlog
 import trio
 
 from supervisor.config.schema import ServiceConfig
-from supervisor.errors import PreflightFailed, RolloutAborted, SupervisorError
+from supervisor.errors import PreflightFailed, RolloutAborted, StartFailed, SupervisorError
 from supervisor.handoff.fdstore import NO_STORE, FdStore
 from supervisor.kernel import netstat
 from supervisor.kernel.proc import describe_exit, thread_schedstat
@@ -318,8 +318,8 @@ async def run_preflight(spawner: Spawner, plan: ServicePlan) -> None:
         raise PreflightFailed(
             plan.name, argv, f"did not finish in {service.ready_timeout:g}s", ""
         ) from None
-    except OSError as exc:
-        raise PreflightFailed(plan.name, argv, f"could not run: {exc}", "") from exc
+    except StartFailed as exc:
+        raise PreflightFailed(plan.name, argv, f"could not run: {exc.reason}", "") from exc
     if done.returncode != 0:
         raise PreflightFailed(
             plan.name,

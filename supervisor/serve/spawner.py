@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from supervisor.errors import StartFailed
 from supervisor.kernel.files import ensure_directory
 from supervisor.kernel.proc import (
     ChildProcess,
@@ -51,11 +52,13 @@ class Spawner(Protocol):
         fds: Sequence[int],
         notify_socket: str | None,
         output: tuple[int, int] | None = None,
-    ) -> ProcessHandle: ...
+    ) -> ProcessHandle:
+        """Raises StartFailed if the process cannot be started (never OSError)."""
 
     async def run_command(self, plan: WorkerPlan, argv: Sequence[str]) -> CommandResult:
         """Run a short command as the service would run ``plan``'s worker (no
-        listeners). The caller bounds the time. Raises OSError if it cannot start."""
+        listeners). The caller bounds the time. Raises StartFailed if it
+        cannot start."""
 
 
 class ProcessSpawner:
@@ -76,28 +79,34 @@ class ProcessSpawner:
         if notify_socket is not None:
             env["NOTIFY_SOCKET"] = notify_socket
         stdout, stderr = output or (None, None)
-        return spawn(
-            plan.argv,
-            env=env,
-            fds=fds,
-            cwd=plan.working_directory,
-            credentials=_prepared(plan),
-            stdout=stdout,
-            stderr=stderr,
-            nofile=self._nofile,
-        )
+        try:
+            return spawn(
+                plan.argv,
+                env=env,
+                fds=fds,
+                cwd=plan.working_directory,
+                credentials=_prepared(plan),
+                stdout=stdout,
+                stderr=stderr,
+                nofile=self._nofile,
+            )
+        except OSError as exc:  # the seam: what the kernel refused, as our error
+            raise StartFailed(plan.argv[0], exc) from exc
 
     async def run_command(self, plan: WorkerPlan, argv: Sequence[str]) -> CommandResult:
         env = {**self._base, **dict(plan.environment)}
         for name in _FOR_WORKERS_ONLY:
             env.pop(name, None)
-        return await run_command(
-            argv,
-            env=env,
-            cwd=plan.working_directory,
-            credentials=_prepared(plan),
-            nofile=self._nofile,
-        )
+        try:
+            return await run_command(
+                argv,
+                env=env,
+                cwd=plan.working_directory,
+                credentials=_prepared(plan),
+                nofile=self._nofile,
+            )
+        except OSError as exc:  # the seam, as in __call__
+            raise StartFailed(argv[0], exc) from exc
 
 
 def _prepared(plan: WorkerPlan) -> Credentials:

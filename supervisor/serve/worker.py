@@ -14,7 +14,6 @@ runs in a row make the slot FATAL.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import socket
@@ -28,11 +27,12 @@ import trio
 
 from supervisor.config.schema import Health
 from supervisor.errors import (
-    OUT_OF_RESOURCES,
     HealthCheckFailed,
     SpawnError,
+    StartFailed,
     SupervisorError,
     WorkerFatal,
+    os_reason,
 )
 from supervisor.kernel.notify import NotifyReceiver
 from supervisor.kernel.proc import describe_exit
@@ -48,7 +48,6 @@ log = structlog.get_logger("supervisor.serve.worker")
 
 # Errors of a spawn that say the daemon, not the worker, ran short (EAGAIN:
 # fork's, at the process limit).
-STARVED = OUT_OF_RESOURCES | {errno.EAGAIN}
 STARVED_RETRY = 1.0
 
 
@@ -186,10 +185,10 @@ class WorkerSlot:
         try:
             adopt = None if handover is None else handover.notify
             receiver = NotifyReceiver(self.label, adopt=adopt)
-        except OSError as exc:
+        except OSError as exc:  # seam: its notify socket, as SpawnError
             self._set(WorkerState.FATAL)
             raise SpawnError(
-                self.label, f"cannot create its NOTIFY_SOCKET: {_os_error(exc)}"
+                self.label, f"cannot create its NOTIFY_SOCKET: {os_reason(exc)}"
             ) from exc
         with receiver as notify, self._relayed_output(handover) as output:
             self._notify = notify
@@ -213,10 +212,10 @@ class WorkerSlot:
             pipes = handover.pipes if handover is not None and handover.pipes else open_pipes()
             for pipe in pipes:
                 hub.watch(pipe, self.plan.index, lambda: self.pid)
-        except OSError as exc:
+        except OSError as exc:  # seam: its output pipes, as SpawnError
             self._set(WorkerState.FATAL)
             _close_pipes(hub, pipes)
-            raise SpawnError(self.label, f"cannot make its output pipes: {_os_error(exc)}") from exc
+            raise SpawnError(self.label, f"cannot make its output pipes: {os_reason(exc)}") from exc
         try:
             yield pipes
         finally:
@@ -329,13 +328,12 @@ class WorkerSlot:
             try:
                 output = None if self.pipes is None else (self.pipes[0].write, self.pipes[1].write)
                 proc = self._spawner(self.plan, self.fds, self._notify_address(), output)
-            except OSError as exc:
-                failure = SpawnError(self.label, _os_error(exc))
+            except StartFailed as exc:
+                failure = SpawnError(self.label, exc.reason)
                 self.last_exit = failure.reason
-                starved = exc.errno in STARVED
-                retry = STARVED_RETRY if starved else None
+                retry = STARVED_RETRY if exc.starved else None
                 log.error("worker_spawn_failed", reason=str(failure), retry_in=retry)
-                return _Run(-1, 0.0, reached_running=False, failure=failure, starved=starved)
+                return _Run(-1, 0.0, reached_running=False, failure=failure, starved=exc.starved)
         self.pid = proc.pid
         self.process = proc
         structlog.contextvars.bind_contextvars(pid=proc.pid)
@@ -430,13 +428,6 @@ def _close_pipes(hub: OutputHub, pipes: tuple[Pipe, Pipe] | None) -> None:
         hub.unwatch(pipe)
         os.close(pipe.read)
         os.close(pipe.write)
-
-
-def _os_error(exc: OSError) -> str:
-    """``EMFILE: Too many open files``: the errno's name, then the words."""
-    name = errno.errorcode.get(exc.errno or 0)
-    words = exc.strerror or str(exc)
-    return f"{name}: {words}" if name else words
 
 
 def _first_tcp(addresses: Sequence[ListenAddress]) -> ListenAddress | None:
