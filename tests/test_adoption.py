@@ -19,7 +19,7 @@ from supervisor.errors import SteeringError
 from supervisor.kernel import bpf, cbpf
 from supervisor.kernel.sockets import ListenerOptions, accept_queue, open_listener
 from supervisor.steering import Role
-from supervisor.steering.cbpf import CbpfGroup, build_program
+from supervisor.steering.classic import CbpfGroup, build_program
 from supervisor.steering.discover import socks_order
 from supervisor.steering.ebpf import EbpfGroup
 from supervisor.steering.ebpf_program import port_key, u32

@@ -20,7 +20,7 @@ from supervisor.kernel.sockets import ListenerOptions, open_listener, socket_coo
 from supervisor.serve.listener import Listener
 from supervisor.serve.retire import Retirement, drain_tcp
 from supervisor.steering import Role
-from supervisor.steering.cbpf import CbpfGroup
+from supervisor.steering.classic import CbpfGroup
 from supervisor.values import ListenAddress, parse_listen
 from tests.harness import free_port, wait_until
 

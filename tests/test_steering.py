@@ -16,7 +16,7 @@ from supervisor.kernel import cbpf
 from supervisor.kernel.sockets import ListenerOptions, open_listener
 from supervisor.kernel.sysctl import MIGRATE_REQ, set_migrate_req
 from supervisor.steering import Role
-from supervisor.steering.cbpf import CbpfGroup, build_program
+from supervisor.steering.classic import CbpfGroup, build_program
 from supervisor.steering.ebpf_program import SLOTS
 from supervisor.values import parse_listen
 from tests.conftest import HOST_NETNS_INODE

@@ -55,7 +55,7 @@ from supervisor.handoff.state import ClientDoc
 from supervisor.kernel import sysctl
 from supervisor.observe import expiry, metrics, metrics_http
 from supervisor.plan.capabilities import Capabilities, check
-from supervisor.serve.inherit import Inheritance
+from supervisor.serve.inherit import Takeover
 from supervisor.serve.service import Service, ServiceEnv
 from supervisor.serve.spawner import Spawner
 from supervisor.status import DaemonStatus, Status
@@ -64,7 +64,7 @@ log = structlog.get_logger("supervisor.daemon")
 
 
 @dataclass
-class Handed:
+class Predecessor:
     """What the image before an in-place upgrade left to this one."""
 
     control: socket.socket | None  # None: lost in the handover, bound anew
@@ -102,8 +102,8 @@ class Daemon:
         notifier: SystemdNotifier | None = None,
         *,
         store: FdStore = NO_STORE,
-        inheritances: dict[str, Inheritance] | None = None,
-        handed: Handed | None = None,
+        inheritances: dict[str, Takeover] | None = None,
+        handed: Predecessor | None = None,
         refused: str | None = None,
     ) -> None:
         self.config = config

@@ -39,7 +39,7 @@ from supervisor.config.loader import (
 from supervisor.config.schema import Config, ServiceConfig, SupervisorSection
 from supervisor.control import completion
 from supervisor.daemon import signals, upgrade
-from supervisor.daemon.daemon import Daemon, Handed
+from supervisor.daemon.daemon import Daemon, Predecessor
 from supervisor.daemon.switch import Stopped
 from supervisor.daemon.systemd import SystemdNotifier
 from supervisor.errors import ConfigError, StateError, SupervisorError
@@ -206,7 +206,7 @@ def _serve(make: Callable[[], Daemon]) -> None:
 
 def _recover(
     config: Config, stored: Sequence[fdstore.StoredFd], store: fdstore.FdStore
-) -> dict[str, inherit.Inheritance]:
+) -> dict[str, inherit.Takeover]:
     """What systemd's fd store handed back, sorted by service; the rest is closed."""
     if not stored:
         return {}
@@ -340,7 +340,7 @@ def _continue_upgrade(fd: int) -> None:
         svc.name: inherit.from_upgrade(svc, config.services[svc.name]) for svc in document.services
     }
     control = None if document.control_fd < 0 else fds.adopt_socket(document.control_fd)
-    handed = Handed(
+    handed = Predecessor(
         control=control,
         clients=list(document.clients),
         pending=list(document.pending),

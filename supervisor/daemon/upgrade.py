@@ -34,7 +34,7 @@ from supervisor.handoff.state import (
 from supervisor.kernel import fds
 from supervisor.kernel.proc import run_command, start_time
 from supervisor.serve.service import Service
-from supervisor.steering.cbpf import CbpfGroup
+from supervisor.steering.classic import CbpfGroup
 from supervisor.steering.ebpf import EbpfGroup
 
 log = structlog.get_logger("supervisor.daemon.upgrade")

@@ -18,7 +18,7 @@ from supervisor.config.schema import Config, SupervisorSection
 from supervisor.errors import ConfigIssue
 from supervisor.kernel import cbpf, fastspawn, sysctl
 from supervisor.steering import Backend
-from supervisor.steering.cbpf import build_program
+from supervisor.steering.classic import build_program
 from supervisor.steering.ebpf import available as ebpf_available
 
 log = structlog.get_logger("supervisor.plan.capabilities")

@@ -25,10 +25,10 @@ from supervisor.handoff.fdstore import NO_STORE, FdStore
 from supervisor.plan.plan import ServicePlan
 from supervisor.serve.health import pinned_connector
 from supervisor.serve.lifecycle import Watched, WorkerState
-from supervisor.serve.listener import Inherited, Listener, open_listeners, release_listeners
+from supervisor.serve.listener import AdoptedListener, Listener, open_listeners, release_listeners
 from supervisor.serve.output import OutputHub
 from supervisor.serve.spawner import Spawner
-from supervisor.serve.worker import Handover, SlotSettings, WorkerSlot
+from supervisor.serve.worker import AdoptedWorker, SlotSettings, WorkerSlot
 from supervisor.status import WorkerStatus
 from supervisor.steering import Role, Steering, SteeringGroup
 from supervisor.values import ListenAddress
@@ -233,8 +233,8 @@ class GenerationSpec:
     created: Callable[[Generation], None] | None = None  # before its workers start
     store: FdStore = NO_STORE
     # Taken over from an earlier image (upgrade) or systemd's fd store (crash):
-    inherited: Mapping[tuple[ListenAddress, int], Inherited] | None = None
-    handovers: Mapping[int, Handover] | None = None  # worker index -> its running slot
+    inherited: Mapping[tuple[ListenAddress, int], AdoptedListener] | None = None
+    handovers: Mapping[int, AdoptedWorker] | None = None  # worker index -> its running slot
     keep_if_failed: bool = False  # a start that fails leaves inherited listeners as they were
 
 

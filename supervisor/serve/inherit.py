@@ -1,6 +1,6 @@
 """What a starting service takes over instead of creating.
 
-Two sources, one shape (``Inheritance``):
+Two sources, one shape (``Takeover``):
 
 - an in-place upgrade: the state document names each fd and pid; every one
   is checked (a socket with the same SO_COOKIE, our child with the same
@@ -36,9 +36,9 @@ from supervisor.kernel.proc import adopt_child, fd_of
 from supervisor.kernel.sockets import accept_queue, socket_cookie
 from supervisor.plan.plan import FIRST_LISTEN_FD
 from supervisor.serve.lifecycle import WorkerState
-from supervisor.serve.listener import Inherited, Listener
+from supervisor.serve.listener import AdoptedListener, Listener
 from supervisor.serve.output import Pipe
-from supervisor.serve.worker import Handover
+from supervisor.serve.worker import AdoptedWorker
 from supervisor.steering import Role, Steering, SteeringGroup
 from supervisor.steering.discover import socks_order
 from supervisor.values import ListenAddress, parse_listen
@@ -49,7 +49,7 @@ TAKEOVER_TIMEOUT = 2.0  # a replaced program's old socket array lets go within t
 
 
 @dataclass
-class GroupHandover:
+class AdoptedSteering:
     """How a group's steering is taken over (an upgrade carries it; after a
     crash there is none: eBPF steering is made anew, the classic order learned)."""
 
@@ -58,18 +58,18 @@ class GroupHandover:
 
 
 @dataclass
-class Inheritance:
+class Takeover:
     """What one service finds at start."""
 
     generation: int  # the number of the generation it runs
     last_generation: int
-    listeners: dict[tuple[ListenAddress, int], Inherited] = field(default_factory=dict)
-    leftovers: list[tuple[ListenAddress, Inherited]] = field(default_factory=list)
+    listeners: dict[tuple[ListenAddress, int], AdoptedListener] = field(default_factory=dict)
+    leftovers: list[tuple[ListenAddress, AdoptedListener]] = field(default_factory=list)
     # Slots the config no longer has (workers lowered while the daemon was
     # down) whose listeners hold queued connections: see ``keep_queued``.
-    queued_slots: dict[tuple[ListenAddress, int], Inherited] = field(default_factory=dict)
-    handovers: dict[int, Handover] | None = None  # None: no worker runs (after a crash)
-    groups: dict[ListenAddress, GroupHandover] = field(default_factory=dict)
+    queued_slots: dict[tuple[ListenAddress, int], AdoptedListener] = field(default_factory=dict)
+    handovers: dict[int, AdoptedWorker] | None = None  # None: no worker runs (after a crash)
+    groups: dict[ListenAddress, AdoptedSteering] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     repair: bool = False  # roll out a fresh generation once serving
     follow_up: str | None = None  # roll out the config once serving, for this reason
@@ -112,9 +112,9 @@ def address_of(sock: socket.socket) -> ListenAddress | None:
 # --- an in-place upgrade -------------------------------------------------------------
 
 
-def from_upgrade(state: ServiceDoc, config: ServiceConfig) -> Inheritance:
+def from_upgrade(state: ServiceDoc, config: ServiceConfig) -> Takeover:
     """Check and take over what the state document says this service had."""
-    found = Inheritance(state.generation, state.last_generation, last_rollout=state.last_rollout)
+    found = Takeover(state.generation, state.last_generation, last_rollout=state.last_rollout)
     found.handovers = {}
     pids = {w.index: w.pid for w in state.workers}
     for worker in state.workers:
@@ -129,16 +129,16 @@ def from_upgrade(state: ServiceDoc, config: ServiceConfig) -> Inheritance:
             )
             found.repair = True
             continue
-        found.listeners[(address, lst.worker)] = Inherited(sock, lst.name, lst.cookie)
+        found.listeners[(address, lst.worker)] = AdoptedListener(sock, lst.name, lst.cookie)
     for group in state.groups:
-        found.groups[parse_listen(group.address)] = GroupHandover(
+        found.groups[parse_listen(group.address)] = AdoptedSteering(
             ebpf=group.ebpf,
             order=None if group.order is None else [(c, Role(r)) for c, r in group.order],
         )
     return found
 
 
-def _worker(found: Inheritance, index: int, worker: WorkerDoc) -> Handover:
+def _worker(found: Takeover, index: int, worker: WorkerDoc) -> AdoptedWorker:
     state = WorkerState(worker.state)
     process = None if worker.pid is None else adopt_child(worker.pid, worker.start_time)
     if worker.pid is not None and process is None:
@@ -152,7 +152,7 @@ def _worker(found: Inheritance, index: int, worker: WorkerDoc) -> Handover:
     if worker.output_fds and pipes is None:
         found.note(f"worker {index}: its output pipes were lost: a rollout gives it new ones")
         found.repair = True  # a pipe nobody reads would stop its writer once full
-    return Handover(
+    return AdoptedWorker(
         state=state,
         process=process,
         restarts=worker.restarts,
@@ -172,7 +172,7 @@ def _pipes(numbers: Sequence[int]) -> tuple[Pipe, Pipe] | None:
 
 
 def _from_worker(
-    found: Inheritance,
+    found: Takeover,
     config: ServiceConfig,
     address: ListenAddress,
     lst: ListenerDoc,
@@ -198,7 +198,7 @@ def _from_worker(
 # --- systemd's fd store, after a crash or a restart ---------------------------------
 
 
-def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> Inheritance:
+def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> Takeover:
     """Sort what the store kept for service ``name``: one listener per (address,
     worker) of the config is taken, the rest retire once the new workers serve.
 
@@ -211,10 +211,10 @@ def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> 
     mine = [s for s in stored if s.service == name]
     generations = [s.generation for s in mine if s.generation is not None]
     newest = max(generations, default=0)
-    found = Inheritance(newest + 1, newest + 1, handovers=None)
+    found = Takeover(newest + 1, newest + 1, handovers=None)
     wanted = set(config.listen)
-    by_slot: dict[tuple[ListenAddress, int], tuple[int, Inherited]] = {}
-    extra: dict[tuple[ListenAddress, int], tuple[int, Inherited]] = {}
+    by_slot: dict[tuple[ListenAddress, int], tuple[int, AdoptedListener]] = {}
+    extra: dict[tuple[ListenAddress, int], tuple[int, AdoptedListener]] = {}
     for item in (s for s in mine if s.is_listener):
         sock = _socket(item.fd, None)
         address = None if sock is None else address_of(sock)
@@ -223,7 +223,7 @@ def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> 
             with contextlib.suppress(OSError):
                 os.close(item.fd)
             continue
-        inherited = Inherited(sock, item.name, socket_cookie(sock))
+        inherited = AdoptedListener(sock, item.name, socket_cookie(sock))
         key = (address, item.worker or 0)
         gen = item.generation or 0
         slots = by_slot if key[1] < config.workers else extra
@@ -242,7 +242,7 @@ def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> 
     return found
 
 
-def keep_queued(found: Inheritance, config: ServiceConfig, *, migrates: bool) -> ServiceConfig:
+def keep_queued(found: Takeover, config: ServiceConfig, *, migrates: bool) -> ServiceConfig:
     """The config the first generation runs: ``config``, or, where the kernel
     cannot migrate, as many workers as it takes to serve the stored slots that
     hold queued connections, followed by a rollout to ``config`` (which
@@ -265,7 +265,7 @@ def keep_queued(found: Inheritance, config: ServiceConfig, *, migrates: bool) ->
     return config.model_copy(update={"workers": workers})
 
 
-def _preferred(a: tuple[int, Inherited], b: tuple[int, Inherited]) -> Inherited:
+def _preferred(a: tuple[int, AdoptedListener], b: tuple[int, AdoptedListener]) -> AdoptedListener:
     """Of two stored listeners for one slot: the one with queued connections,
     else the newer generation's."""
     a_holds, b_holds = _holds_connections(a[1]), _holds_connections(b[1])
@@ -274,14 +274,14 @@ def _preferred(a: tuple[int, Inherited], b: tuple[int, Inherited]) -> Inherited:
     return a[1] if a[0] > b[0] else b[1]
 
 
-def _holds_connections(item: Inherited) -> bool:
+def _holds_connections(item: AdoptedListener) -> bool:
     try:
         return item.sock.type == socket.SOCK_STREAM and accept_queue(item.sock).queued > 0
     except SupervisorError:
         return False
 
 
-def _addresses(found: Inheritance) -> set[ListenAddress]:
+def _addresses(found: Takeover) -> set[ListenAddress]:
     return {a for a, _ in found.listeners} | {a for a, _ in found.leftovers}
 
 
@@ -289,7 +289,7 @@ def _addresses(found: Inheritance) -> set[ListenAddress]:
 
 
 async def take_steering(
-    steering: Steering, found: Inheritance, store: FdStore, config: ServiceConfig
+    steering: Steering, found: Takeover, store: FdStore, config: ServiceConfig
 ) -> None:
     """Put every inherited socket in its group's model before the generation starts:
     adopt the group's eBPF objects (or replace them), or its classic order
@@ -299,7 +299,7 @@ async def take_steering(
     for address in _addresses(found) & set(config.listen):
         members = [i for (a, _), i in found.listeners.items() if a == address]
         leftovers = [i for a, i in found.leftovers if a == address]
-        handover = found.groups.get(address, GroupHandover())
+        handover = found.groups.get(address, AdoptedSteering())
         if steering.backend == "ebpf":
             await _take_ebpf(steering, address, [*members, *leftovers], handover, found=found)
         else:
@@ -314,10 +314,10 @@ async def take_steering(
 async def _take_ebpf(
     steering: Steering,
     address: ListenAddress,
-    inherited: list[Inherited],
-    handover: GroupHandover,
+    inherited: list[AdoptedListener],
+    handover: AdoptedSteering,
     *,
-    found: Inheritance,
+    found: Takeover,
 ) -> None:
     socks = [i.sock for i in inherited]
     if handover.ebpf is not None:
@@ -344,7 +344,7 @@ async def _take_ebpf(
         await _join_when_free(group, sock, found)
 
 
-async def _join_when_free(group: SteeringGroup, sock: socket.socket, found: Inheritance) -> None:
+async def _join_when_free(group: SteeringGroup, sock: socket.socket, found: Takeover) -> None:
     """Join ``sock``, retrying while an old socket array still holds it (EBUSY)."""
     failure: SteeringError | None = None
     with trio.move_on_after(TAKEOVER_TIMEOUT):
@@ -365,11 +365,11 @@ async def _join_when_free(group: SteeringGroup, sock: socket.socket, found: Inhe
 def _take_cbpf(
     steering: Steering,
     address: ListenAddress,
-    members: list[Inherited],
-    leftovers: list[Inherited],
+    members: list[AdoptedListener],
+    leftovers: list[AdoptedListener],
     *,
-    handover: GroupHandover,
-    found: Inheritance,
+    handover: AdoptedSteering,
+    found: Takeover,
     store: FdStore,
 ) -> None:
     everyone = [*members, *leftovers]
@@ -392,8 +392,8 @@ def _take_cbpf(
 
 def _drop(
     address: ListenAddress,
-    inherited: Iterable[Inherited],
-    found: Inheritance,
+    inherited: Iterable[AdoptedListener],
+    found: Takeover,
     store: FdStore,
     why: str,
 ) -> None:
@@ -407,7 +407,7 @@ def _drop(
 
 
 def retire_leftovers(
-    steering: Steering, found: Inheritance, store: FdStore, *, migrates: bool
+    steering: Steering, found: Takeover, store: FdStore, *, migrates: bool
 ) -> list[str]:
     """Shut down what was inherited and not taken (another generation's listeners,
     an address or worker the config no longer has), now that the new

@@ -156,7 +156,7 @@ def listener_options(plan: ServicePlan) -> ListenerOptions:
 
 
 @dataclass(frozen=True)
-class Inherited:
+class AdoptedListener:
     """A listener this generation finds instead of binding one: from the image
     before an upgrade, or from systemd's fd store after a crash."""
 
@@ -170,7 +170,7 @@ def open_listeners(
     steering: Steering,
     role: Role,
     store: FdStore = NO_STORE,
-    inherited: Mapping[tuple[ListenAddress, int], Inherited] | None = None,
+    inherited: Mapping[tuple[ListenAddress, int], AdoptedListener] | None = None,
 ) -> list[Listener]:
     """Create every listener of ``plan`` and enter it into its group as ``role``.
 
@@ -223,7 +223,7 @@ def _listener(
     steering: Steering,
     role: Role,
     store: FdStore,
-    inherited: Inherited | None,
+    inherited: AdoptedListener | None,
 ) -> Listener:
     group = steering.group(address)
     if inherited is not None:

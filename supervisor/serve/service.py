@@ -23,7 +23,7 @@ from supervisor.plan.capabilities import Capabilities
 from supervisor.plan.plan import plan_service
 from supervisor.reports import RolloutReport
 from supervisor.serve.generation import Generation, GenerationSpec, run_generation
-from supervisor.serve.inherit import Inheritance, keep_queued, retire_leftovers, take_steering
+from supervisor.serve.inherit import Takeover, keep_queued, retire_leftovers, take_steering
 from supervisor.serve.lifecycle import Watched, WorkerState
 from supervisor.serve.rollout import (
     RolloutContext,
@@ -78,7 +78,7 @@ GroupFactory = Callable[[Backend, ListenAddress], SteeringGroup]
 
 
 @dataclass(frozen=True)
-class TookOver:
+class TakeoverSummary:
     """What a service's start took over (an upgrade, or systemd's fd store)."""
 
     generation: int
@@ -109,7 +109,7 @@ class Service:
         name: str,
         config: ServiceConfig,
         env: ServiceEnv,
-        inheritance: Inheritance | None = None,
+        inheritance: Takeover | None = None,
         *,
         first_generation: int = 1,
     ) -> None:
@@ -124,7 +124,7 @@ class Service:
         self.steering = Steering(backend, env.groups)
         self.last_generation = 0
         self.last_rollout: RolloutReport | None = None
-        self.inherited: TookOver | None = None  # what the start took over
+        self.inherited: TakeoverSummary | None = None  # what the start took over
         self.certificate: tls.Served | None = None  # what the serving generation loaded
         self._preserve = False
         self._rolling_out = False
@@ -220,13 +220,13 @@ class Service:
             await self.current.stop(preserve=self._preserve)
             nursery.cancel_scope.cancel()
 
-    def _took_over(self, found: Inheritance) -> None:
+    def _took_over(self, found: Takeover) -> None:
         """The first generation serves on what it inherited: retire the rest, and
         replace the generation if something could not be taken over."""
         assert self.current is not None
         migrates = self._env.capabilities().can_migrate
         retired = retire_leftovers(self.steering, found, self._env.store, migrates=migrates)
-        self.inherited = TookOver(
+        self.inherited = TakeoverSummary(
             generation=self.current.number,
             listeners=len(found.listeners),
             workers=found.adopted_workers(),

@@ -65,7 +65,7 @@ class SlotSettings:
 
 
 @dataclass
-class Handover:
+class AdoptedWorker:
     """A worker slot as the image before an in-place upgrade left it."""
 
     state: WorkerState
@@ -102,7 +102,7 @@ class WorkerSlot:
         spawner: Spawner,
         connect: Connector | None = None,
         *,
-        handover: Handover | None = None,
+        handover: AdoptedWorker | None = None,
         output: OutputHub | None = None,
     ) -> None:
         """``output``: the generation's reader of worker output, for ``output =
@@ -149,10 +149,10 @@ class WorkerSlot:
         if self._waiting is not None:  # SIGKILL once stop_timeout has passed (_wait)
             self._waiting.deadline = trio.current_time() + self.settings.stop_timeout
 
-    def handover(self) -> Handover:
+    def handover(self) -> AdoptedWorker:
         """What the next image needs to go on with this slot (its process, if one
         runs, keeps running: it is not ours to stop)."""
-        return Handover(
+        return AdoptedWorker(
             state=self.state.value,
             process=self.process,
             restarts=self.restarts,
@@ -196,7 +196,7 @@ class WorkerSlot:
             await self._live(handover, task_status)
 
     @contextlib.contextmanager
-    def _relayed_output(self, handover: Handover | None) -> Iterator[tuple[Pipe, Pipe] | None]:
+    def _relayed_output(self, handover: AdoptedWorker | None) -> Iterator[tuple[Pipe, Pipe] | None]:
         """The slot's output pipes (its own, or the ones it was handed), watched by
         the generation's hub; unwatched (after a last read) and closed at its end.
 
@@ -221,7 +221,9 @@ class WorkerSlot:
         finally:
             _close_pipes(hub, pipes)
 
-    async def _live(self, handover: Handover | None, task_status: trio.TaskStatus[None]) -> None:
+    async def _live(
+        self, handover: AdoptedWorker | None, task_status: trio.TaskStatus[None]
+    ) -> None:
         if handover is not None:
             task_status.started()  # its generation serves already
             await self._guarded(self._resume(handover))
@@ -246,7 +248,7 @@ class WorkerSlot:
                 self.state.set(WorkerState.FATAL)
             await self._stop_requested.wait()
 
-    async def _resume(self, handover: Handover) -> None:
+    async def _resume(self, handover: AdoptedWorker) -> None:
         """Go on from where the earlier image left this slot: adopt its process
         (no spawn), or keep backing off, or stay FATAL."""
         self.restarts, self.last_exit = handover.restarts, handover.last_exit

@@ -12,7 +12,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 
 from supervisor.steering.base import Backend, ListenerCounts, Role, SteeringGroup
-from supervisor.steering.cbpf import CbpfGroup
+from supervisor.steering.classic import CbpfGroup
 from supervisor.steering.ebpf import EbpfGroup
 from supervisor.values import ListenAddress
 
