@@ -50,10 +50,10 @@ test-lowest: $(LOWEST)/.installed
 	PATH="$(abspath $(LOWEST))/bin:$$PATH" $(LOWEST)/bin/pytest -p no:cacheprovider -m "not slow and not soak"
 
 # `pipx install .` with PyPI, then the demo served from what pipx exposed, in
-# a private network namespace (tests/pipx_route.py; needs the network, so
+# a private network namespace (tests/support/pipx_route.py; needs the network, so
 # not part of make test).
 test-pipx: $(VENV)/.installed-test
-	$(BIN)/python tests/pipx_route.py
+	$(BIN)/python tests/support/pipx_route.py
 
 # The man pages in docs/man, made from the commands' parsers (a test checks they are current).
 man: $(VENV)/.installed-run

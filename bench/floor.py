@@ -41,10 +41,10 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.procs import TINY, cpu_seconds, enter_private_netns  # noqa: E402
 from bench.systems import Supervised  # noqa: E402
 from supervisor.kernel import fastspawn  # noqa: E402
 from supervisor.kernel.proc import ChildProcess  # noqa: E402
+from tests.support.procs import TINY, cpu_seconds, enter_private_netns  # noqa: E402
 
 PORT = 8080
 _names = itertools.count()

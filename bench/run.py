@@ -38,18 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import floor, report, survive, wrk  # noqa: E402
-from bench.procs import (  # noqa: E402
-    HERE,
-    TINY,
-    SelfBound,
-    cpu_seconds,
-    enter_private_netns,
-    machine_busy_seconds,
-    rss_kib,
-    settled_fd_count,
-    wait_for,
-    zombies,
-)
 from bench.systems import (  # noqa: E402
     Gunicorn,
     HandRolled,
@@ -63,6 +51,18 @@ from bench.systems import (  # noqa: E402
 )
 from supervisor.kernel import diag  # noqa: E402
 from supervisor.values import parse_listen  # noqa: E402
+from tests.support.procs import (  # noqa: E402
+    HERE,
+    TINY,
+    SelfBound,
+    cpu_seconds,
+    enter_private_netns,
+    machine_busy_seconds,
+    rss_kib,
+    settled_fd_count,
+    wait_for,
+    zombies,
+)
 
 PORT = 8080
 WORKERS = 4

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import wrk
-from bench.procs import alive, children, wait_for, wait_gone
-from bench.systemd_ns import UNIT, SystemdNamespace, available, install_supervisor
 from bench.systems import HAProxy, Nginx, Supervised, nginx_http
+from tests.support.procs import alive, children, wait_for, wait_gone
+from tests.support.systemd_ns import UNIT, SystemdNamespace, available, install_supervisor
 
 VENV_BIN = Path(sys.executable).parent
 

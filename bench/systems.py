@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench.procs import DEMO, ROOT, SelfBound, children, wait_for, wait_gone
 from supervisor.control.ctl import request
 from supervisor.errors import DaemonUnreachable
+from tests.support.procs import DEMO, ROOT, SelfBound, children, wait_for, wait_gone
 
 BODY = "service=web generation=1 worker=0 pid=0 listener=0"
 

@@ -94,4 +94,4 @@ def no_leaks() -> Iterator[None]:
         pytest.fail("; ".join(problems), pytrace=False)
 
 
-pytest_plugins = ["tests.harness"]
+pytest_plugins = ["tests.support.harness"]

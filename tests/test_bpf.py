@@ -14,7 +14,7 @@ from supervisor.kernel.ebpf_asm import R0, R1, R6, Asm
 from supervisor.kernel.sockets import ListenerOptions, open_listener, socket_cookie
 from supervisor.steering.ebpf_program import build_program
 from supervisor.values import parse_listen
-from tests.harness import free_port
+from tests.support.harness import free_port
 
 
 def test_assembler_encodes_and_resolves_labels() -> None:

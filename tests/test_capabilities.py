@@ -11,7 +11,7 @@ import pytest
 
 from supervisor.plan.capabilities import Capabilities
 from supervisor.plan.plan import retire_decision
-from tests.harness import free_port, service_toml
+from tests.support.harness import free_port, service_toml
 
 EBPF = Capabilities(migrate_req=0, cbpf=True, ebpf=True)
 CBPF_SYSCTL_ON = Capabilities(migrate_req=1, cbpf=True, ebpf=False)

@@ -14,7 +14,7 @@ from supervisor import __version__
 from supervisor.config.schema import DEFAULT_CONTROL_SOCKET
 from supervisor.control import ctl
 from supervisor.daemon import manpage
-from tests.harness import DEMO, Background, Daemon, free_port, service_toml
+from tests.support.harness import DEMO, Background, Daemon, free_port, service_toml
 
 CTL = [sys.executable, "-m", "supervisor.control.ctl"]
 

@@ -18,7 +18,7 @@ import pytest
 from supervisor.control.ctl import find_socket
 from supervisor.control.protocol import parse_request
 from supervisor.errors import ProtocolError
-from tests.harness import Daemon, free_port, listening_sockets, service_toml
+from tests.support.harness import Daemon, free_port, listening_sockets, service_toml
 
 CTL = [sys.executable, "-m", "supervisor.control.ctl"]
 

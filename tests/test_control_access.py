@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Daemon, free_port, service_toml
+from tests.support.harness import Daemon, free_port, service_toml
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

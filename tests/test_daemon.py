@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.harness import (
+from tests.support.harness import (
     DEMO,
     Daemon,
     established_owned_by,
@@ -23,7 +23,7 @@ from tests.harness import (
     service_toml,
     wait_until,
 )
-from tests.load import Load, one_request
+from tests.support.load import Load, one_request
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

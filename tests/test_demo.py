@@ -16,7 +16,7 @@ import trio
 from supervisor.kernel.notify import NotifyReceiver
 from supervisor.kernel.proc import ChildProcess, spawn
 from supervisor.kernel.sockets import socket_cookie
-from tests.load import parse_body
+from tests.support.load import parse_body
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 DEMO = [sys.executable, "-m", "supervisor.demo"]

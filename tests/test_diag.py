@@ -22,7 +22,7 @@ from supervisor.serve.retire import Retirement, drain_tcp
 from supervisor.steering import Role
 from supervisor.steering.classic import CbpfGroup
 from supervisor.values import ListenAddress, parse_listen
-from tests.harness import free_port, wait_until
+from tests.support.harness import free_port, wait_until
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

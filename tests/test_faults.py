@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import (
+from tests.support.harness import (
     DEMO,
     Background,
     Daemon,
@@ -23,7 +23,7 @@ from tests.harness import (
     service_toml,
     wait_until,
 )
-from tests.load import Load, LoadResult
+from tests.support.load import Load, LoadResult
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

@@ -26,10 +26,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.procs import rss_kib
 from supervisor.config.loader import load_config, parse_config
 from supervisor.errors import ConfigError
-from tests.harness import Daemon, cpu_seconds, free_port, open_fd_count, service_toml
+from tests.support.harness import Daemon, cpu_seconds, free_port, open_fd_count, service_toml
+from tests.support.procs import rss_kib
 
 SERVICE_KEYS = [
     "command", "workers", "listen", "backlog", "retire", "stop_signal", "stop_timeout",

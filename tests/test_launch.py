@@ -18,7 +18,7 @@ import trio.testing
 
 from supervisor.kernel import fastspawn, launch
 from supervisor.kernel.proc import LAUNCHER, Credentials, describe_exit, spawn
-from tests.harness import process_gone, wait_until
+from tests.support.harness import process_gone, wait_until
 
 REPORT = textwrap.dedent(
     """

@@ -20,7 +20,7 @@ from supervisor.serve.lifecycle import (
     check_transition,
 )
 from supervisor.serve.worker import SlotSettings, WorkerSlot
-from tests.fakes import FakeSpawner
+from tests.support.fakes import FakeSpawner
 
 S = WorkerState
 SERVICE = parse_config('[services.web]\ncommand = ["x"]\nlisten = ["127.0.0.1:8080"]\n').services[

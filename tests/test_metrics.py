@@ -28,7 +28,7 @@ import pytest
 
 from supervisor.observe.metrics import PREFIX, Histogram, Tally
 from supervisor.reports import RolloutReport
-from tests.harness import DAEMON, Daemon, free_port, open_fd_count, service_toml, wait_until
+from tests.support.harness import DAEMON, Daemon, free_port, open_fd_count, service_toml, wait_until
 
 CTL = [sys.executable, "-m", "supervisor.control.ctl"]
 DASHBOARD = Path(__file__).resolve().parent.parent / "config" / "grafana-dashboard.json"
@@ -438,6 +438,6 @@ def test_the_shipped_alert_rules_pass_promtool_and_their_own_tests() -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
     tested = subprocess.run(
         [promtool, "test", "rules", "alerts-test.yml"],
-        cwd=root / "tests" / "prometheus", capture_output=True, text=True, timeout=60,
+        cwd=root / "tests" / "support" / "prometheus", capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert tested.returncode == 0, tested.stdout + tested.stderr

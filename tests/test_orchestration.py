@@ -33,8 +33,8 @@ from supervisor.serve.rollout import ValidatedConfig, ready_progress
 from supervisor.serve.service import Service, ServiceEnv
 from supervisor.steering import Role
 from supervisor.steering.ebpf import available as ebpf_available
-from tests.fakes import FakeGroup, FakeGroups, FakeProcess, FakeSpawner
-from tests.harness import free_port
+from tests.support.fakes import FakeGroup, FakeGroups, FakeProcess, FakeSpawner
+from tests.support.harness import free_port
 
 CAPS = Capabilities(migrate_req=1, cbpf=True, ebpf=False)
 

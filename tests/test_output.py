@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from supervisor.serve.output import BURST, MAX_LINE, OutputHub, Pipe, level_of, open_pipes
-from tests.harness import Daemon, cpu_seconds, free_port, service_toml, wait_until
+from tests.support.harness import Daemon, cpu_seconds, free_port, service_toml, wait_until
 
 
 def test_sd_daemon_prefixes_set_the_level() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-from tests.harness import free_port, wait_until
+from tests.support.harness import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 _FLOOR = re.compile(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9][^,;\s]*)")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import DEMO, Daemon, service_toml, toml_list, wait_until
-from tests.load import one_request
+from tests.support.harness import DEMO, Daemon, service_toml, toml_list, wait_until
+from tests.support.load import one_request
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.certs import issue, write_pair
-from tests.harness import DEMO, Daemon, free_port, service_toml
+from tests.support.certs import issue, write_pair
+from tests.support.harness import DEMO, Daemon, free_port, service_toml
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

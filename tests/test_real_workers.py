@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.certs import Issued, issue, write_pair
-from tests.harness import Daemon, free_port, wait_until
-from tests.load import Load
+from tests.support.certs import Issued, issue, write_pair
+from tests.support.harness import Daemon, free_port, wait_until
+from tests.support.load import Load
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

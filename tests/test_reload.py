@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import (
+from tests.support.harness import (
     DEMO,
     Background,
     Daemon,
@@ -31,7 +31,7 @@ from tests.harness import (
     service_toml,
     wait_until,
 )
-from tests.load import ConnectLoad, DatagramLoad, Load, LoadResult
+from tests.support.load import ConnectLoad, DatagramLoad, Load, LoadResult
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 SYNC_DEMO = [*DEMO, "--concurrency", "1", "--work", "0.002"]

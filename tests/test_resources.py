@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.harness import Daemon, free_port, service_toml, wait_until
-from tests.load import Load
+from tests.support.harness import Daemon, free_port, service_toml, wait_until
+from tests.support.load import Load
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

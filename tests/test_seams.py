@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Daemon, free_port, service_toml, syscall_fault, wait_until
-from tests.load import Load
+from tests.support.harness import Daemon, free_port, service_toml, syscall_fault, wait_until
+from tests.support.load import Load
 
 pytestmark = [
     pytest.mark.kernel,

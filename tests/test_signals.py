@@ -18,8 +18,8 @@ from collections.abc import Callable
 import pytest
 
 from supervisor.daemon.signals import IGNORED, name
-from tests.harness import Daemon, free_port, service_toml, upgrading, wait_until
-from tests.load import Load
+from tests.support.harness import Daemon, free_port, service_toml, upgrading, wait_until
+from tests.support.load import Load
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import pytest
 
-from bench.procs import rss_kib, settled_fd_count, zombies
-from tests.harness import Daemon, free_port, service_toml, wait_until
-from tests.load import Load
+from tests.support.harness import Daemon, free_port, service_toml, wait_until
+from tests.support.load import Load
+from tests.support.procs import rss_kib, settled_fd_count, zombies
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow, pytest.mark.soak]
 

@@ -14,7 +14,7 @@ import pytest
 from supervisor.errors import ListenerError
 from supervisor.kernel.sockets import ListenerOptions, accept_queue, open_listener, socket_cookie
 from supervisor.values import parse_listen
-from tests.harness import free_port
+from tests.support.harness import free_port
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

@@ -20,7 +20,7 @@ from supervisor.steering.classic import CbpfGroup, build_program
 from supervisor.steering.ebpf_program import SLOTS
 from supervisor.values import parse_listen
 from tests.conftest import HOST_NETNS_INODE
-from tests.harness import free_port
+from tests.support.harness import free_port
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 # Returns the low byte of the source port: connecting from port 256*r + k

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Daemon, Reloaded, free_port, service_toml, wait_until
-from tests.load import Load
+from tests.support.harness import Daemon, Reloaded, free_port, service_toml, wait_until
+from tests.support.load import Load
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

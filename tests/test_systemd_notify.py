@@ -15,7 +15,7 @@ import pytest
 from supervisor.daemon.systemd import monotonic_usec
 from supervisor.handoff.fdstore import CONFIG_NAME
 from supervisor.kernel.notify import parse
-from tests.harness import Daemon, free_port, service_toml, smuggling_worker
+from tests.support.harness import Daemon, free_port, service_toml, smuggling_worker
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

@@ -25,11 +25,11 @@ from typing import Any
 
 import pytest
 
-from bench.systemd_ns import UNIT, SystemdNamespace, available, install_supervisor
-from tests.certs import issue, write_pair
-from tests.harness import smuggling_worker, wait_until
-from tests.load import Load
-from tests.systemd_unit import PORT, VENV_BIN, Unit, at_connect, booted, config_text, report
+from tests.support.certs import issue, write_pair
+from tests.support.harness import smuggling_worker, wait_until
+from tests.support.load import Load
+from tests.support.systemd_ns import UNIT, SystemdNamespace, available, install_supervisor
+from tests.support.systemd_unit import PORT, VENV_BIN, Unit, at_connect, booted, config_text, report
 
 pytestmark = [
     pytest.mark.kernel,

@@ -108,7 +108,7 @@ def test_real_systemd_tests_say_why_they_skip_a_venv_under_tmp(tmp_path: Path) -
         pytest.skip("pytest's tmp_path is not under /tmp here")
     python = tmp_path / "python3"
     python.symlink_to(sys.executable)
-    code = "from bench.systemd_ns import available; print(available())"
+    code = "from tests.support.systemd_ns import available; print(available())"
     done = subprocess.run(
         [str(python), "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
     )

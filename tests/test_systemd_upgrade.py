@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from bench.systemd_ns import UNIT, available
-from tests.harness import wait_until
-from tests.systemd_unit import at_connect, booted, config_text, report
+from tests.support.harness import wait_until
+from tests.support.systemd_ns import UNIT, available
+from tests.support.systemd_unit import at_connect, booted, config_text, report
 
 pytestmark = [
     pytest.mark.kernel,

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.systemd_ns import UNIT, available
-from tests.certs import issue, write_pair
-from tests.harness import wait_until
-from tests.load import Load
-from tests.systemd_unit import Unit, booted, report
+from tests.support.certs import issue, write_pair
+from tests.support.harness import wait_until
+from tests.support.load import Load
+from tests.support.systemd_ns import UNIT, available
+from tests.support.systemd_unit import Unit, booted, report
 
 pytestmark = [
     pytest.mark.kernel,

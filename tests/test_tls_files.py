@@ -11,7 +11,7 @@ import pytest
 from supervisor.config.schema import TlsFiles
 from supervisor.config.tls import check_pair
 from supervisor.errors import TlsError
-from tests.certs import DAY, NOW, issue, write_pair
+from tests.support.certs import DAY, NOW, issue, write_pair
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.certs import DAY, NOW, Issued, issue, write_pair
-from tests.harness import DEMO, Daemon, free_port, service_toml, wait_until
-from tests.load import Load
+from tests.support.certs import DAY, NOW, Issued, issue, write_pair
+from tests.support.harness import DEMO, Daemon, free_port, service_toml, wait_until
+from tests.support.load import Load
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

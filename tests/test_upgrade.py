@@ -25,8 +25,7 @@ from typing import Any
 import pytest
 
 import supervisor
-from bench.procs import rss_kib, settled_fd_count
-from tests.harness import (
+from tests.support.harness import (
     DEMO,
     Background,
     Daemon,
@@ -35,7 +34,8 @@ from tests.harness import (
     service_toml,
     wait_until,
 )
-from tests.load import ConnectLoad, Load
+from tests.support.load import ConnectLoad, Load
+from tests.support.procs import rss_kib, settled_fd_count
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 UPGRADES = 50

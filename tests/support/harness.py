@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from bench.procs import alive, state, wait_for
 from supervisor.control.ctl import request
 from supervisor.kernel.sysctl import MIGRATE_REQ, set_migrate_req
 from supervisor.values import ListenAddress, parse_listen
+from tests.support.procs import alive, state, wait_for
 
 DEMO = [sys.executable, "-m", "supervisor.demo"]
 DAEMON = [sys.executable, "-m", "supervisor.daemon"]

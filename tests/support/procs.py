@@ -11,11 +11,10 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = [sys.executable, "-m", "supervisor.demo"]
 # A worker that starts in milliseconds (scale, soak, the floor).
-TINY = [sys.executable, "-I", "-S", str(HERE / "tiny_worker.py")]
+TINY = [sys.executable, "-I", "-S", str(ROOT / "bench" / "tiny_worker.py")]
 POLL = 0.005  # the benchmark's own waits; the supervisor does not poll like this
 
 
@@ -26,7 +25,7 @@ def enter_private_netns(why: str) -> None:
         raise SystemExit(f"{why} needs root (a private network namespace)")
     if os.environ.get("BENCH_IN_NETNS") != "1":
         env = {**os.environ, "BENCH_IN_NETNS": "1"}
-        os.execvpe("unshare", ["unshare", "-n", sys.executable, *sys.argv], env)  # noqa: S606
+        os.execvpe("unshare", ["unshare", "-n", sys.executable, *sys.argv], env)
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 
@@ -150,7 +149,7 @@ class SelfBound:
         env = {**os.environ, "NOTIFY_SOCKET": self.ready.address, "PYTHONPATH": str(ROOT)}
         fresh = [
             subprocess.Popen(
-                [sys.executable, str(HERE / "selfbind.py"), *where, "--", *DEMO],
+                [sys.executable, str(ROOT / "bench" / "selfbind.py"), *where, "--", *DEMO],
                 env=env,
                 pass_fds=(self.share_fd,) if self.share_fd else (),
             )

@@ -260,7 +260,7 @@ def json_lines(path: Path) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
 
 
-SHIPPED_UNIT = Path(__file__).resolve().parent.parent / "systemd" / "reuseport-supervisor.service"
+SHIPPED_UNIT = Path(__file__).resolve().parents[2] / "systemd" / "reuseport-supervisor.service"
 UNIT = "reuseport-supervisor.service"
 
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.systemd_ns import UNIT, SystemdNamespace, install_supervisor, json_lines
-from tests.harness import wait_until
-from tests.load import Load, LoadResult
+from tests.support.harness import wait_until
+from tests.support.load import Load, LoadResult
+from tests.support.systemd_ns import UNIT, SystemdNamespace, install_supervisor, json_lines
 
 VENV_BIN = Path(sys.executable).parent
 PORT = 8080  # the namespace's own loopback: no other test is there
