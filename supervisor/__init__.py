@@ -2,7 +2,7 @@
 
 The map, from the top of the flow down (docs/design.md tells the flow). A
 module imports only from its own folder or from a folder below it;
-``tests/test_layers.py`` checks it.
+``tests/unit/test_layers.py`` checks it.
 
 - ``daemon/``: the process. Wiring and entry points: the command line and the
   three ways to start (``startup``), the daemon and its reload queue, the

@@ -19,6 +19,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,28 @@ NETNS_PROBLEM = _enter_private_netns()
 IN_PRIVATE_NETNS = NETNS_PROBLEM is None
 
 
+# The tiers are folders, and their markers agree: tests/unit is fast and
+# unprivileged; everything else is slow (or soak), and needs root where it
+# says kernel.
+TIER_MARKS = {"unit": set(), "kernel": {"slow"}, "system": {"slow"}, "soak": {"soak"}}
+
+
+def _tier_problem(item: pytest.Item) -> str | None:
+    tier = Path(str(item.path)).relative_to(Path(__file__).parent).parts[0]
+    marks = {m for m in ("slow", "kernel", "soak") if m in item.keywords}
+    if tier not in TIER_MARKS:
+        return f"{item.nodeid}: a test outside the tier folders {sorted(TIER_MARKS)}"
+    if tier == "unit" and marks:
+        return f"{item.nodeid}: marked {sorted(marks)} in tests/unit (the fast tier)"
+    if not TIER_MARKS[tier] <= marks and not (tier == "kernel" and "kernel" in marks):
+        return f"{item.nodeid}: in tests/{tier} but not marked {sorted(TIER_MARKS[tier])}"
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    problems = [p for p in map(_tier_problem, items) if p is not None]
+    if problems:
+        raise pytest.UsageError("\n".join(problems))
     if IN_PRIVATE_NETNS:
         return
     skip = pytest.mark.skip(reason=f"kernel test: {NETNS_PROBLEM}")

@@ -3,7 +3,7 @@ config models (``python -m supervisor.config.reference docs``; ``make docs``).
 
 Keys, defaults and the health checks' keys come from the pydantic models;
 what each key means is written here, once. A field without a meaning fails
-the generation (and so ``tests/test_docs.py``), as does a meaning without a
+the generation (and so ``tests/unit/test_docs.py``), as does a meaning without a
 field; the test also fails when the committed files are stale.
 """
 

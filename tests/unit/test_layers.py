@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "supervisor"
+PACKAGE = Path(__file__).resolve().parents[2] / "supervisor"
 
 # Bottom first. The top-level modules (errors, values, status, text) are
 # the floor every folder stands on; demo/, a worker of its own, may use

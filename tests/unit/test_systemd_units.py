@@ -1,4 +1,8 @@
-"""The files in systemd/: what systemd itself says of them, and that they fit the daemon."""
+"""The files in systemd/: what systemd itself says of them, and that they fit the daemon.
+
+This file: the parts that need no root and no running daemon; the rest is in
+tests/system/test_systemd_units.py.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,23 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from supervisor.config.schema import DEFAULT_CONTROL_SOCKET
-from supervisor.kernel import sysctl
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
+
+
 SYSTEMD = ROOT / "systemd"
+
+
 UNIT = SYSTEMD / "reuseport-supervisor.service"
+
+
 NOTIFY_RELOAD = SYSTEMD / "reuseport-supervisor.service.d" / "notify-reload.conf"
-SYSCTL = SYSTEMD / "sysctl.d" / "60-reuseport-supervisor-migrate.conf"
+
 
 needs_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here"
@@ -89,16 +97,6 @@ def test_unit_matches_the_daemon() -> None:
     caps = set(service["CapabilityBoundingSet"].split())
     assert {"CAP_NET_BIND_SERVICE", "CAP_BPF", "CAP_SETUID", "CAP_SETGID", "CAP_KILL"} <= caps
     assert "CAP_SYS_ADMIN" not in caps
-
-
-@pytest.mark.kernel
-@pytest.mark.slow
-def test_sysctl_drop_in_enables_migration(migrate_req: Callable[[int], None]) -> None:
-    if shutil.which("sysctl") is None:
-        pytest.skip("procps' sysctl is not installed here")
-    migrate_req(0)  # in the test's own network namespace; restored afterwards
-    subprocess.run(["sysctl", "-q", "-p", str(SYSCTL)], check=True)
-    assert sysctl.migrate_req() == 1
 
 
 def test_real_systemd_tests_say_why_they_skip_a_venv_under_tmp(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from supervisor.config.loader import load_config, parse_config
 from supervisor.config.schema import Config, HealthHttp, HealthNone
 from supervisor.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = """
 [services.web]
 command = ["python3", "-m", "supervisor.demo"]

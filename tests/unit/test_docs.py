@@ -14,7 +14,7 @@ import pytest
 from supervisor.config import reference
 from supervisor.config.schema import ServiceConfig, SocketOptions, SupervisorSection, TlsFiles
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 # Every section the README had before it was split into docs/.

@@ -25,7 +25,7 @@ from tests.support.load import Load
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
-CONFIG = Path(__file__).resolve().parent.parent / "config"
+CONFIG = Path(__file__).resolve().parents[2] / "config"
 RELOADS = 10
 
 

@@ -3,6 +3,9 @@
 Debian's prometheus server runs in the test's network namespace, scraping
 the daemon's ``metrics_listen`` every second; PromQL queries (the dashboard's
 among them) must answer with what the daemon did.
+
+This file: the parts with real processes; the rest is in
+tests/unit/test_metrics.py.
 """
 
 from __future__ import annotations
@@ -26,38 +29,13 @@ from typing import Any
 
 import pytest
 
-from supervisor.observe.metrics import PREFIX, Histogram, Tally
-from supervisor.reports import RolloutReport
+from supervisor.observe.metrics import PREFIX
 from tests.support.harness import DAEMON, Daemon, free_port, open_fd_count, service_toml, wait_until
 
 CTL = [sys.executable, "-m", "supervisor.control.ctl"]
-DASHBOARD = Path(__file__).resolve().parent.parent / "config" / "grafana-dashboard.json"
 
 
-def test_the_tally_counts_rollouts_and_comes_back_from_an_export() -> None:
-    tally = Tally()
-    ok = RolloutReport(
-        service="web", outcome="succeeded", generation=2, previous=1, duration=0.3,
-        queued_at_cutover=5, drained=2, left_at_shutdown=3,
-        counters={"TCPMigrateReqSuccess": 3}, timings={"overhead": 0.02},
-    )  # fmt: skip
-    tally.rollout(ok, retired_restarts=4)
-    tally.rollout(RolloutReport(service="web", outcome="rolled_back", generation=3, previous=2))
-    again = Tally.restore(json.loads(json.dumps(tally.export())))
-    assert again == tally
-    assert again.reloads == {"web": {"succeeded": 1, "rolled_back": 1}}
-    assert again.connections["web"] == {"queued": 5, "migrated": 3, "drained": 2, "left": 3}
-    assert again.restarts == {"web": 4}
-    assert again.duration["web"].buckets()[3] == ("0.5", 1)  # 0.3 s: in the 0.5 bucket
-    assert Tally.restore({"reloads": "nonsense"}) == Tally(), "a bad export starts anew"
-
-
-def test_histogram_buckets_are_cumulative() -> None:
-    histogram = Histogram((1.0, 2.0))
-    for value in (0.5, 1.5, 1.5, 9.0):
-        histogram.observe(value)
-    assert histogram.buckets() == [("1.0", 1), ("2.0", 3), ("+Inf", 4)]
-    assert histogram.total == 12.5
+DASHBOARD = Path(__file__).resolve().parents[2] / "config" / "grafana-dashboard.json"
 
 
 @pytest.mark.kernel
@@ -274,18 +252,6 @@ def _dashboard_queries() -> list[str]:
     ]
 
 
-def test_the_dashboard_selects_by_job_and_instance_and_rates_by_the_scrape_interval() -> None:
-    board = json.loads(DASHBOARD.read_text())
-    variables = [v["name"] for v in board["templating"]["list"]]
-    assert variables == ["datasource", "job", "instance", "service"]
-    for panel in board["panels"]:
-        for target in panel["targets"]:
-            expr = target["expr"]
-            for selector in re.findall(r"reuseport_supervisor_\w+(\{[^}]*\})?", expr):
-                assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, expr
-            assert not re.search(r"rate\([^)]*\[\d+[smh]\]\)", expr), f"a fixed rate window: {expr}"
-
-
 @pytest.mark.kernel
 @pytest.mark.slow
 def test_a_real_prometheus_scrapes_it_and_the_dashboard_queries_answer(
@@ -424,20 +390,3 @@ def _ready(port: int) -> bool:
         return bool(_get(f"http://127.0.0.1:{port}/metrics"))
     except OSError:
         return False
-
-
-def test_the_shipped_alert_rules_pass_promtool_and_their_own_tests() -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("needs Debian's prometheus (promtool)")
-    root = Path(__file__).resolve().parent.parent
-    checked = subprocess.run(
-        [promtool, "check", "rules", str(root / "config" / "prometheus-alerts.yml")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    tested = subprocess.run(
-        [promtool, "test", "rules", "alerts-test.yml"],
-        cwd=root / "tests" / "support" / "prometheus", capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert tested.returncode == 0, tested.stdout + tested.stderr

@@ -32,7 +32,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed here"),
 ]
 
-CONFIG = Path(__file__).resolve().parent.parent / "config"
+CONFIG = Path(__file__).resolve().parents[2] / "config"
 NGINX_PORT = 8443  # the example's own: the namespace's loopback is the test's alone
 RELOADS = 10
 

@@ -1,44 +1,24 @@
 """What is installed is what was tested: the declared dependency floors are
 the ones CI tests (``make test-lowest``), and the wheel carries what a host
-needs and runs its demo from any path."""
+needs and runs its demo from any path.
+
+This file: the parts with real processes; the rest is in
+tests/unit/test_packaging.py.
+"""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import sysconfig
-import tomllib
 import urllib.request
 from pathlib import Path
 
 import pytest
-from packaging.version import Version
 
 from tests.support.harness import free_port, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
-_FLOOR = re.compile(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9][^,;\s]*)")
-
-
-def _name(text: str) -> str:
-    return re.sub(r"[-_.]+", "-", text).lower()
-
-
-def test_every_floor_in_pyproject_is_pinned_in_the_lowest_constraints() -> None:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = [*project["dependencies"], *project["optional-dependencies"]["test"]]
-    floors = {_name(m.group(1)): m.group(2) for spec in declared if (m := _FLOOR.match(spec))}
-    pinned = {}
-    for line in (ROOT / ".ci" / "lowest.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            pinned[_name(name)] = version.strip()
-    # gunicorn and uvicorn are the tests' real workers, not imported: no pin.
-    wanted = {n: v for n, v in floors.items() if n not in {"gunicorn", "uvicorn"}}
-    for name, floor in wanted.items():
-        assert name in pinned, f"{name}>={floor} has no pin in .ci/lowest.txt"
-        assert Version(pinned[name]) == Version(floor), (name, floor, pinned[name])
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*argv: str | Path, env: dict[str, str] | None = None) -> str:
@@ -142,6 +122,7 @@ for pair in "$@"; do
     echo "$cmd: ${COMPREPLY[*]}"
 done
 """
+
 
 # zsh's compinit reads the #compdef lines on fpath; the function, run the
 # way compinit runs it, defines shtab's and binds it to the command.
