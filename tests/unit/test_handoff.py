@@ -1,0 +1,264 @@
+"""The handoff of an in-place upgrade, without a daemon: a state document
+naming real fds and a real worker is encoded and decoded as it crosses the
+exec, checked for what was lost on the way, and taken over by the service.
+One test per loss: a listener, a worker, its notify socket, its pipes, eBPF
+objects, an fd number reused by something else, an unknown document version.
+Every loss is named, and none takes down what did cross."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+from supervisor.config.loader import parse_config
+from supervisor.config.schema import ServiceConfig
+from supervisor.errors import StateError
+from supervisor.handoff import state
+from supervisor.handoff.state import DaemonDoc, GroupDoc, ListenerDoc, ServiceDoc, WorkerDoc
+from supervisor.kernel.proc import start_time
+from supervisor.kernel.sockets import socket_cookie
+from supervisor.serve.inherit import Takeover, from_upgrade
+from supervisor.values import parse_listen
+from tests.support.harness import wait_until
+
+
+@dataclass
+class Image:
+    """What the old image holds for one service of one worker: a listener, the
+    worker (a real child), its notify socket and its output pipes, and two
+    fds standing for eBPF objects. Everything is closed at the end."""
+
+    listener: socket.socket
+    notify: socket.socket
+    pipes: list[int]
+    ebpf: dict[str, int]
+    worker: subprocess.Popen[bytes] | None
+    port: int
+    cookie: int
+    extra: list[int] = field(default_factory=list)
+    all_pipes: list[int] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def document(self, *, pipes: bool = False) -> DaemonDoc:
+        """The document the old image writes (``pipes``: all four pipe ends,
+        as they were at the start)."""
+        pid = None if self.worker is None else self.worker.pid
+        listener = ListenerDoc(
+            fd=self.listener.fileno(), worker=0, address=self.address,
+            cookie=self.cookie, name=f"web/tcp-{self.address}/g2/w0",
+        )  # fmt: skip
+        worker = WorkerDoc(
+            index=0, state="RUNNING", pid=pid, start_time=None if pid is None else start_time(pid),
+            restarts=1, short_runs=0, last_exit=None, start_seconds=0.1,
+            notify_fd=self.notify.fileno(), output_fds=self.all_pipes if pipes else self.pipes,
+        )  # fmt: skip
+        service = ServiceDoc(
+            name="web", config={}, steering="ebpf", generation=2, last_generation=2,
+            listeners=[listener], workers=[worker],
+            groups=[GroupDoc(address=self.address, ebpf=self.ebpf)],
+        )  # fmt: skip
+        return DaemonDoc(
+            software="0.1.0", config_path="/etc/supervisor.toml", supervisor={},
+            control_fd=-1, started_at=1.0, upgrade_requested_at=2.0, services=[service],
+        )  # fmt: skip
+
+    def config(self) -> ServiceConfig:
+        text = f'[services.web]\ncommand = ["x"]\nlisten = ["{self.address}"]\nworkers = 1\n'
+        return parse_config(text).services["web"]
+
+
+_HOLD_AS_FD_3 = "import os, sys, time; os.dup2(int(sys.argv[1]), 3); time.sleep(60)"
+
+
+def _fd3_is_a_socket(pid: int) -> bool:
+    """Not merely open: the interpreter opens files of its own while it starts."""
+    try:
+        return os.readlink(f"/proc/{pid}/fd/3").startswith("socket:")
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def image() -> Iterator[Image]:
+    listener = socket.create_server(("127.0.0.1", 0), reuse_port=True)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(b"\0supervisor-test-handoff-%d" % os.getpid())
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    ebpf = {"socks": os.open("/dev/null", os.O_RDONLY), "prog": os.open("/dev/null", os.O_RDONLY)}
+    # The worker holds the listener as its fd 3, as a worker does.
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_AS_FD_3, str(listener.fileno())], pass_fds=[listener.fileno()]
+    )
+    wait_until(lambda: _fd3_is_a_socket(worker.pid), 10, "the worker to hold its listener as fd 3")
+    pipes = [out_r, out_w, err_r, err_w]
+    made = Image(
+        listener, notify, pipes, ebpf, worker, listener.getsockname()[1],
+        socket_cookie(listener), all_pipes=list(pipes),
+    )  # fmt: skip
+    yield made
+    if made.worker is not None:
+        made.worker.kill()
+        made.worker.wait(10)
+    for fd in [*made.pipes, *made.ebpf.values(), *made.extra]:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    made.listener.close()
+    made.notify.close()
+
+
+def _across_the_exec(
+    image: Image, lose: Sequence[int] = (), document: DaemonDoc | None = None
+) -> tuple[DaemonDoc, set[int]]:
+    """What the new image reads: the document (the image's own unless given),
+    encoded with the identity of each fd at the exec and decoded; ``lose``
+    is closed in between. Returns it with the lost fds marked, and those."""
+    sent = (document or image.document()).with_identities()
+    received = state.decode(state.encode(sent))
+    assert received == sent
+    for fd in lose:
+        os.close(fd)
+    lost = received.lost()
+    return received.without(lost), lost
+
+
+@contextlib.asynccontextmanager
+async def _taken(image: Image, document: DaemonDoc) -> AsyncIterator[Takeover]:
+    """The takeover of ``document``'s service; then what it adopted is let go:
+    sockets it wraps on the fixture's own fds are detached, a listener it took
+    back from the worker (a new fd) is closed, the worker is reaped."""
+    own = {image.listener.fileno(), image.notify.fileno()}
+    found = from_upgrade(document.services[0], image.config())
+    try:
+        yield found
+    finally:
+        for listener in found.listeners.values():
+            if listener.sock.fileno() in own:
+                listener.sock.detach()
+            else:
+                listener.sock.close()
+        for adopted in (found.handovers or {}).values():
+            if adopted.notify is not None:
+                adopted.notify.detach()
+            if adopted.process is not None:
+                await adopted.process.aclose()
+
+
+async def test_what_crossed_whole_is_taken_over_whole(image: Image) -> None:
+    document, lost = _across_the_exec(image)
+    assert lost == set()
+    assert set(document.fds()) == {
+        image.listener.fileno(),
+        image.notify.fileno(),
+        *image.pipes,
+        *image.ebpf.values(),
+    }
+    async with _taken(image, document) as found:
+        assert found.problems == [] and not found.repair
+        (listener,) = found.listeners.values()
+        assert socket_cookie(listener.sock) == socket_cookie(image.listener)
+        adopted = (found.handovers or {})[0]
+        assert adopted.process is not None and adopted.restarts == 1
+        assert adopted.pipes is not None and adopted.notify is not None
+        assert found.groups[parse_listen(image.address)].ebpf == image.ebpf
+
+
+async def test_a_lost_listener_is_taken_back_from_its_worker(image: Image) -> None:
+    sent = image.document()
+    fd = image.listener.detach()
+    image.listener = socket.socket()  # a stand-in for the fixture to close
+    document, lost = _across_the_exec(image, lose=[fd], document=sent)
+    assert lost == {fd}
+    assert document.services[0].listeners[0].fd == -1, "nobody may use or close it"
+    async with _taken(image, document) as found:
+        (listener,) = found.listeners.values()
+        assert any("taken back from pid" in p for p in found.problems), found.problems
+        assert listener.sock.getsockname()[1] == image.port
+        assert not found.repair
+
+
+async def test_a_lost_listener_whose_worker_is_gone_too_is_bound_anew_by_a_rollout(
+    image: Image,
+) -> None:
+    assert image.worker is not None
+    document = image.document()  # while the worker lives: its pid and start time
+    image.worker.kill()
+    image.worker.wait(10)
+    image.worker = None
+    fd = image.listener.detach()
+    image.listener = socket.socket()
+    received, lost = _across_the_exec(image, lose=[fd], document=document)
+    assert lost == {fd}
+    async with _taken(image, received) as found:
+        assert found.repair and found.listeners == {}
+        assert any("was lost in the upgrade" in p for p in found.problems), found.problems
+        assert any("was gone after the upgrade: respawned" in p for p in found.problems)
+        assert found.lost_workers == 1
+        assert (found.handovers or {})[0].state.name == "BACKOFF"
+
+
+async def test_a_lost_notify_socket_is_named_and_the_worker_kept(image: Image) -> None:
+    sent = image.document()
+    fd = image.notify.detach()
+    image.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    document, lost = _across_the_exec(image, lose=[fd], document=sent)
+    assert lost == {fd}
+    async with _taken(image, document) as found:
+        adopted = (found.handovers or {})[0]
+        assert adopted.process is not None and adopted.notify is None
+        assert any("NOTIFY_SOCKET was lost" in p for p in found.problems), found.problems
+        assert not found.repair
+
+
+async def test_lost_output_pipes_ask_for_a_rollout(image: Image) -> None:
+    gone = image.pipes[1]
+    image.pipes = [fd for fd in image.pipes if fd != gone]
+    document, lost = _across_the_exec(image, lose=[gone], document=image.document(pipes=True))
+    assert lost == {gone}
+    assert -1 in document.services[0].workers[0].output_fds
+    async with _taken(image, document) as found:
+        assert found.repair, "a pipe nobody reads would stop its writer once full"
+        assert (found.handovers or {})[0].pipes is None
+
+
+def test_lost_ebpf_objects_are_marked_so_steering_is_made_anew(image: Image) -> None:
+    gone = image.ebpf["prog"]
+    document = image.document()
+    image.ebpf = {"socks": image.ebpf["socks"]}
+    received, lost = _across_the_exec(image, lose=[gone], document=document)
+    assert lost == {gone}
+    assert received.services[0].groups[0].ebpf == {"socks": image.ebpf["socks"], "prog": -1}
+    assert gone not in received.fds()
+
+
+def test_an_fd_number_reused_by_something_else_counts_as_lost(image: Image) -> None:
+    sent = image.document().with_identities()
+    fd = image.listener.detach()
+    image.listener = socket.socket()
+    os.close(fd)
+    reused = os.open("/dev/null", os.O_RDONLY)
+    image.extra.append(reused)
+    assert reused == fd, "the kernel hands out the lowest free number"
+    received = state.decode(state.encode(sent))
+    assert received.lost() == {fd}
+    assert received.without({fd}).services[0].listeners[0].fd == -1
+
+
+def test_a_document_of_an_unknown_version_is_refused_by_name(image: Image) -> None:
+    newer = image.document().model_copy(update={"version": 99})
+    with pytest.raises(StateError, match="state document version 99; this code reads version 1"):
+        state.decode(state.encode(newer))
+    with pytest.raises(StateError, match="not a state document"):
+        state.decode(b'{"version": 1, "services": "none"}')
+    with pytest.raises(StateError):
+        state.decode(b"\xff not json")
