@@ -18,9 +18,14 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from supervisor.config.placeholders import expand
-from supervisor.config.schema import Config, ServiceConfig, SupervisorSection
+from supervisor.config.schema import (
+    DEFAULT_CONTROL_SOCKET,
+    Config,
+    ServiceConfig,
+    SupervisorSection,
+)
 from supervisor.errors import ConfigError, ConfigIssue
-from supervisor.kernel.files import read_regular
+from supervisor.kernel.files import private_tmp, read_regular
 
 CONFIG_LIMIT = 4 << 20
 _HEALTH_KINDS = frozenset({"none", "notify", "tcp", "http", "tls", "exec"})
@@ -102,6 +107,20 @@ def check_host(config: Config) -> Iterable[ConfigIssue]:
 
         yield from tls.check_config(config)
     yield from check_names(config.supervisor)
+
+
+def host_warnings(config: Config) -> list[str]:
+    """What works here but will surprise an operator: printed by ``--check``
+    and logged at start, never refused (the daemon itself is unaffected)."""
+    out = []
+    control = config.supervisor.control_socket
+    if private_tmp(control.parent):
+        out.append(
+            f"supervisor.control_socket: {control.parent} is this service's private /tmp "
+            "(systemd's PrivateTmp=yes): supervisorctl outside the unit cannot reach "
+            f"{control}; leave the key out for {DEFAULT_CONTROL_SOCKET}"
+        )
+    return out
 
 
 def _check_service(where: str, service: ServiceConfig) -> Iterable[ConfigIssue]:

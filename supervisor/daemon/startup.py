@@ -33,6 +33,7 @@ from supervisor import __version__
 from supervisor.config.loader import (
     check_host,
     environment_for_workers,
+    host_warnings,
     issues_from_validation,
     load_config,
 )
@@ -134,6 +135,8 @@ def _main(argv: Sequence[str] | None) -> None:
         sys.exit(EXIT_CONFIG)
     if refused is not None:
         log.error("config_file_refused", path=str(args.config), issues=refused, running="last good")
+    for warning in host_warnings(config):
+        log.warning("config_warning", warning=warning)
     notifier = SystemdNotifier.from_environment(os.environ)
     store = _store(config.supervisor, notifier)
     inheritances = _recover(config, stored, store)
@@ -231,6 +234,8 @@ def _check(path: Path, config: Config) -> int:
         print(ConfigError(str(path), issues), file=sys.stderr)
         return EXIT_CONFIG
     print(f"{path}: OK")
+    for warning in host_warnings(config):
+        print(f"warning: {warning}")
     plans = plan_config(config)
     print("\n".join(describe(plans)))
     for plan in plans:

@@ -67,3 +67,26 @@ def ensure_directory(path: Path, uid: int | None, gid: int | None) -> None:
     os.chmod(path, 0o755)  # noqa: S103  (a server's unprivileged workers pass through it)
     if uid is not None or gid is not None:
         os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+
+
+def private_tmp(directory: Path, mountinfo: str | None = None) -> bool:
+    """Whether ``directory`` lies in a private /tmp that systemd made for this
+    service (``PrivateTmp=yes``): the mount it is on is a bind of a
+    ``systemd-private-*`` directory, which no process outside the unit sees.
+    (``/proc/1/root`` would tell any private mount, but the unit's bounding
+    set, without CAP_SYS_PTRACE, may not look there.)"""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return False
+    best, root = "", ""
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        point = fields[4].replace("\\040", " ")
+        inside = str(directory) == point or str(directory).startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, root = point, fields[3]
+    return "/systemd-private-" in root  # under the /tmp of the filesystem it is on

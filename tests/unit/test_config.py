@@ -11,6 +11,7 @@ import pytest
 from supervisor.config.loader import load_config, parse_config
 from supervisor.config.schema import Config, HealthHttp, HealthNone
 from supervisor.errors import ConfigError
+from supervisor.kernel.files import private_tmp
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = """
@@ -309,3 +310,24 @@ def test_the_running_config_survives_its_json(path: Path) -> None:
     # restart whose file is broken runs this instead.
     config = load_config(path, check_host_facts=False)
     assert Config.model_validate_json(config.model_dump_json()) == config
+
+
+PRIVATE_TMP_MOUNTINFO = """\
+27 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 27 8:1 /tmp/systemd-private-5f1c-reuseport-supervisor.service-Ab/tmp /tmp rw - ext4 /dev/sda1
+41 27 0:30 / /run rw,nosuid - tmpfs tmpfs rw
+42 41 0:30 /x /run/my\\040app rw - tmpfs tmpfs rw
+"""
+
+
+def test_a_private_tmp_is_told_from_the_mount_it_is_on() -> None:
+    assert private_tmp(Path("/tmp"), PRIVATE_TMP_MOUNTINFO)
+    assert private_tmp(Path("/tmp/sub"), PRIVATE_TMP_MOUNTINFO)
+    assert not private_tmp(Path("/run/reuseport-supervisor"), PRIVATE_TMP_MOUNTINFO)
+    assert not private_tmp(Path("/tmpfoo"), PRIVATE_TMP_MOUNTINFO)
+    assert not private_tmp(Path("/run/my app"), PRIVATE_TMP_MOUNTINFO), "a bind, not systemd's"
+    assert not private_tmp(Path("/tmp"), "27 1 8:1 / / rw - ext4 /dev/sda1 rw\n")
+    tmpfs = (
+        "27 1 8:1 / / rw - ext4 /dev/sda1\n30 27 0:40 /systemd-private-9-x/tmp /tmp rw - tmpfs\n"
+    )
+    assert private_tmp(Path("/tmp"), tmpfs), "a /tmp of its own filesystem"
