@@ -14,8 +14,9 @@ carries it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -23,11 +24,8 @@ from supervisor.config.schema import ServiceConfig
 from supervisor.control import protocol
 from supervisor.control.requests import Switch
 from supervisor.errors import SupervisorError
-from supervisor.serve.service import ServiceState
+from supervisor.serve.service import Service, ServiceState
 from supervisor.status import ServiceStatus
-
-if TYPE_CHECKING:
-    from supervisor.daemon.daemon import Daemon
 
 log = structlog.get_logger("supervisor.daemon.switch")
 
@@ -62,7 +60,23 @@ class Stopped:
         return cls(ServiceConfig.model_validate(data["config"]), int(data["generation"]))
 
 
-async def switch(daemon: Daemon, request: Switch) -> dict[str, Any]:
+class SwitchHost(Protocol):
+    """What a stop or a start needs of the daemon (``Daemon`` is one)."""
+
+    @property
+    def services(self) -> Mapping[str, Service]: ...
+
+    @property
+    def stopped(self) -> dict[str, Stopped]: ...
+
+    async def stop_service(self, name: str) -> None: ...
+
+    async def start_service(
+        self, name: str, config: ServiceConfig, *, first_generation: int = 1
+    ) -> None: ...
+
+
+async def switch(daemon: SwitchHost, request: Switch) -> dict[str, Any]:
     """Stop or start ``request.service``; the answer for the client."""
     name = request.service
     log.info("switch_requested", source=request.source, service=name, start=request.on)
@@ -71,7 +85,7 @@ async def switch(daemon: Daemon, request: Switch) -> dict[str, Any]:
     return await _stop(daemon, name)
 
 
-async def _stop(daemon: Daemon, name: str) -> dict[str, Any]:
+async def _stop(daemon: SwitchHost, name: str) -> dict[str, Any]:
     if name in daemon.stopped:
         return protocol.result(message=f"{name}: already stopped")
     service = daemon.services.get(name)
@@ -87,7 +101,7 @@ async def _stop(daemon: Daemon, name: str) -> dict[str, Any]:
     )
 
 
-async def _start(daemon: Daemon, name: str) -> dict[str, Any]:
+async def _start(daemon: SwitchHost, name: str) -> dict[str, Any]:
     if name in daemon.services:
         return protocol.result(message=f"{name}: already running")
     stopped = daemon.stopped.pop(name, None)
