@@ -157,17 +157,20 @@ class Daemon:
             log.warning("sysctl_unreadable", error=str(exc))
         return self._caps
 
-    def load_checked(self) -> Config:
-        """The config file, validated against the schema, this host and this kernel.
+    def load_checked(self) -> tuple[Config, Capabilities]:
+        """The config file, validated against the schema, this host and this
+        kernel; and the capabilities it was judged on (a reload decides with
+        these: one read of them per reload).
 
         Raises:
             ConfigError: listing every issue.
         """
         config = load_config(self.config_path)
-        issues = list(check(config, self.capabilities()))
+        caps = self.capabilities()
+        issues = list(check(config, caps))
         if issues:
             raise ConfigError(str(self.config_path), issues)
-        return config
+        return config, caps
 
     def directory(self) -> ServiceDirectory:
         return ServiceDirectory(

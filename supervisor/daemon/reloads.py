@@ -23,6 +23,7 @@ from supervisor.config.schema import Config
 from supervisor.control import protocol
 from supervisor.control.requests import Reload, Reply
 from supervisor.errors import ConfigError, SupervisorError
+from supervisor.plan.capabilities import Capabilities
 from supervisor.reports import RolloutReport, reports_of
 from supervisor.serve.rollout import Ticket, ValidatedConfig
 from supervisor.serve.service import Service
@@ -36,7 +37,9 @@ class ServiceDirectory:
     """How a reload reaches the daemon's services."""
 
     services: Mapping[str, Service]
-    load: Callable[[], Config]  # the whole file, validated against host and kernel
+    # The whole file, validated against host and kernel; and the kernel's
+    # capabilities it was judged on, read once for the whole reload.
+    load: Callable[[], tuple[Config, Capabilities]]
     current: Callable[[], Config]
     start: Callable[[str, Config], Awaitable[None]]  # raises SupervisorError
     stop: Callable[[str], Awaitable[None]]
@@ -130,7 +133,7 @@ async def _from_file(
     """
     began = trio.current_time()
     try:
-        config = directory.load()
+        config, caps = directory.load()
     except ConfigError as exc:
         raise _Refused(
             protocol.error(CONFIG_REJECTED, [str(i) for i in exc.issues], services={})
@@ -153,7 +156,7 @@ async def _from_file(
         names = [n for n in config.services if n in directory.services and n not in results]
     else:
         names = [service]
-    return {name: ValidatedConfig(config.services[name], validated_in) for name in names}
+    return {name: ValidatedConfig(config.services[name], validated_in, caps) for name in names}
 
 
 def _running(directory: ServiceDirectory, service: str | None) -> dict[str, ValidatedConfig]:

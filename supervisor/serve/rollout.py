@@ -85,6 +85,9 @@ class ValidatedConfig:
 
     config: ServiceConfig
     validated_in: float = 0.0  # seconds the daemon took to read and check the file
+    # What the check judged it on: the rollout decides with the same (None:
+    # nothing was checked, as for a restart; read when the rollout starts).
+    capabilities: Capabilities | None = None
 
 
 @dataclass
@@ -132,7 +135,8 @@ async def run_rollout(
         return RolloutResult(report)
 
     service = snapshot.config
-    plan = plan_rollout(ctx.current.plan, service, ctx.generation, ctx.capabilities())
+    caps = snapshot.capabilities or ctx.capabilities()
+    plan = plan_rollout(ctx.current.plan, service, ctx.generation, caps)
     timer.lap("validate")
     if service.preflight:
         say(f"running preflight {service.preflight}")

@@ -392,9 +392,9 @@ async def test_a_reload_reads_and_checks_the_file_once_and_rolls_out_what_it_che
         reads: list[int] = []
         first = Config(services={"web": config(rig.port, workers="3")})
 
-        def load() -> Config:
+        def load() -> tuple[Config, Capabilities]:
             reads.append(1)
-            return first
+            return first, CAPS
 
         directory = ServiceDirectory(
             services={"web": rig.service},
@@ -408,6 +408,30 @@ async def test_a_reload_reads_and_checks_the_file_once_and_rolls_out_what_it_che
         assert answer["ok"], answer
         assert reads == [1], "one read and check for the whole reload"
         assert len(rig.live(2)) == 3, "the rollout ran the config that was checked"
+
+
+async def test_a_reload_decides_with_the_capabilities_its_check_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The check saw no migration (tcp_migrate_req=0); by the time the rollout
+    plans, the host says 1. The reload retires as what it checked said: one
+    reading per reload, not one for the check and another for the plan."""
+    async with running() as rig:
+        checked = Config(services={"web": config(rig.port, workers="2")})
+        no_migration = Capabilities(migrate_req=0, cbpf=True, ebpf=False)
+        directory = ServiceDirectory(
+            services={"web": rig.service},
+            load=lambda: (checked, no_migration),
+            current=lambda: checked,
+            start=_never_start,
+            stop=_never_stop,
+            stopped=dict,
+        )
+        answer = await handle_reload(directory, Reload(source="test"))
+        assert answer["ok"], answer
+        report = answer["services"]["web"]
+        assert report["path"] == "drain", report
+        assert "tcp_migrate_req=0" in report["path_reason"], report
 
 
 async def _never_start(name: str, config: Config) -> None:
