@@ -6,11 +6,13 @@ The plan is pure (no trio, no sockets, no processes) so it can be printed by
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from supervisor.config.schema import Config, ServiceConfig
+from supervisor.config.schema import Config, Health, ServiceConfig
 from supervisor.plan.capabilities import Capabilities, RetirePath
 from supervisor.values import ListenAddress, format_duration
 
@@ -38,6 +40,60 @@ class WorkerPlan:
 
 
 @dataclass(frozen=True)
+class RestartPolicy:
+    """When to respawn a worker that died, and when to give up (FATAL).
+
+    A run is *short* if the process died before becoming RUNNING or less than
+    ``stable_after`` seconds after it was spawned. The first respawn after a
+    long run is immediate (its listener's queue is waiting); each short run
+    in a row doubles the delay; ``max_short_runs`` short runs in a row make
+    the worker FATAL.
+    """
+
+    initial_delay: float = 0.1
+    max_delay: float = 5.0
+    stable_after: float = 5.0
+    max_short_runs: int = 5
+
+    def is_short(self, *, reached_running: bool, lifetime: float) -> bool:
+        return not reached_running or lifetime < self.stable_after
+
+    def delay(self, short_runs: int) -> float:
+        """Seconds to wait before the next spawn, given short runs in a row so far."""
+        if short_runs <= 0:
+            return 0.0
+        return float(min(self.initial_delay * 2 ** (short_runs - 1), self.max_delay))
+
+    def gives_up(self, short_runs: int) -> bool:
+        return short_runs >= self.max_short_runs
+
+
+@dataclass(frozen=True)
+class SlotSettings:
+    """How a slot runs its processes (from the service config)."""
+
+    health: Health
+    ready_timeout: float
+    stop_signal: int = signal.SIGTERM
+    stop_timeout: float = 30.0
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    certificate: Path | None = None  # tls.cert, for the tls health check
+    output: Literal["events", "inherit"] = "events"  # workers' stdout and stderr
+
+
+def slot_settings(config: ServiceConfig) -> SlotSettings:
+    """How the slots of ``config``'s workers run their processes."""
+    return SlotSettings(
+        health=config.health,
+        ready_timeout=config.ready_timeout,
+        stop_signal=signal.Signals[config.stop_signal],
+        stop_timeout=config.stop_timeout,
+        certificate=None if config.tls is None else config.tls.cert,
+        output=config.output,
+    )
+
+
+@dataclass(frozen=True)
 class ServicePlan:
     """One generation of one service."""
 
@@ -45,6 +101,7 @@ class ServicePlan:
     generation: int
     config: ServiceConfig
     workers: tuple[WorkerPlan, ...]
+    settings: SlotSettings  # how every slot runs its process: decided here, once
 
 
 def substitute(text: str, *, worker: int, generation: int) -> str:
@@ -92,7 +149,13 @@ def plan_worker(name: str, service: ServiceConfig, generation: int, index: int) 
 def plan_service(name: str, service: ServiceConfig, generation: int) -> ServicePlan:
     """The plan of one generation of a service: ``workers`` worker plans."""
     workers = tuple(plan_worker(name, service, generation, i) for i in range(service.workers))
-    return ServicePlan(name=name, generation=generation, config=service, workers=workers)
+    return ServicePlan(
+        name=name,
+        generation=generation,
+        config=service,
+        workers=workers,
+        settings=slot_settings(service),
+    )
 
 
 def socket_changes(old: ServiceConfig, new: ServiceConfig) -> list[str]:

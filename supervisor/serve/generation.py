@@ -28,7 +28,7 @@ from supervisor.serve.lifecycle import Watched, WorkerState
 from supervisor.serve.listener import AdoptedListener, Listener, open_listeners, release_listeners
 from supervisor.serve.output import OutputHub
 from supervisor.serve.spawner import Spawner
-from supervisor.serve.worker import AdoptedWorker, SlotSettings, WorkerSlot
+from supervisor.serve.worker import AdoptedWorker, WorkerSlot
 from supervisor.status import WorkerStatus
 from supervisor.steering import Role, Steering, SteeringGroup
 from supervisor.values import ListenAddress
@@ -225,7 +225,6 @@ class GenerationSpec:
     """Everything ``run_generation`` needs to bring a plan to life."""
 
     plan: ServicePlan
-    settings: SlotSettings
     spawner: Spawner
     steering: Steering
     role: Role  # how its listeners enter their groups
@@ -251,7 +250,8 @@ async def run_generation(
         RolloutAborted: listeners could not be opened, or a worker failed to
             start; everything opened so far is released and reaped first.
     """
-    plan, settings, spawner, role = spec.plan, spec.settings, spec.spawner, spec.role
+    plan, spawner, role = spec.plan, spec.spawner, spec.role
+    settings = plan.settings
     structlog.contextvars.bind_contextvars(service=plan.name, generation=plan.generation)
     try:
         listeners = open_listeners(plan, spec.steering, role, spec.store, spec.inherited)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import enum
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import trio
@@ -92,32 +91,3 @@ class Watched(Generic[T]):
             yield
         finally:
             self._observers.remove(observer)
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    """When to respawn a worker that died, and when to give up (FATAL).
-
-    A run is *short* if the process died before becoming RUNNING or less than
-    ``stable_after`` seconds after it was spawned. The first respawn after a
-    long run is immediate (its listener's queue is waiting); each short run
-    in a row doubles the delay; ``max_short_runs`` short runs in a row make
-    the worker FATAL.
-    """
-
-    initial_delay: float = 0.1
-    max_delay: float = 5.0
-    stable_after: float = 5.0
-    max_short_runs: int = 5
-
-    def is_short(self, *, reached_running: bool, lifetime: float) -> bool:
-        return not reached_running or lifetime < self.stable_after
-
-    def delay(self, short_runs: int) -> float:
-        """Seconds to wait before the next spawn, given short runs in a row so far."""
-        if short_runs <= 0:
-            return 0.0
-        return float(min(self.initial_delay * 2 ** (short_runs - 1), self.max_delay))
-
-    def gives_up(self, short_runs: int) -> bool:
-        return short_runs >= self.max_short_runs

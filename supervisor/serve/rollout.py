@@ -28,7 +28,6 @@ from supervisor.serve.cutover import promote
 from supervisor.serve.generation import Generation, GenerationSpec, run_generation
 from supervisor.serve.retire import retire
 from supervisor.serve.spawner import Spawner
-from supervisor.serve.worker import SlotSettings
 from supervisor.steering import Role, Steering
 from supervisor.text import printable
 
@@ -101,7 +100,6 @@ class RolloutContext:
     current: Generation
     generation: int  # the number the candidate will get
     capabilities: Callable[[], Capabilities]
-    settings: Callable[[ServiceConfig], SlotSettings]
     stage: Stage = field(default_factory=Stage)
     promoted: Callable[[Generation, ServiceConfig], None] = lambda _g, _c: None
     store: FdStore = NO_STORE  # the candidate's listeners are kept there too
@@ -149,7 +147,6 @@ async def run_rollout(
     say(f"starting generation {ctx.generation} ({service.workers} workers, standby)")
     spec = GenerationSpec(
         plan.candidate,
-        ctx.settings(service),
         ctx.spawner,
         ctx.steering,
         Role.STANDBY,

@@ -9,7 +9,6 @@ validated once, by the reload that asked) and answers all of them.
 from __future__ import annotations
 
 import enum
-import signal
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -34,7 +33,6 @@ from supervisor.serve.rollout import (
     run_rollout,
 )
 from supervisor.serve.spawner import Spawner
-from supervisor.serve.worker import SlotSettings
 from supervisor.status import CertificateStatus, ServiceStatus
 from supervisor.steering import Backend, Role, Steering, SteeringGroup
 from supervisor.values import ListenAddress
@@ -61,17 +59,6 @@ def _workers_state(states: set[WorkerState]) -> ServiceState:
     if states == {WorkerState.FATAL}:
         return ServiceState.FATAL
     return ServiceState.DEGRADED
-
-
-def slot_settings(config: ServiceConfig) -> SlotSettings:
-    return SlotSettings(
-        health=config.health,
-        ready_timeout=config.ready_timeout,
-        stop_signal=signal.Signals[config.stop_signal],
-        stop_timeout=config.stop_timeout,
-        certificate=None if config.tls is None else config.tls.cert,
-        output=config.output,
-    )
 
 
 GroupFactory = Callable[[Backend, ListenAddress], SteeringGroup]
@@ -196,7 +183,6 @@ class Service:
             log.info("generation_starting", generation=number, workers=len(plan.workers))
             spec = GenerationSpec(
                 plan,
-                slot_settings(config),
                 self._env.spawner,
                 self.steering,
                 Role.ACTIVE,
@@ -266,7 +252,6 @@ class Service:
             current=self.current,
             generation=self.last_generation,
             capabilities=self._env.capabilities,
-            settings=slot_settings,
             stage=self.stage,
             promoted=self._promoted,
             store=self._env.store,

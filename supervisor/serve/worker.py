@@ -18,14 +18,11 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
+from dataclasses import dataclass
 
 import structlog
 import trio
 
-from supervisor.config.schema import Health
 from supervisor.errors import (
     HealthCheckFailed,
     SpawnError,
@@ -36,9 +33,9 @@ from supervisor.errors import (
 )
 from supervisor.kernel.notify import NotifyReceiver
 from supervisor.kernel.proc import describe_exit
-from supervisor.plan.plan import WorkerPlan
+from supervisor.plan.plan import SlotSettings, WorkerPlan
 from supervisor.serve.health import Connector, ProbeTarget, make_probe
-from supervisor.serve.lifecycle import RestartPolicy, Watched, WorkerState, check_transition
+from supervisor.serve.lifecycle import Watched, WorkerState, check_transition
 from supervisor.serve.output import OutputHub, Pipe, open_pipes
 from supervisor.serve.spawner import ProcessHandle, Spawner
 from supervisor.values import ListenAddress
@@ -49,19 +46,6 @@ log = structlog.get_logger("supervisor.serve.worker")
 # Errors of a spawn that say the daemon, not the worker, ran short (EAGAIN:
 # fork's, at the process limit).
 STARVED_RETRY = 1.0
-
-
-@dataclass(frozen=True)
-class SlotSettings:
-    """How a slot runs its processes (from the service config)."""
-
-    health: Health
-    ready_timeout: float
-    stop_signal: int = signal.SIGTERM
-    stop_timeout: float = 30.0
-    policy: RestartPolicy = field(default_factory=RestartPolicy)
-    certificate: Path | None = None  # tls.cert, for the tls health check
-    output: Literal["events", "inherit"] = "events"  # workers' stdout and stderr
 
 
 @dataclass

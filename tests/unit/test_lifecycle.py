@@ -12,14 +12,13 @@ import trio.testing
 from supervisor.config.loader import parse_config
 from supervisor.config.schema import HealthNone, HealthNotify
 from supervisor.errors import HealthCheckFailed, SpawnError, TransitionError
-from supervisor.plan.plan import plan_worker
+from supervisor.plan.plan import RestartPolicy, SlotSettings, plan_worker
 from supervisor.serve.lifecycle import (
-    RestartPolicy,
     Watched,
     WorkerState,
     check_transition,
 )
-from supervisor.serve.worker import SlotSettings, WorkerSlot
+from supervisor.serve.worker import WorkerSlot
 from tests.support.fakes import FakeSpawner
 
 S = WorkerState
