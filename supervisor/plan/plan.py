@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from supervisor.config.schema import Config, Health, ServiceConfig
+from supervisor.kernel.sockets import ListenerOptions
 from supervisor.plan.capabilities import Capabilities, RetirePath
 from supervisor.values import ListenAddress, format_duration
 
@@ -93,6 +94,18 @@ def slot_settings(config: ServiceConfig) -> SlotSettings:
     )
 
 
+def listener_options(config: ServiceConfig) -> ListenerOptions:
+    """The socket options of ``config``'s listeners (backlog and ``socket.*``)."""
+    opts = config.socket
+    return ListenerOptions(
+        backlog=config.backlog,
+        defer_accept=opts.defer_accept,
+        fastopen=opts.fastopen,
+        rcvbuf=opts.rcvbuf,
+        sndbuf=opts.sndbuf,
+    )
+
+
 @dataclass(frozen=True)
 class ServicePlan:
     """One generation of one service."""
@@ -102,6 +115,7 @@ class ServicePlan:
     config: ServiceConfig
     workers: tuple[WorkerPlan, ...]
     settings: SlotSettings  # how every slot runs its process: decided here, once
+    listener_options: ListenerOptions  # and how every listener is made
 
 
 def substitute(text: str, *, worker: int, generation: int) -> str:
@@ -155,6 +169,7 @@ def plan_service(name: str, service: ServiceConfig, generation: int) -> ServiceP
         config=service,
         workers=workers,
         settings=slot_settings(service),
+        listener_options=listener_options(service),
     )
 
 

@@ -144,17 +144,6 @@ class Listener:
         )
 
 
-def listener_options(plan: ServicePlan) -> ListenerOptions:
-    opts = plan.config.socket
-    return ListenerOptions(
-        backlog=plan.config.backlog,
-        defer_accept=opts.defer_accept,
-        fastopen=opts.fastopen,
-        rcvbuf=opts.rcvbuf,
-        sndbuf=opts.sndbuf,
-    )
-
-
 @dataclass(frozen=True)
 class AdoptedListener:
     """A listener this generation finds instead of binding one: from the image
@@ -184,7 +173,7 @@ def open_listeners(
         ListenerError, SteeringError, KernelError: after releasing what was
             opened here (inherited sockets are left to their owner).
     """
-    options = listener_options(plan)
+    options = plan.listener_options
     inherited = inherited or {}
     listeners: list[Listener] = []
     opened: list[Listener] = []
