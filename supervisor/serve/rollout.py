@@ -105,16 +105,9 @@ class RolloutContext:
     store: FdStore = NO_STORE  # the candidate's listeners are kept there too
 
 
-@dataclass
-class RolloutResult:
-    report: RolloutReport
-    generation: Generation | None = None  # the new current generation on success
-    config: ServiceConfig | None = None
-
-
 async def run_rollout(
     ctx: RolloutContext, snapshot: ValidatedConfig, say: Callable[[str], None]
-) -> RolloutResult:
+) -> RolloutReport:
     """Carry out one rollout of ``ctx.name`` to ``snapshot``.
 
     Never raises for an operating failure (a kernel error included): a
@@ -125,12 +118,12 @@ async def run_rollout(
     timer = Timer(already=snapshot.validated_in)
     report = RolloutReport(service=ctx.name, outcome="rejected", previous=ctx.current.number)
 
-    def finish(outcome: Outcome, reasons: list[str] | None = None) -> RolloutResult:
+    def finish(outcome: Outcome, reasons: list[str] | None = None) -> RolloutReport:
         report.outcome = outcome
         report.reasons = reasons or []
         report.duration = round(timer.elapsed(), 4)
         report.timings = timer.timings(report.duration)
-        return RolloutResult(report)
+        return report
 
     service = snapshot.config
     caps = snapshot.capabilities or ctx.capabilities()
@@ -188,9 +181,9 @@ async def _cut_over(
     plan: RolloutPlan,
     *,
     say: Callable[[str], None],
-    finish: Callable[[Outcome, list[str] | None], RolloutResult],
+    finish: Callable[[Outcome, list[str] | None], RolloutReport],
     timer: Timer,
-) -> RolloutResult:
+) -> RolloutReport:
     old = ctx.current
     before = _counters()
     try:
@@ -220,8 +213,7 @@ async def _cut_over(
     timer.lap("retire")
     timer.workers("drain", [retirement.drain_seconds])
     timer.workers("workers_stop", [retirement.stop_seconds])
-    result = finish("succeeded", None)
-    report = result.report
+    report = finish("succeeded", None)
     report.steering = ctx.steering.backend
     report.path, report.path_reason = plan.path, plan.why
     report.queued_at_cutover = retirement.queued_at_cutover
@@ -239,8 +231,7 @@ async def _cut_over(
     else:
         report.counters = netstat.delta(before, after)
     say(f"generation {old.number} retired")
-    result.generation, result.config = candidate, plan.candidate.config
-    return result
+    return report
 
 
 def _counters() -> dict[str, int] | None:

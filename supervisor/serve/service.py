@@ -26,7 +26,6 @@ from supervisor.serve.inherit import Takeover, keep_queued, retire_leftovers, ta
 from supervisor.serve.lifecycle import Watched, WorkerState
 from supervisor.serve.rollout import (
     RolloutContext,
-    RolloutResult,
     Stage,
     Ticket,
     ValidatedConfig,
@@ -265,13 +264,13 @@ class Service:
         log.info("rollout_started", callers=len(tickets), reasons=reasons)
         self._rolling_out = True
         try:
-            result = await run_rollout(context, snapshot, say)
+            report = await run_rollout(context, snapshot, say)
         except Exception as exc:
             # run_rollout translates every operating failure; this is a bug.
             # Report it and keep serving: the service must not die of it.
             log.exception("rollout_crashed")
             assert self.current is not None
-            result = _crashed(self.name, self.last_generation, old, self.current, exc)
+            report = _crashed(self.name, self.last_generation, old, self.current, exc)
             if self.current is not old:  # after the cutover: the old one must not linger
                 with trio.CancelScope(shield=True):
                     await old.stop()
@@ -281,7 +280,6 @@ class Service:
             raise
         finally:
             self._rolling_out = False
-        report = result.report
         report.reason = "; ".join(reasons) or None
         if report.generation is None:
             self.last_generation -= 1  # rejected before a candidate existed: no number used
@@ -372,23 +370,21 @@ def _certificate(served: tls.Served | None) -> CertificateStatus | None:
 
 def _crashed(
     name: str, generation: int, old: Generation, current: Generation, exc: Exception
-) -> RolloutResult:
+) -> RolloutReport:
     """The report of a rollout that raised: rolled back if the old generation
     still serves; after the cutover, succeeded, with the error as a problem."""
     error = f"internal error: {exc!r}"
     if current is old:
-        return RolloutResult(
-            RolloutReport(
-                service=name,
-                outcome="rolled_back",
-                generation=generation,
-                previous=old.number,
-                reasons=[error],
-            )
+        return RolloutReport(
+            service=name,
+            outcome="rolled_back",
+            generation=generation,
+            previous=old.number,
+            reasons=[error],
         )
     report = RolloutReport(
         service=name, outcome="succeeded", generation=current.number, previous=old.number
     )
     stopped = f"generation {old.number} was stopped without its planned retirement"
     report.problems = [f"{error}; {stopped}"]
-    return RolloutResult(report, current, None)
+    return report
