@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 ExcT = TypeVar("ExcT", bound=BaseException)
 
@@ -234,6 +234,36 @@ class StateError(HandoffError):
 
 class UpgradeRefused(HandoffError):
     """The new code cannot take over; nothing changed and the old image serves on."""
+
+
+# What a takeover (an upgrade's new image, or a start from systemd's fd store)
+# could not take as it was left. Not an error: the start goes on without it.
+AdoptionKind = Literal[
+    "listener_lost",  # gone in the exec: bound anew, and a rollout replaces the generation
+    "listener_taken_back",  # gone in the exec, taken back from its worker
+    "worker_gone",  # its process had exited: respawned
+    "notify_lost",  # its NOTIFY_SOCKET: later notifications are lost
+    "pipes_lost",  # its output pipes: a rollout gives it new ones
+    "not_a_socket",  # a stored fd that is no socket: closed
+    "steering_made_anew",  # eBPF objects that could not be taken over
+    "steering_not_replaced",
+    "steering_join_failed",  # a listener that could not join its group: closed
+    "order_unknown",  # the classic BPF order could not be learned
+    "listener_closed",  # an inherited listener no slot takes
+    "shutdown_failed",  # a leftover listener that could not be shut down
+]
+
+
+@dataclass(frozen=True)
+class AdoptionProblem:
+    """One thing a takeover could not take over as it was: its kind, for code
+    (the next daemon's adoption decides by it), and the words for people."""
+
+    kind: AdoptionKind
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class TransitionError(RuntimeError):

@@ -28,7 +28,7 @@ import structlog
 import trio
 
 from supervisor.config.schema import ServiceConfig
-from supervisor.errors import SteeringError, SupervisorError
+from supervisor.errors import AdoptionKind, AdoptionProblem, SteeringError, SupervisorError
 from supervisor.handoff.fdstore import FdStore, StoredFd
 from supervisor.handoff.state import ListenerDoc, ServiceDoc, WorkerDoc
 from supervisor.kernel import fds
@@ -70,15 +70,15 @@ class Takeover:
     queued_slots: dict[tuple[ListenAddress, int], AdoptedListener] = field(default_factory=dict)
     handovers: dict[int, AdoptedWorker] | None = None  # None: no worker runs (after a crash)
     groups: dict[ListenAddress, AdoptedSteering] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
+    problems: list[AdoptionProblem] = field(default_factory=list)
     repair: bool = False  # roll out a fresh generation once serving
     follow_up: str | None = None  # roll out the config once serving, for this reason
     last_rollout: dict[str, object] | None = None
     lost_workers: int = 0  # workers that were gone (respawned)
 
-    def note(self, problem: str) -> None:
-        log.warning("inherit_problem", problem=problem)
-        self.problems.append(problem)
+    def note(self, kind: AdoptionKind, problem: str) -> None:
+        log.warning("inherit_problem", kind=kind, problem=problem)
+        self.problems.append(AdoptionProblem(kind, problem))
 
     def adopted_workers(self) -> int:
         return sum(1 for h in (self.handovers or {}).values() if h.process is not None)
@@ -124,8 +124,9 @@ def from_upgrade(state: ServiceDoc, config: ServiceConfig) -> Takeover:
         sock = _socket(lst.fd, lst.cookie) or _from_worker(found, config, address, lst, pids)
         if sock is None:
             found.note(
+                "listener_lost",
                 f"listener {address} of worker {lst.worker} (cookie {lst.cookie}) was lost in "
-                "the upgrade: a new one is bound, and a rollout replaces the generation"
+                "the upgrade: a new one is bound, and a rollout replaces the generation",
             )
             found.repair = True
             continue
@@ -142,15 +143,23 @@ def _worker(found: Takeover, index: int, worker: WorkerDoc) -> AdoptedWorker:
     state = WorkerState(worker.state)
     process = None if worker.pid is None else adopt_child(worker.pid, worker.start_time)
     if worker.pid is not None and process is None:
-        found.note(f"worker {index} (pid {worker.pid}) was gone after the upgrade: respawned")
+        found.note(
+            "worker_gone",
+            f"worker {index} (pid {worker.pid}) was gone after the upgrade: respawned",
+        )
         found.lost_workers += 1
         state = WorkerState.BACKOFF if state is not WorkerState.FATAL else state
     notify = _socket(worker.notify_fd, None)
     if notify is None and process is not None:
-        found.note(f"worker {index}: its NOTIFY_SOCKET was lost; later notifications are lost")
+        found.note(
+            "notify_lost",
+            f"worker {index}: its NOTIFY_SOCKET was lost; later notifications are lost",
+        )
     pipes = _pipes(worker.output_fds)
     if worker.output_fds and pipes is None:
-        found.note(f"worker {index}: its output pipes were lost: a rollout gives it new ones")
+        found.note(
+            "pipes_lost", f"worker {index}: its output pipes were lost: a rollout gives it new ones"
+        )
         found.repair = True  # a pipe nobody reads would stop its writer once full
     return AdoptedWorker(
         state=state,
@@ -191,7 +200,10 @@ def _from_worker(
     if sock is None:
         os.close(fd)
         return None
-    found.note(f"listener {address} of worker {lst.worker} was taken back from pid {pid}")
+    found.note(
+        "listener_taken_back",
+        f"listener {address} of worker {lst.worker} was taken back from pid {pid}",
+    )
     return sock
 
 
@@ -219,7 +231,7 @@ def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> 
         sock = _socket(item.fd, None)
         address = None if sock is None else address_of(sock)
         if sock is None or address is None:
-            found.note(f"fd store: {item.name} is not a socket: closed")
+            found.note("not_a_socket", f"fd store: {item.name} is not a socket: closed")
             with contextlib.suppress(OSError):
                 os.close(item.fd)
             continue
@@ -324,7 +336,10 @@ async def _take_ebpf(
         try:
             unslotted = steering.adopt_ebpf(address, handover.ebpf, socks)
         except SteeringError as exc:
-            found.note(f"the steering of {address} could not be taken over ({exc}): made anew")
+            found.note(
+                "steering_made_anew",
+                f"the steering of {address} could not be taken over ({exc}): made anew",
+            )
         else:
             for sock in unslotted:
                 await _join_when_free(steering.group(address), sock, found)
@@ -339,7 +354,10 @@ async def _take_ebpf(
             try:
                 take_over(socks[0])
             except SteeringError as exc:
-                found.note(f"the steering of {address} could not be replaced: {exc}")
+                found.note(
+                    "steering_not_replaced",
+                    f"the steering of {address} could not be replaced: {exc}",
+                )
     for sock in socks:
         await _join_when_free(group, sock, found)
 
@@ -358,7 +376,10 @@ async def _join_when_free(group: SteeringGroup, sock: socket.socket, found: Take
                 await trio.sleep(0.01)
             else:
                 return
-    found.note(f"a listener of {group.address} could not join its steering ({failure}): closed")
+    found.note(
+        "steering_join_failed",
+        f"a listener of {group.address} could not join its steering ({failure}): closed",
+    )
     sock.close()
 
 
@@ -383,7 +404,9 @@ def _take_cbpf(
         try:
             order = socks_order(address, [i.sock for i in everyone])
         except SteeringError as exc:
-            found.note(f"the classic BPF order of {address} could not be learned: {exc}")
+            found.note(
+                "order_unknown", f"the classic BPF order of {address} could not be learned: {exc}"
+            )
     if order is None:
         _drop(address, everyone, found, store, "its steering order is unknown")
         return
@@ -401,7 +424,7 @@ def _drop(
     found.listeners = {k: i for k, i in found.listeners.items() if id(i) not in gone}
     found.leftovers = [(a, i) for a, i in found.leftovers if id(i) not in gone]
     for item in inherited:
-        found.note(f"{address}: inherited listener {item.name} closed: {why}")
+        found.note("listener_closed", f"{address}: inherited listener {item.name} closed: {why}")
         store.drop(item.name)
         item.sock.close()
 
@@ -432,7 +455,7 @@ def retire_leftovers(
                     item.sock.shutdown(socket.SHUT_RDWR)
                 store.drop(item.name)
         except (SupervisorError, OSError) as exc:  # seam: a leftover socket's shutdown, noted
-            found.note(f"{item.name}: could not be shut down: {exc}")
+            found.note("shutdown_failed", f"{item.name}: could not be shut down: {exc}")
         item.sock.close()
         fate = "moved to the new listeners" if moved else "reset: nothing can take them here"
         lines.append(f"{item.name}: {queued} queued connection(s) {fate}" if queued else item.name)

@@ -217,7 +217,7 @@ class Service:
             workers=found.adopted_workers(),
             restarted=found.lost_workers,
             retired=retired,
-            problems=list(found.problems),
+            problems=[str(problem) for problem in found.problems],
         )
         log.info("service_inherited", **asdict(self.inherited))
         if found.repair:

@@ -154,6 +154,10 @@ async def _taken(image: Image, document: DaemonDoc) -> AsyncIterator[Takeover]:
                 await adopted.process.aclose()
 
 
+def _kinds(found: Takeover) -> list[str]:
+    return [problem.kind for problem in found.problems]
+
+
 async def test_what_crossed_whole_is_taken_over_whole(image: Image) -> None:
     document, lost = _across_the_exec(image)
     assert lost == set()
@@ -182,7 +186,8 @@ async def test_a_lost_listener_is_taken_back_from_its_worker(image: Image) -> No
     assert document.services[0].listeners[0].fd == -1, "nobody may use or close it"
     async with _taken(image, document) as found:
         (listener,) = found.listeners.values()
-        assert any("taken back from pid" in p for p in found.problems), found.problems
+        assert _kinds(found) == ["listener_taken_back"]
+        assert "taken back from pid" in str(found.problems[0])
         assert listener.sock.getsockname()[1] == image.port
         assert not found.repair
 
@@ -201,8 +206,8 @@ async def test_a_lost_listener_whose_worker_is_gone_too_is_bound_anew_by_a_rollo
     assert lost == {fd}
     async with _taken(image, received) as found:
         assert found.repair and found.listeners == {}
-        assert any("was lost in the upgrade" in p for p in found.problems), found.problems
-        assert any("was gone after the upgrade: respawned" in p for p in found.problems)
+        assert _kinds(found) == ["worker_gone", "listener_lost"], found.problems
+        assert "was gone after the upgrade: respawned" in str(found.problems[0])
         assert found.lost_workers == 1
         assert (found.handovers or {})[0].state.name == "BACKOFF"
 
@@ -216,7 +221,7 @@ async def test_a_lost_notify_socket_is_named_and_the_worker_kept(image: Image) -
     async with _taken(image, document) as found:
         adopted = (found.handovers or {})[0]
         assert adopted.process is not None and adopted.notify is None
-        assert any("NOTIFY_SOCKET was lost" in p for p in found.problems), found.problems
+        assert _kinds(found) == ["notify_lost"], found.problems
         assert not found.repair
 
 
@@ -228,6 +233,7 @@ async def test_lost_output_pipes_ask_for_a_rollout(image: Image) -> None:
     assert -1 in document.services[0].workers[0].output_fds
     async with _taken(image, document) as found:
         assert found.repair, "a pipe nobody reads would stop its writer once full"
+        assert _kinds(found) == ["pipes_lost"], found.problems
         assert (found.handovers or {})[0].pipes is None
 
 
