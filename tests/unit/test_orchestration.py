@@ -13,7 +13,7 @@ import gc
 import signal
 import socket
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -396,15 +396,7 @@ async def test_a_reload_reads_and_checks_the_file_once_and_rolls_out_what_it_che
             reads.append(1)
             return first, CAPS
 
-        directory = ServiceDirectory(
-            services={"web": rig.service},
-            load=load,
-            current=lambda: first,
-            start=_never_start,
-            stop=_never_stop,
-            stopped=dict,
-        )
-        answer = await handle_reload(directory, Reload(source="test"))
+        answer = await handle_reload(_one_service(rig, load, first), Reload(source="test"))
         assert answer["ok"], answer
         assert reads == [1], "one read and check for the whole reload"
         assert len(rig.live(2)) == 3, "the rollout ran the config that was checked"
@@ -419,19 +411,26 @@ async def test_a_reload_decides_with_the_capabilities_its_check_read(
     async with running() as rig:
         checked = Config(services={"web": config(rig.port, workers="2")})
         no_migration = Capabilities(migrate_req=0, cbpf=True, ebpf=False)
-        directory = ServiceDirectory(
-            services={"web": rig.service},
-            load=lambda: (checked, no_migration),
-            current=lambda: checked,
-            start=_never_start,
-            stop=_never_stop,
-            stopped=dict,
-        )
+        directory = _one_service(rig, lambda: (checked, no_migration), checked)
         answer = await handle_reload(directory, Reload(source="test"))
         assert answer["ok"], answer
         report = answer["services"]["web"]
         assert report["path"] == "drain", report
         assert "tcp_migrate_req=0" in report["path_reason"], report
+
+
+def _one_service(
+    rig: Rig, load: Callable[[], tuple[Config, Capabilities]], running: Config
+) -> ServiceDirectory:
+    """A daemon of one service, "web", running ``running``; ``load`` reads its file."""
+    return ServiceDirectory(
+        services={"web": rig.service},
+        load=load,
+        current=lambda: running,
+        start=_never_start,
+        stop=_never_stop,
+        stopped=dict,
+    )
 
 
 async def _never_start(name: str, config: Config) -> None:
