@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import floor, report, survive, wrk  # noqa: E402
@@ -52,7 +53,6 @@ from bench.systems import (  # noqa: E402
 from supervisor.kernel import diag  # noqa: E402
 from supervisor.values import parse_listen  # noqa: E402
 from tests.support.procs import (  # noqa: E402
-    HERE,
     TINY,
     SelfBound,
     cpu_seconds,
