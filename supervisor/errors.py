@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -176,9 +176,7 @@ class KernelError(SupervisorError):
     def __init__(self, operation: str, err: OSError) -> None:
         self.operation = operation
         self.errno = err.errno or 0
-        name = errno_mod.errorcode.get(self.errno, "")
-        detail = err.strerror or str(err)
-        super().__init__(f"{operation}: {name + ': ' if name else ''}{detail}")
+        super().__init__(f"{operation}: {os_reason(err)}")
 
 
 class SteeringError(KernelError):
@@ -190,12 +188,13 @@ class DiagError(KernelError):
 
 
 @contextmanager
-def translated(error: type[KernelError], operation: str) -> Iterator[None]:
-    """Turn an OSError raised inside into ``error(operation, exc)``."""
+def translated(error: Callable[[str, OSError], SupervisorError], what: str) -> Iterator[None]:
+    """Turn an OSError raised inside into ``error(what, exc)``: a kernel
+    error's operation, or the program a ``StartFailed`` could not start."""
     try:
         yield
     except OSError as exc:  # the translation helper itself
-        raise error(operation, exc) from exc
+        raise error(what, exc) from exc
 
 
 class ControlError(SupervisorError):

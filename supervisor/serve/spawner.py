@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from supervisor.errors import StartFailed
+from supervisor.errors import StartFailed, translated
 from supervisor.kernel.files import ensure_directory
 from supervisor.kernel.proc import (
     ChildProcess,
@@ -79,7 +79,7 @@ class ProcessSpawner:
         if notify_socket is not None:
             env["NOTIFY_SOCKET"] = notify_socket
         stdout, stderr = output or (None, None)
-        try:
+        with translated(StartFailed, plan.argv[0]):  # the seam: what the kernel refused
             return spawn(
                 plan.argv,
                 env=env,
@@ -90,14 +90,12 @@ class ProcessSpawner:
                 stderr=stderr,
                 nofile=self._nofile,
             )
-        except OSError as exc:  # the seam: what the kernel refused, as our error
-            raise StartFailed(plan.argv[0], exc) from exc
 
     async def run_command(self, plan: WorkerPlan, argv: Sequence[str]) -> CommandResult:
         env = {**self._base, **dict(plan.environment)}
         for name in _FOR_WORKERS_ONLY:
             env.pop(name, None)
-        try:
+        with translated(StartFailed, argv[0]):
             return await run_command(
                 argv,
                 env=env,
@@ -105,8 +103,6 @@ class ProcessSpawner:
                 credentials=_prepared(plan),
                 nofile=self._nofile,
             )
-        except OSError as exc:  # the seam, as in __call__
-            raise StartFailed(argv[0], exc) from exc
 
 
 def _prepared(plan: WorkerPlan) -> Credentials:
