@@ -42,9 +42,9 @@ from supervisor.control.watch import WatchSpec, watch_services
 from supervisor.daemon import signals
 from supervisor.daemon.reloads import (
     CONFIG_REJECTED,
+    Answered,
     ServiceDirectory,
     handle_reload,
-    reload_summary,
 )
 from supervisor.daemon.switch import Stopped, switch
 from supervisor.daemon.systemd import SystemdNotifier
@@ -493,16 +493,17 @@ class Daemon:
 
     async def _reload(self, request: Reload) -> None:
         self.notifier.reload_started()
-        answer: dict[str, object] = {"ok": False, "message": "the reload was cut short"}
+        answered = Answered({"ok": False, "message": "the reload was cut short"})
         try:
-            answer = await handle_reload(self.directory(), request)
+            answered = await handle_reload(self.directory(), request)
         finally:
+            answer = answered.answer
             if answer.get("ok"):
                 self.refused = None  # the file loaded
             elif answer.get("error") == CONFIG_REJECTED:  # no rollout ran to count it
                 self.tally.refused([request.service] if request.service else self.services)
             self._remember_config()
-            self._last_reload = reload_summary(answer)
+            self._last_reload = answered.summary()
             self.notifier.reload_finished(self.summary())
             self._reloaded.set()
             self._reloaded = trio.Event()

@@ -13,7 +13,7 @@ in one result.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -24,7 +24,7 @@ from supervisor.control import protocol
 from supervisor.control.requests import Reload, Reply
 from supervisor.errors import ConfigError, SupervisorError
 from supervisor.plan.capabilities import Capabilities
-from supervisor.reports import RolloutReport, reports_of
+from supervisor.reports import RolloutReport
 from supervisor.serve.rollout import Ticket, ValidatedConfig
 from supervisor.serve.service import Service
 
@@ -46,10 +46,42 @@ class ServiceDirectory:
     stopped: Callable[[], MutableMapping[str, Any]]  # by `supervisorctl stop`: left alone
 
 
-async def handle_reload(directory: ServiceDirectory, request: Reload) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Answered:
+    """A reload's answer as it was sent, and the reports it was made of (none
+    when it was refused before any rollout): summaries read these, never the
+    answer back."""
+
+    answer: dict[str, Any]
+    reports: Mapping[str, RolloutReport] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """``succeeded (web: generation 3 by migrate in 0.74 s)`` or ``failed: reasons``."""
+        if not self.answer.get("ok"):
+            reasons = "; ".join(self.answer.get("reasons") or []) or self.answer.get("message", "")
+            return f"failed: {reasons}"[:300]
+        done = [
+            f"{name}: generation {r.generation}"
+            + (f" by {r.path} in {r.duration:.2f} s" if r.path else f" {r.outcome}")
+            for name, r in self.reports.items()
+        ]
+        return f"succeeded ({', '.join(done)})"
+
+    def log_fields(self) -> dict[str, Any]:
+        return {
+            "ok": self.answer.get("ok"),
+            "services": {
+                name: r.model_dump(include={"outcome", "generation", "path", "duration"})
+                for name, r in self.reports.items()
+            },
+            "reasons": self.answer.get("reasons", []),
+        }
+
+
+async def handle_reload(directory: ServiceDirectory, request: Reload) -> Answered:
     """Carry out ``request``; answer on its reply channel (if any) and close it.
 
-    Returns the answer.
+    Returns the answer, with the reports it was made of.
     """
     reply = request.reply
     log.info(
@@ -60,17 +92,17 @@ async def handle_reload(directory: ServiceDirectory, request: Reload) -> dict[st
         restart=request.keep_config,
     )
     try:
-        answer = await _reload(directory, request, reply)
+        answered = await _reload(directory, request, reply)
     except BaseException:
         if reply is not None:
             reply.close()
         raise
-    level = "info" if answer.get("ok") else "error"
-    log.log({"info": 20, "error": 40}[level], "reload_answered", **_summary(answer))
+    level = "info" if answered.answer.get("ok") else "error"
+    log.log({"info": 20, "error": 40}[level], "reload_answered", **answered.log_fields())
     if reply is not None:
         async with reply:
-            await reply.send(answer)
-    return answer
+            await reply.send(answered.answer)
+    return answered
 
 
 class _Refused(Exception):
@@ -81,9 +113,7 @@ class _Refused(Exception):
         self.answer = answer
 
 
-async def _reload(
-    directory: ServiceDirectory, request: Reload, reply: Reply | None
-) -> dict[str, Any]:
+async def _reload(directory: ServiceDirectory, request: Reload, reply: Reply | None) -> Answered:
     async def say(message: str) -> None:
         if reply is not None:
             await reply.send(protocol.progress(message))
@@ -91,14 +121,14 @@ async def _reload(
     notes: list[str] = []
     results: dict[str, RolloutReport] = {}
     if request.service is not None and request.service in directory.stopped():
-        return _stopped(request.service)
+        return Answered(_stopped(request.service))
     try:
         if request.keep_config:
             snapshots = _running(directory, request.service)
         else:
             snapshots = await _from_file(directory, request.service, notes, results, say)
     except _Refused as refused:
-        return refused.answer
+        return Answered(refused.answer)
     tickets = {
         name: directory.services[name].request_rollout(snapshot, request.reason)
         for name, snapshot in snapshots.items()
@@ -113,8 +143,10 @@ async def _reload(
     what = "restart" if request.keep_config else "reload"
     services = {name: report.model_dump() for name, report in results.items()}
     if failed:
-        return protocol.error(f"{what} failed", failed, services=services, notes=notes)
-    return protocol.result(message=f"{what} succeeded", services=services, notes=notes)
+        answer = protocol.error(f"{what} failed", failed, services=services, notes=notes)
+    else:
+        answer = protocol.result(message=f"{what} succeeded", services=services, notes=notes)
+    return Answered(answer, results)
 
 
 async def _from_file(
@@ -214,27 +246,3 @@ async def _forward(ticket: Ticket, reply: Reply | None) -> None:
 def _why(report: RolloutReport) -> str:
     reasons = "; ".join(report.reasons) or "no reason given"
     return f"{report.outcome}: {reasons}"
-
-
-def reload_summary(answer: Mapping[str, Any]) -> str:
-    """``succeeded (web: generation 3 by migrate in 0.74 s)`` or ``failed: reasons``."""
-    if not answer.get("ok"):
-        reasons = "; ".join(answer.get("reasons") or []) or answer.get("message", "")
-        return f"failed: {reasons}"[:300]
-    done = [
-        f"{name}: generation {r.generation}"
-        + (f" by {r.path} in {r.duration:.2f} s" if r.path else f" {r.outcome}")
-        for name, r in reports_of(answer).items()
-    ]
-    return f"succeeded ({', '.join(done)})"
-
-
-def _summary(answer: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "ok": answer.get("ok"),
-        "services": {
-            name: r.model_dump(include={"outcome", "generation", "path", "duration"})
-            for name, r in reports_of(answer).items()
-        },
-        "reasons": answer.get("reasons", []),
-    }

@@ -396,7 +396,8 @@ async def test_a_reload_reads_and_checks_the_file_once_and_rolls_out_what_it_che
             reads.append(1)
             return first, CAPS
 
-        answer = await handle_reload(_one_service(rig, load, first), Reload(source="test"))
+        directory = _one_service(rig, load, first)
+        answer = (await handle_reload(directory, Reload(source="test"))).answer
         assert answer["ok"], answer
         assert reads == [1], "one read and check for the whole reload"
         assert len(rig.live(2)) == 3, "the rollout ran the config that was checked"
@@ -412,7 +413,7 @@ async def test_a_reload_decides_with_the_capabilities_its_check_read(
         checked = Config(services={"web": config(rig.port, workers="2")})
         no_migration = Capabilities(migrate_req=0, cbpf=True, ebpf=False)
         directory = _one_service(rig, lambda: (checked, no_migration), checked)
-        answer = await handle_reload(directory, Reload(source="test"))
+        answer = (await handle_reload(directory, Reload(source="test"))).answer
         assert answer["ok"], answer
         report = answer["services"]["web"]
         assert report["path"] == "drain", report
