@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 # What a rollout of one service came to (the metrics count each).
 Outcome = Literal["succeeded", "rejected", "rolled_back", "cancelled"]
 # A reload also starts services the file added and stops those it dropped.
-ReloadOutcome = Literal["succeeded", "rejected", "rolled_back", "cancelled", "started", "stopped"]
+ReloadOutcome = Outcome | Literal["started", "stopped"]
 
 
 class RolloutReport(BaseModel):
