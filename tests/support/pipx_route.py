@@ -12,15 +12,19 @@ directory, removed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a script: tests.support from the checkout
+
+from tests.support.installed import demo_answers, demo_config  # noqa: E402
+from tests.support.procs import wait_for  # noqa: E402
+
 PORT = 18080  # the demo's own port is 8080; in a namespace of its own either is free
 
 
@@ -54,15 +58,8 @@ def install(work: Path) -> None:
 
 def serve(work: Path) -> None:
     """In the namespace: the demo config pipx installed, served and stopped."""
-    share = work / "pipx" / "venvs" / "reuseport-supervisor" / "share" / "reuseport-supervisor"
-    control = work / "control.sock"
-    config = work / "demo.toml"
-    demo = (share / "config" / "demo.toml").read_text()
-    config.write_text(
-        demo.replace("127.0.0.1:8080", f"127.0.0.1:{PORT}").replace(
-            "/tmp/supervisor-demo.sock", str(control)
-        )
-    )
+    share = work / "pipx" / "venvs" / "reuseport-supervisor" / "share"
+    config, control = demo_config(share, work, PORT)
     env = {"PATH": str(work / "bin"), "HOME": str(work)}
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     log = work / "daemon.log"
@@ -71,17 +68,10 @@ def serve(work: Path) -> None:
         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/", timeout=5) as answer:
-                    body = answer.read().decode()
-                break
-            except OSError:
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    sys.exit(f"the demo installed by pipx did not serve:\n{log.read_text()}")
-                time.sleep(0.2)
-        print(f"served: {body.strip()}")
+        with contextlib.suppress(TimeoutError):  # said below, with the daemon's log
+            wait_for(lambda: demo_answers(PORT) or daemon.poll() is not None, 60, "the demo")
+        if not demo_answers(PORT):
+            sys.exit(f"the demo installed by pipx did not serve:\n{log.read_text()}")
         print(run(work / "bin" / "reuseport-supervisorctl", "-s", control, "status", env=env))
         run(work / "bin" / "reuseport-supervisorctl", "-s", control, "shutdown", env=env)
         if daemon.wait(60) != 0:

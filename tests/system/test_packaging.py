@@ -11,12 +11,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import sysconfig
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.support.harness import free_port, wait_until
+from tests.support.installed import demo_answers, demo_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,14 +69,7 @@ def test_the_wheel_ships_what_a_host_needs_and_its_demo_serves_from_any_path(
     ):
         assert (share / shipped).is_file(), shipped
     port = free_port()
-    control = tmp_path / "control.sock"
-    demo = (share / "reuseport-supervisor/config/demo.toml").read_text()
-    config = tmp_path / "demo.toml"
-    config.write_text(
-        demo.replace("127.0.0.1:8080", f"127.0.0.1:{port}").replace(
-            "/tmp/supervisor-demo.sock", str(control)
-        )
-    )
+    config, control = demo_config(share, tmp_path, port)
     # Only the venv's bin; then only the system's, whose python3 lacks the
     # package (the daemon linked into /usr/local/bin, the unit's PATH): the
     # demo's {python} is the daemon's own interpreter either way.
@@ -89,7 +82,7 @@ def test_the_wheel_ships_what_a_host_needs_and_its_demo_serves_from_any_path(
             stderr=subprocess.DEVNULL,
         )
         try:
-            wait_until(lambda: _answers(port), 60, f"the demo to serve with PATH={path}")
+            wait_until(lambda: demo_answers(port), 60, f"the demo to serve with PATH={path}")
             ctl = venv / "bin" / "reuseport-supervisorctl"
             assert "web: RUNNING" in _run(ctl, "-s", control, "status", env=env)
             _run(venv / "bin" / "supervisorctl", "-s", control, "shutdown", env=env)
@@ -98,14 +91,6 @@ def test_the_wheel_ships_what_a_host_needs_and_its_demo_serves_from_any_path(
             if daemon.poll() is None:
                 daemon.kill()
                 daemon.wait(10)
-
-
-def _answers(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
-            return b"pid=" in answer.read()
-    except OSError:
-        return False
 
 
 # bash-completion's loader, asked for each command as bash asks when TAB is
