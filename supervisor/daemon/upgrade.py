@@ -34,8 +34,6 @@ from supervisor.handoff.state import (
 from supervisor.kernel import fds
 from supervisor.kernel.proc import run_command, start_time
 from supervisor.serve.service import Service
-from supervisor.steering.classic import CbpfGroup
-from supervisor.steering.ebpf import EbpfGroup
 
 log = structlog.get_logger("supervisor.daemon.upgrade")
 
@@ -107,11 +105,15 @@ def export_service(service: Service) -> ServiceDoc:
         )
     groups = []
     for address, group in service.steering.items():
-        if isinstance(group, EbpfGroup):
-            groups.append(GroupDoc(address=str(address), ebpf=group.objects()))
-        elif isinstance(group, CbpfGroup):
-            order = [(cookies[id(sock)], role.value) for sock, role in group.order()]
-            groups.append(GroupDoc(address=str(address), order=order))
+        exported = group.export()
+        order = exported.order
+        groups.append(
+            GroupDoc(
+                address=str(address),
+                ebpf=exported.objects,
+                order=None if order is None else [(cookies[id(s)], r.value) for s, r in order],
+            )
+        )
     last = service.last_rollout
     return ServiceDoc(
         name=service.name,

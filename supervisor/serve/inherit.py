@@ -349,15 +349,13 @@ async def _take_ebpf(
     # attach ours first, and the kernel lets the old array go.
     group = steering.group(address)
     if socks:
-        take_over = getattr(group, "take_over", None)
-        if take_over is not None:
-            try:
-                take_over(socks[0])
-            except SteeringError as exc:
-                found.note(
-                    "steering_not_replaced",
-                    f"the steering of {address} could not be replaced: {exc}",
-                )
+        try:
+            group.take_over(socks[0])
+        except SteeringError as exc:
+            found.note(
+                "steering_not_replaced",
+                f"the steering of {address} could not be replaced: {exc}",
+            )
     for sock in socks:
         await _join_when_free(group, sock, found)
 

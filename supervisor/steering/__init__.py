@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Mapping, Sequence
 
-from supervisor.steering.base import Backend, ListenerCounts, Role, SteeringGroup
+from supervisor.steering.base import Backend, Exported, ListenerCounts, Role, SteeringGroup
 from supervisor.steering.classic import CbpfGroup
 from supervisor.steering.ebpf import EbpfGroup
 from supervisor.values import ListenAddress
@@ -26,7 +26,7 @@ def backend_group(backend: Backend, address: ListenAddress) -> SteeringGroup:
     return EbpfGroup(address) if backend == "ebpf" else CbpfGroup(address)
 
 
-__all__ = ["Backend", "ListenerCounts", "Role", "Steering", "SteeringGroup"]
+__all__ = ["Backend", "Exported", "ListenerCounts", "Role", "Steering", "SteeringGroup"]
 
 
 class Steering:

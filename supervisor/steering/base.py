@@ -39,6 +39,15 @@ class ListenerCounts:
     probes: int  # SYNs of health probes pinned to it
 
 
+@dataclass(frozen=True)
+class Exported:
+    """What a group hands to the next image: its eBPF objects (fds by name),
+    or its classic members in the kernel's ``socks[]`` order, with roles."""
+
+    objects: dict[str, int] | None = None
+    order: list[tuple[socket.socket, Role]] | None = None
+
+
 class SteeringGroup(Protocol):
     """What generations and retirement need of a group's steering, either backend.
 
@@ -84,6 +93,13 @@ class SteeringGroup(Protocol):
 
     def counts(self, sock: socket.socket) -> ListenerCounts | None:
         """Per-listener counters, or None if this backend keeps none."""
+
+    def export(self) -> Exported:
+        """What the next image needs to take this group over."""
+
+    def take_over(self, sock: socket.socket) -> None:
+        """Make this group's program the kernel group's, through ``sock`` (a
+        member of it), replacing the program an earlier daemon attached."""
 
     def close(self, *, detach: bool = True) -> None:
         """Release what the backend holds (the kernel group keeps its program);

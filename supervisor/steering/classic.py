@@ -37,7 +37,7 @@ import structlog
 from supervisor.errors import SteeringError, translated
 from supervisor.kernel import cbpf
 from supervisor.kernel.cbpf import Insn
-from supervisor.steering.base import ListenerCounts, Role
+from supervisor.steering.base import Exported, ListenerCounts, Role
 from supervisor.values import ListenAddress
 
 log = structlog.get_logger("supervisor.steering")
@@ -170,9 +170,13 @@ class CbpfGroup:
         self._members = [sock for sock, _ in ordered]
         self._roles = dict(ordered)
 
-    def order(self) -> list[tuple[socket.socket, Role]]:
+    def export(self) -> Exported:
         """The model: members in the kernel's order, with their roles."""
-        return [(sock, self._roles[sock]) for sock in self._members]
+        return Exported(order=[(sock, self._roles[sock]) for sock in self._members])
+
+    def take_over(self, sock: socket.socket) -> None:
+        """Nothing to do now: ``apply()`` attaches this group's classic program,
+        replacing whatever program the kernel group had."""
 
     def leave(self, sock: socket.socket) -> None:
         """Record that ``sock`` left the listening section: the last member moves

@@ -24,7 +24,7 @@ import structlog
 from supervisor.errors import SteeringError, SupervisorError, translated
 from supervisor.kernel import bpf
 from supervisor.kernel.sockets import socket_cookie
-from supervisor.steering.base import ListenerCounts, Role
+from supervisor.steering.base import Exported, ListenerCounts, Role
 from supervisor.steering.ebpf_program import (
     BANK,
     COUNTERS,
@@ -133,11 +133,14 @@ class EbpfGroup:
             raise
 
     def objects(self) -> dict[str, int]:
-        """The fds of the maps and the program, by name: what an upgrade carries
-        and systemd's fd store keeps, for ``EbpfGroup(address, adopt=...)``."""
+        """The fds of the maps and the program, by name: what an upgrade carries,
+        for ``EbpfGroup(address, adopt=...)``."""
         out = {kind: getattr(self, f"_{kind}").fd for kind in _MAPS}
         out["program"] = self._program.fd
         return out
+
+    def export(self) -> Exported:
+        return Exported(objects=self.objects())
 
     def adopt_members(self, members: Iterable[socket.socket]) -> list[socket.socket]:
         """Take over ``members`` (listening sockets) from the adopted maps: each

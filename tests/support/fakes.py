@@ -19,7 +19,7 @@ import trio
 from supervisor.errors import StartFailed, SteeringError
 from supervisor.kernel.proc import CommandResult
 from supervisor.plan.plan import WorkerPlan
-from supervisor.steering import Backend, ListenerCounts, Role
+from supervisor.steering import Backend, Exported, ListenerCounts, Role
 from supervisor.values import ListenAddress
 
 
@@ -183,6 +183,12 @@ class FakeGroup:
     def counts(self, sock: socket.socket) -> ListenerCounts | None:
         self._maybe_fail("counts")
         return ListenerCounts(0, 0, 0)
+
+    def export(self) -> Exported:
+        return Exported(order=[(sock, self._roles[sock]) for sock in self._members])
+
+    def take_over(self, sock: socket.socket) -> None:
+        self._maybe_fail("take_over")
 
     def close(self, *, detach: bool = True) -> None:
         self.closed = True
