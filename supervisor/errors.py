@@ -235,6 +235,15 @@ class UpgradeRefused(HandoffError):
     """The new code cannot take over; nothing changed and the old image serves on."""
 
 
+class FdLost(HandoffError):
+    """An fd the ledger names did not cross (closed, reused, not what it was)."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"{name}: {why}")
+        self.name = name
+        self.why = why
+
+
 # What a takeover (an upgrade's new image, or a start from systemd's fd store)
 # could not take as it was left. Not an error: the start goes on without it.
 AdoptionKind = Literal[

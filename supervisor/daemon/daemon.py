@@ -68,8 +68,8 @@ class Predecessor:
     """What the image before an in-place upgrade left to this one."""
 
     control: socket.socket | None  # None: lost in the handover, bound anew
-    clients: list[ClientDoc]
-    pending: list[ClientDoc]
+    clients: list[tuple[ClientDoc, int]]  # each with its connection's fd
+    pending: list[ClientDoc]  # reloads without a client
     started_at: float
     requested_at: float
     upgrades: int

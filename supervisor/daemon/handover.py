@@ -29,6 +29,7 @@ from supervisor.control.requests import Reload, Reply, Upgrade
 from supervisor.daemon import signals, upgrade
 from supervisor.errors import UpgradeRefused
 from supervisor.handoff import state
+from supervisor.handoff.ledger import Ledger
 from supervisor.handoff.state import ClientDoc, DaemonDoc
 from supervisor.reports import Adopted, UpgradeResult
 
@@ -138,41 +139,54 @@ def _absorb(daemon: Daemon, run: UpgradeRun) -> None:
 
 
 def export(daemon: Daemon, run: UpgradeRun, *, with_clients: bool = True) -> DaemonDoc:
-    """The whole daemon as the state document (services idle: no rollout runs)."""
+    """The whole daemon as the state document (services idle: no rollout runs).
+    Every fd that crosses goes in one ledger, and the document names it."""
     assert daemon.control_sock is not None
+    ledger = Ledger()
     clients: list[ClientDoc] = []
     pending: list[ClientDoc] = []
     if with_clients:
         clients += [
-            ClientDoc(fd=caller.connection, command="upgrade", source=caller.source)
-            for caller in run.callers
+            ClientDoc(
+                connection=ledger.put(f"client/{i}", caller.connection),
+                command="upgrade",
+                source=caller.source,
+            )
+            for i, caller in enumerate(run.callers)
             if caller.connection is not None
         ]
-        for request in run.parked:
+        for i, request in enumerate(run.parked):
             item = ClientDoc(
-                fd=request.connection if request.connection is not None else -1,
+                connection=None
+                if request.connection is None
+                else ledger.put(f"parked/{i}", request.connection),
                 command="restart" if request.keep_config else "reload",
                 service=request.service,
                 reason=request.reason,
                 source=request.source,
             )
             (clients if request.connection is not None else pending).append(item)
+    metrics_sock = daemon.metrics_sock
+    services = [svc.export(ledger) for svc in daemon.services.values()]
     return DaemonDoc(
         software=__version__,
         config_path=str(daemon.config_path),
         supervisor=daemon.config.supervisor.model_dump(mode="json"),
-        control_fd=daemon.control_sock.fileno(),
+        control=ledger.put("control", daemon.control_sock.fileno()),
+        metrics_socket=None
+        if metrics_sock is None
+        else ledger.put("metrics", metrics_sock.fileno()),
         started_at=daemon.started_at,
         upgrade_requested_at=run.requested_at,
         upgrades=daemon.upgrades + 1,
-        services=[upgrade.export_service(svc) for svc in daemon.services.values()],
+        services=services,
         clients=clients,
         pending=pending,
         watch_seen=daemon.watch_seen,
         last_reload=daemon.last_reload,
         metrics=daemon.tally.export(),
-        metrics_fd=-1 if daemon.metrics_sock is None else daemon.metrics_sock.fileno(),
         stopped={name: off.export() for name, off in daemon.stopped.items()},
+        ledger=ledger.entries(),
     )
 
 
@@ -186,14 +200,14 @@ def finish(daemon: Daemon, root: trio.Nursery) -> None:
     daemon.last_upgrade = result
     daemon.tally.upgrades += 1
     log.info("upgrade_finished", **result)
-    for client in handed.clients:
+    for client, fd in handed.clients:
         if client.command == "upgrade":
             root.start_soon(
-                _answer, client.fd, protocol.result(message="upgrade succeeded", upgrade=result)
+                _answer, fd, protocol.result(message="upgrade succeeded", upgrade=result)
             )
-    for client in handed.clients:
+    for client, fd in handed.clients:
         if client.command != "upgrade":
-            daemon.control.adopt(client.fd, partial(_reload_for, client))
+            daemon.control.adopt(fd, partial(_reload_for, client))
     for client in handed.pending:
         # Started here, not sent on the request channel: nothing reads it yet,
         # and it is bounded.

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 import trio
@@ -43,10 +44,11 @@ from supervisor.daemon import signals, upgrade
 from supervisor.daemon.daemon import Daemon, Predecessor
 from supervisor.daemon.switch import Stopped
 from supervisor.daemon.systemd import SystemdNotifier
-from supervisor.errors import ConfigError, StateError, SupervisorError
+from supervisor.errors import ConfigError, FdLost, StateError, SupervisorError
 from supervisor.handoff import fdstore
+from supervisor.handoff.ledger import Ledger
 from supervisor.handoff.state import DaemonDoc
-from supervisor.kernel import fds, proc, sysctl
+from supervisor.kernel import proc, sysctl
 from supervisor.kernel.proc import raise_fd_limit
 from supervisor.observe import logs
 from supervisor.plan.capabilities import Capabilities, check, detect, prepare
@@ -55,6 +57,7 @@ from supervisor.serve import inherit
 from supervisor.serve.spawner import ProcessSpawner
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+T = TypeVar("T")
 
 
 log = structlog.get_logger("supervisor.daemon.startup")
@@ -288,7 +291,7 @@ def _check_state(fd: int) -> int:
         print(f"supervisord {__version__}: cannot take over: {broken}", file=sys.stderr)
         return EXIT_FAILED
     try:
-        document, _ = upgrade.read_document(fd, verify=False)
+        document = upgrade.read_document(fd)
         config = _config_of(document)
         _stopped_of(document)
     except (StateError, ConfigError) as exc:
@@ -323,7 +326,8 @@ def _import_everything() -> str | None:
 def _continue_upgrade(fd: int) -> None:
     """The new image: take over from the previous one."""
     try:
-        document, lost = upgrade.read_document(fd)  # first: before anything takes an fd
+        document = upgrade.read_document(fd)
+        ledger = Ledger.received(document.ledger)  # first: before anything takes an fd
         config = _config_of(document)
         stopped = _stopped_of(document)
     except (StateError, ConfigError) as exc:
@@ -332,7 +336,7 @@ def _continue_upgrade(fd: int) -> None:
         print(f"supervisord: cannot continue the upgrade: {exc}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
     logs.configure(config.supervisor.log_format, config.supervisor.log_level)
-    if lost:
+    if lost := ledger.lost():
         upgrade.log.warning("upgrade_fds_lost", fds=lost)
     # Before anything is spawned: a child that is not a worker of the document
     # is a command the old image ran (an exec probe, a preflight).
@@ -342,12 +346,16 @@ def _continue_upgrade(fd: int) -> None:
     notifier = SystemdNotifier.from_environment(os.environ)
     store = _store(config.supervisor, notifier)
     inheritances = {
-        svc.name: inherit.from_upgrade(svc, config.services[svc.name]) for svc in document.services
+        svc.name: inherit.from_upgrade(svc, config.services[svc.name], ledger)
+        for svc in document.services
     }
-    control = None if document.control_fd < 0 else fds.adopt_socket(document.control_fd)
     handed = Predecessor(
-        control=control,
-        clients=list(document.clients),
+        control=_taken(document.control, ledger.take_socket),
+        clients=[
+            (client, taken)
+            for client in document.clients
+            if (taken := _taken(client.connection, ledger.take_fd)) is not None
+        ],
         pending=list(document.pending),
         started_at=document.started_at,
         requested_at=document.upgrade_requested_at,
@@ -356,9 +364,11 @@ def _continue_upgrade(fd: int) -> None:
         last_reload=document.last_reload,
         watch_seen={k: dict(v) for k, v in document.watch_seen.items()},
         metrics=dict(document.metrics),
-        metrics_sock=None if document.metrics_fd < 0 else fds.adopt_socket(document.metrics_fd),
+        metrics_sock=_taken(document.metrics_socket, ledger.take_socket),
         stopped=stopped,
     )
+    if untaken := ledger.close_untaken():
+        upgrade.log.warning("upgrade_fds_untaken", names=untaken)
     nofile = raise_fd_limit()
     spawner = ProcessSpawner(environment_for_workers(os.environ), nofile)
     _serve(
@@ -373,3 +383,16 @@ def _continue_upgrade(fd: int) -> None:
             handed=handed,
         )
     )
+
+
+def _taken(name: str | None, take: Callable[[str], T]) -> T | None:
+    """What the daemon itself takes from the ledger (its control and metrics
+    sockets, its waiting clients' connections); None if it was lost: a
+    socket is bound anew, a client gets no answer."""
+    if name is None:
+        return None
+    try:
+        return take(name)
+    except FdLost as exc:
+        upgrade.log.warning("upgrade_fd_lost", name=name, why=exc.why)
+        return None

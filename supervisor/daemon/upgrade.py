@@ -24,16 +24,9 @@ import trio
 
 from supervisor.errors import StateError, UpgradeRefused
 from supervisor.handoff import state
-from supervisor.handoff.state import (
-    DaemonDoc,
-    GroupDoc,
-    ListenerDoc,
-    ServiceDoc,
-    WorkerDoc,
-)
+from supervisor.handoff.state import DaemonDoc
 from supervisor.kernel import fds
-from supervisor.kernel.proc import run_command, start_time
-from supervisor.serve.service import Service
+from supervisor.kernel.proc import run_command
 
 log = structlog.get_logger("supervisor.daemon.upgrade")
 
@@ -68,66 +61,6 @@ def entry_point() -> list[str]:
     return out
 
 
-def export_service(service: Service) -> ServiceDoc:
-    """A serving, idle service (no rollout under way) as the next image needs it."""
-    current = service.current
-    assert current is not None
-    cookies = {id(lst.sock): lst.cookie for lst in current.listeners}
-    listeners = [
-        ListenerDoc(
-            fd=lst.sock.fileno(),
-            worker=lst.worker,
-            address=str(lst.address),
-            cookie=lst.cookie,
-            name=lst.name,
-        )
-        for lst in current.listeners
-        if lst.sock.fileno() >= 0
-    ]
-    workers = []
-    for slot in current.slots:
-        handover = slot.handover()
-        pid = None if handover.process is None else handover.process.pid
-        assert slot.notify_fd is not None
-        workers.append(
-            WorkerDoc(
-                index=slot.plan.index,
-                state=handover.state.value,
-                pid=pid,
-                start_time=None if pid is None else start_time(pid),
-                restarts=handover.restarts,
-                short_runs=handover.short_runs,
-                last_exit=handover.last_exit,
-                start_seconds=handover.start_seconds,
-                notify_fd=slot.notify_fd,
-                output_fds=[fd for pipe in handover.pipes or () for fd in (pipe.read, pipe.write)],
-            )
-        )
-    groups = []
-    for address, group in service.steering.items():
-        exported = group.export()
-        order = exported.order
-        groups.append(
-            GroupDoc(
-                address=str(address),
-                ebpf=exported.objects,
-                order=None if order is None else [(cookies[id(s)], r.value) for s, r in order],
-            )
-        )
-    last = service.last_rollout
-    return ServiceDoc(
-        name=service.name,
-        config=service.config.model_dump(mode="json"),
-        steering=service.steering.backend,
-        generation=current.number,
-        last_generation=service.last_generation,
-        listeners=listeners,
-        workers=workers,
-        groups=groups,
-        last_rollout=None if last is None else last.model_dump(),
-    )
-
-
 async def check_new_code(entry: Sequence[str], document: bytes) -> str:
     """Run the new entry point's ``--check`` on ``document`` (as fd 3 of the check).
 
@@ -154,9 +87,9 @@ def execute(entry: Sequence[str], document: DaemonDoc, environ: Mapping[str, str
     """Exec the new image with ``document`` and ``environ`` (the daemon's own
     environment, systemd's variables put back); returns only if the exec
     failed (every fd is close-on-exec again then, and the old image serves on)."""
-    document = document.with_identities()
+    document = document.stamped()
     memfd = fds.sealed_memfd("supervisor-state", state.encode(document))
-    inherited = [*document.fds(), memfd]
+    inherited = [*document.numbers(), memfd]
     argv = [*entry, STATE_FD_FLAG, str(memfd)]
     log.info("upgrade_exec", argv=argv, fds=len(inherited))
     fds.set_inheritable(inherited, True)
@@ -172,10 +105,10 @@ def execute(entry: Sequence[str], document: DaemonDoc, environ: Mapping[str, str
     return error
 
 
-def read_document(fd: int, *, verify: bool = True) -> tuple[DaemonDoc, list[int]]:
+def read_document(fd: int) -> DaemonDoc:
     """The state document the previous image left at ``fd`` (closed after
-    reading). ``verify``: every fd it names that is not what it was at the exec
-    (closed, or its number reused) is replaced by -1, and listed.
+    reading). Its fds are checked by ``Ledger.received``, which must come
+    first: before anything opens an fd that could take a lost one's number.
 
     Raises:
         StateError: unreadable, not sealed, or of a version this code does not know.
@@ -186,8 +119,4 @@ def read_document(fd: int, *, verify: bool = True) -> tuple[DaemonDoc, list[int]
         raise StateError(f"fd {fd}: {exc}") from exc
     finally:
         os.close(fd)
-    document = state.decode(data)
-    if not verify:
-        return document, []
-    lost = document.lost()
-    return document.without(lost), sorted(lost)
+    return state.decode(data)

@@ -5,8 +5,10 @@ image reads it before it trusts a single fd, and ``supervisord --check
 --state-fd N`` reads one before the old image execs, so new code that cannot
 read the current version is refused while the old image still serves.
 
-Only facts the kernel cannot give back travel here: which fd is which,
-which pid is which worker, lifecycle states and counters, the config each
+Only facts the kernel cannot give back travel here: which fd is which
+(the ledger: every fd by name, with its identity at the exec; everything
+else refers to fds by those names, see ``handoff.ledger``), which pid is
+which worker, lifecycle states and counters, the config each
 service runs, the classic BPF order. eBPF roles and slots are read back
 from the maps themselves.
 """
@@ -21,20 +23,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from supervisor.errors import StateError
 from supervisor.kernel import fds
 
-VERSION = 1
-READABLE = frozenset({1})  # versions this code can adopt
+VERSION = 2
+READABLE = frozenset({1, 2})  # versions this code can adopt (1: fd numbers in place)
 
 
 class Doc(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class ListenerDoc(Doc):
+class FdDoc(Doc):
+    """One entry of the ledger: an fd, and what it was at the exec."""
+
     fd: int
+    identity: tuple[int, int] | None = None  # (device, inode), stamped at the exec
+
+
+class ListenerDoc(Doc):
+    name: str  # its name in the ledger, and in systemd's fd store
     worker: int
     address: str  # as in the config: 127.0.0.1:8080, udp://[::1]:53
     cookie: int  # SO_COOKIE: the new image checks the fd is still this socket
-    name: str  # its name in systemd's fd store
 
 
 class WorkerDoc(Doc):
@@ -46,14 +54,15 @@ class WorkerDoc(Doc):
     short_runs: int
     last_exit: str | None
     start_seconds: float | None
-    notify_fd: int  # its NOTIFY_SOCKET (an abstract datagram socket)
-    # Its output pipes, read and write ends: stdout's, then stderr's (empty: inherit).
-    output_fds: list[int] = Field(default_factory=list)
+    notify: str  # its NOTIFY_SOCKET (an abstract datagram socket), by ledger name
+    # Its output pipes by ledger name, read and write ends: stdout's, then
+    # stderr's (empty: it inherits the daemon's output).
+    output: list[str] = Field(default_factory=list)
 
 
 class GroupDoc(Doc):
     address: str
-    ebpf: dict[str, int] | None = None  # map and program fds, by name
+    ebpf: dict[str, str] | None = None  # maps and program: ledger names, by object
     order: list[tuple[int, str]] | None = None  # classic BPF: (cookie, role) in socks[] order
 
 
@@ -70,10 +79,10 @@ class ServiceDoc(Doc):
 
 
 class ClientDoc(Doc):
-    """A control client waiting for an answer (the upgrade's callers, and
-    reloads asked for during the upgrade): the new image answers it."""
+    """A request waiting for an answer (the upgrade's callers, and reloads asked
+    for during the upgrade): the new image answers it, or carries it out."""
 
-    fd: int
+    connection: str | None = None  # the client's connection, by ledger name (None: no client)
     command: Literal["reload", "restart", "upgrade"]
     service: str | None = None
     reason: str | None = None
@@ -85,89 +94,35 @@ class DaemonDoc(Doc):
     software: str  # the version of the image that wrote it
     config_path: str
     supervisor: dict[str, Any]  # the running [supervisor] section
-    control_fd: int
+    ledger: dict[str, FdDoc]  # every fd that crosses, by name; the rest refers to names
+    control: str  # the control socket, by ledger name
+    metrics_socket: str | None = None  # the metrics_listen socket, if any
     started_at: float  # CLOCK_MONOTONIC seconds of the first image's start
     upgrade_requested_at: float  # CLOCK_MONOTONIC seconds
     upgrades: int = 0  # in-place upgrades so far, this one included
     services: list[ServiceDoc]
-    clients: list[ClientDoc] = Field(default_factory=list)
+    clients: list[ClientDoc] = Field(default_factory=list)  # with a connection
     pending: list[ClientDoc] = Field(default_factory=list)  # reloads without a client
     watch_seen: dict[str, dict[str, str | None]] = Field(default_factory=dict)
     last_reload: str | None = None
-    identities: dict[int, tuple[int, int]] = Field(default_factory=dict)  # fd -> (dev, inode)
     metrics: dict[str, Any] = Field(default_factory=dict)  # the counters (metrics.Tally)
-    metrics_fd: int = -1  # the metrics_listen socket, if any
     stopped: dict[str, dict[str, Any]] = Field(default_factory=dict)  # switch.Stopped.export()
 
-    def fds(self) -> list[int]:
-        """Every fd the document names: what must survive the exec (-1: none)."""
-        out = [self.control_fd, self.metrics_fd, *(client.fd for client in self.clients)]
-        for service in self.services:
-            out += [lst.fd for lst in service.listeners]
-            out += [worker.notify_fd for worker in service.workers]
-            out += [fd for worker in service.workers for fd in worker.output_fds]
-            for group in service.groups:
-                out += list((group.ebpf or {}).values())
-        return [fd for fd in out if fd >= 0]
+    def numbers(self) -> list[int]:
+        """Every fd the ledger names: what must survive the exec."""
+        return [entry.fd for entry in self.ledger.values()]
 
-    def with_identities(self) -> DaemonDoc:
-        """The document with the identity of each of its fds recorded (at the exec)."""
-        found = {fd: fds.identity(fd) for fd in self.fds()}
-        return self.model_copy(update={"identities": {k: v for k, v in found.items() if v}})
+    def stamped(self) -> DaemonDoc:
+        """The document with each fd's identity as it is now (at the exec)."""
+        ledger = {
+            name: entry.model_copy(update={"identity": fds.identity(entry.fd)})
+            for name, entry in self.ledger.items()
+        }
+        return self.model_copy(update={"ledger": ledger})
 
     def pids(self) -> set[int]:
         """The worker processes the document names."""
         return {w.pid for svc in self.services for w in svc.workers if w.pid is not None}
-
-    def lost(self) -> set[int]:
-        """The fds that are not what the old image handed over (closed, or reused
-        for something else): the very first check of the new image, before it
-        opens anything that could take their numbers."""
-        return {fd for fd in self.fds() if fds.identity(fd) != self.identities.get(fd)}
-
-    def without(self, lost: set[int]) -> DaemonDoc:
-        """The document with ``lost`` fds replaced by -1: nobody may use or close them."""
-        if not lost:
-            return self
-
-        def fd(number: int) -> int:
-            return -1 if number in lost else number
-
-        services = [
-            svc.model_copy(
-                update={
-                    "listeners": [x.model_copy(update={"fd": fd(x.fd)}) for x in svc.listeners],
-                    "workers": [
-                        w.model_copy(
-                            update={
-                                "notify_fd": fd(w.notify_fd),
-                                "output_fds": [fd(x) for x in w.output_fds],
-                            }
-                        )
-                        for w in svc.workers
-                    ],
-                    "groups": [
-                        g.model_copy(
-                            update={
-                                "ebpf": None
-                                if g.ebpf is None
-                                else {k: fd(v) for k, v in g.ebpf.items()}
-                            }
-                        )
-                        for g in svc.groups
-                    ],
-                }
-            )
-            for svc in self.services
-        ]
-        return self.model_copy(
-            update={
-                "control_fd": fd(self.control_fd),
-                "metrics_fd": fd(self.metrics_fd),
-                "clients": [c for c in self.clients if c.fd not in lost],
-                "services": services,
-            }
-        )
 
 
 def encode(state: DaemonDoc) -> bytes:
@@ -180,12 +135,17 @@ def decode(data: bytes) -> DaemonDoc:
     Raises:
         StateError: not JSON, not a state document, or a version not in READABLE.
     """
+    version = _version_of(data)
+    if version is not None and version not in READABLE:
+        raise StateError(_unknown(version))
     try:
-        raw = DaemonDoc.model_validate_json(data)
-    except ValidationError as exc:
-        version = _version_of(data)
-        if version is not None and version not in READABLE:
-            raise StateError(_unknown(version)) from None
+        if version == 1:
+            raw = DaemonDoc.model_validate(from_version_1(json.loads(data)))
+        else:
+            raw = DaemonDoc.model_validate_json(data)
+    except (ValidationError, KeyError, TypeError, AttributeError) as exc:
+        if not isinstance(exc, ValidationError):
+            raise StateError(f"not a version 1 state document: {exc!r}") from None
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}"
             for e in exc.errors(include_url=False)[:5]
@@ -194,6 +154,82 @@ def decode(data: bytes) -> DaemonDoc:
     if raw.version not in READABLE:
         raise StateError(_unknown(raw.version))
     return raw
+
+
+def from_version_1(old: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 document (what the code before the ledger writes: fd numbers
+    in place, -1 for none, identities by number) in this version's shape."""
+    identities = {int(fd): value for fd, value in old.get("identities", {}).items()}
+    ledger: dict[str, dict[str, Any]] = {}
+
+    def named(name: str, fd: int) -> str | None:
+        if fd < 0:
+            return None
+        ledger[name] = {"fd": fd, "identity": identities.get(fd)}
+        return name
+
+    def client(kind: str, i: int, item: dict[str, Any]) -> dict[str, Any]:
+        fd = item.get("fd", -1)
+        return {**_drop(item, "fd"), "connection": named(f"{kind}/{i}", fd)}
+
+    services = []
+    for svc in old["services"]:
+        name = svc["name"]
+        listeners = [
+            {**_drop(lst, "fd"), "name": named(lst["name"], lst["fd"])} for lst in svc["listeners"]
+        ]
+        workers = [
+            {
+                **_drop(w, "notify_fd", "output_fds"),
+                "notify": named(notify_name(name, w["index"]), w["notify_fd"]),
+                "output": [
+                    named(output_name(name, w["index"], k), fd)
+                    for k, fd in enumerate(w.get("output_fds", []))
+                ],
+            }
+            for w in svc["workers"]
+        ]
+        groups = [
+            {
+                **g,
+                "ebpf": None
+                if g.get("ebpf") is None
+                else {
+                    obj: named(ebpf_name(name, g["address"], obj), fd)
+                    for obj, fd in g["ebpf"].items()
+                },
+            }
+            for g in svc["groups"]
+        ]
+        services.append({**svc, "listeners": listeners, "workers": workers, "groups": groups})
+    doc = _drop(old, "identities", "control_fd", "metrics_fd")
+    return {
+        **doc,
+        "version": VERSION,
+        "control": named("control", old["control_fd"]) or "control",
+        "metrics_socket": named("metrics", old.get("metrics_fd", -1)),
+        "clients": [client("client", i, c) for i, c in enumerate(old.get("clients", []))],
+        "pending": [client("pending", i, c) for i, c in enumerate(old.get("pending", []))],
+        "services": services,
+        "ledger": ledger,
+    }
+
+
+def _drop(item: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in item.items() if k not in keys}
+
+
+# Ledger names of what is not in systemd's store (listeners use their store name).
+def notify_name(service: str, index: int) -> str:
+    return f"{service}/w{index}/notify"
+
+
+def output_name(service: str, index: int, end: int) -> str:
+    return f"{service}/w{index}/output{end}"
+
+
+def ebpf_name(service: str, address: str, obj: str) -> str:
+    return f"{service}/{address}/ebpf/{obj}"
 
 
 def _unknown(version: int) -> str:

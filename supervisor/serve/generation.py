@@ -22,6 +22,8 @@ import trio
 
 from supervisor.errors import RolloutAborted, SupervisorError, leaves
 from supervisor.handoff.fdstore import NO_STORE, FdStore
+from supervisor.handoff.ledger import Ledger
+from supervisor.handoff.state import ListenerDoc, WorkerDoc
 from supervisor.plan.plan import ServicePlan
 from supervisor.serve.health import pinned_connector
 from supervisor.serve.lifecycle import Watched, WorkerState
@@ -194,6 +196,11 @@ class Generation:
 
     def pids(self) -> list[int]:
         return [slot.pid for slot in self.slots if slot.pid is not None]
+
+    def export(self, ledger: Ledger, service: str) -> tuple[list[ListenerDoc], list[WorkerDoc]]:
+        """Its open listeners and its slots, for the next image; fds go in ``ledger``."""
+        listeners = [lst.export(ledger) for lst in self.listeners if lst.sock.fileno() >= 0]
+        return listeners, [slot.export(ledger, service) for slot in self.slots]
 
     def worker_status(self, shown_as: str | None = None) -> list[WorkerStatus]:
         """The workers' snapshots; ``shown_as`` replaces a live worker's state

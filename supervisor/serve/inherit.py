@@ -28,8 +28,15 @@ import structlog
 import trio
 
 from supervisor.config.schema import ServiceConfig
-from supervisor.errors import AdoptionKind, AdoptionProblem, SteeringError, SupervisorError
+from supervisor.errors import (
+    AdoptionKind,
+    AdoptionProblem,
+    FdLost,
+    SteeringError,
+    SupervisorError,
+)
 from supervisor.handoff.fdstore import FdStore, StoredFd
+from supervisor.handoff.ledger import Ledger, socket_problem
 from supervisor.handoff.state import ListenerDoc, ServiceDoc, WorkerDoc
 from supervisor.kernel import fds
 from supervisor.kernel.proc import adopt_child, fd_of
@@ -85,18 +92,9 @@ class Takeover:
 
 
 def _socket(fd: int, cookie: int | None) -> socket.socket | None:
-    """The socket at ``fd`` if it is one (and has ``cookie``, when given)."""
-    try:
-        sock = fds.adopt_socket(fd)
-    except OSError:  # seam: an inherited fd that is no socket is not ours
-        return None
-    try:
-        if cookie is None or socket_cookie(sock) == cookie:
-            return sock
-    except SupervisorError:
-        pass
-    sock.detach()  # not ours to close: it is not the socket we were told of
-    return None
+    """The socket at ``fd`` if it is one (and has ``cookie``, when given); an
+    fd that is not is left alone: it is not ours to close."""
+    return None if socket_problem(fd, cookie) else fds.adopt_socket(fd)
 
 
 def address_of(sock: socket.socket) -> ListenAddress | None:
@@ -112,34 +110,41 @@ def address_of(sock: socket.socket) -> ListenAddress | None:
 # --- an in-place upgrade -------------------------------------------------------------
 
 
-def from_upgrade(state: ServiceDoc, config: ServiceConfig) -> Takeover:
-    """Check and take over what the state document says this service had."""
+def from_upgrade(state: ServiceDoc, config: ServiceConfig, ledger: Ledger) -> Takeover:
+    """Check and take over what the state document says this service had,
+    taking its fds from ``ledger`` by name."""
     found = Takeover(state.generation, state.last_generation, last_rollout=state.last_rollout)
     found.handovers = {}
     pids = {w.index: w.pid for w in state.workers}
     for worker in state.workers:
-        found.handovers[worker.index] = _worker(found, worker.index, worker)
+        found.handovers[worker.index] = _worker(found, worker, ledger)
     for lst in state.listeners:
         address = parse_listen(lst.address)
-        sock = _socket(lst.fd, lst.cookie) or _from_worker(found, config, address, lst, pids)
+        try:
+            sock: socket.socket | None = ledger.take_socket(lst.name, lst.cookie)
+        except FdLost as lost:
+            sock = _from_worker(found, config, address, lst, pids)
+            why = lost.why
         if sock is None:
             found.note(
                 "listener_lost",
                 f"listener {address} of worker {lst.worker} (cookie {lst.cookie}) was lost in "
-                "the upgrade: a new one is bound, and a rollout replaces the generation",
+                f"the upgrade ({why}): a new one is bound, and a rollout replaces the generation",
             )
             found.repair = True
             continue
         found.listeners[(address, lst.worker)] = AdoptedListener(sock, lst.name, lst.cookie)
     for group in state.groups:
-        found.groups[parse_listen(group.address)] = AdoptedSteering(
-            ebpf=group.ebpf,
+        address = parse_listen(group.address)
+        found.groups[address] = AdoptedSteering(
+            ebpf=None if group.ebpf is None else _ebpf(found, address, group.ebpf, ledger),
             order=None if group.order is None else [(c, Role(r)) for c, r in group.order],
         )
     return found
 
 
-def _worker(found: Takeover, index: int, worker: WorkerDoc) -> AdoptedWorker:
+def _worker(found: Takeover, worker: WorkerDoc, ledger: Ledger) -> AdoptedWorker:
+    index = worker.index
     state = WorkerState(worker.state)
     process = None if worker.pid is None else adopt_child(worker.pid, worker.start_time)
     if worker.pid is not None and process is None:
@@ -149,18 +154,31 @@ def _worker(found: Takeover, index: int, worker: WorkerDoc) -> AdoptedWorker:
         )
         found.lost_workers += 1
         state = WorkerState.BACKOFF if state is not WorkerState.FATAL else state
-    notify = _socket(worker.notify_fd, None)
-    if notify is None and process is not None:
-        found.note(
-            "notify_lost",
-            f"worker {index}: its NOTIFY_SOCKET was lost; later notifications are lost",
-        )
-    pipes = _pipes(worker.output_fds)
-    if worker.output_fds and pipes is None:
-        found.note(
-            "pipes_lost", f"worker {index}: its output pipes were lost: a rollout gives it new ones"
-        )
-        found.repair = True  # a pipe nobody reads would stop its writer once full
+    notify = None
+    try:
+        notify = ledger.take_socket(worker.notify)
+    except FdLost as lost:
+        if process is not None:
+            found.note(
+                "notify_lost",
+                f"worker {index}: its NOTIFY_SOCKET was lost ({lost.why}); "
+                "later notifications are lost",
+            )
+    pipes = None
+    if worker.output:
+        try:
+            ends = [ledger.take_fd(name) for name in worker.output]
+        except FdLost as lost:
+            # The ends that did cross stay open: closing a read end would kill
+            # the writer with SIGPIPE before the rollout replaces it.
+            found.note(
+                "pipes_lost",
+                f"worker {index}: its output pipes were lost ({lost.why}): "
+                "a rollout gives it new ones",
+            )
+            found.repair = True  # a pipe nobody reads would stop its writer once full
+        else:
+            pipes = Pipe("stdout", ends[0], ends[1]), Pipe("stderr", ends[2], ends[3])
     return AdoptedWorker(
         state=state,
         process=process,
@@ -173,11 +191,23 @@ def _worker(found: Takeover, index: int, worker: WorkerDoc) -> AdoptedWorker:
     )
 
 
-def _pipes(numbers: Sequence[int]) -> tuple[Pipe, Pipe] | None:
-    """The handed-over output pipes, if all four ends are there."""
-    if len(numbers) != 4 or min(numbers) < 0:
+def _ebpf(
+    found: Takeover, address: ListenAddress, names: Mapping[str, str], ledger: Ledger
+) -> dict[str, int] | None:
+    """A group's eBPF objects, if every one crossed (else they are made anew)."""
+    objects: dict[str, int] = {}
+    try:
+        for obj, name in names.items():
+            objects[obj] = ledger.take_fd(name)
+    except FdLost as lost:
+        for fd in objects.values():
+            os.close(fd)
+        found.note(
+            "steering_made_anew",
+            f"the steering of {address} could not be taken over ({lost}): made anew",
+        )
         return None
-    return Pipe("stdout", numbers[0], numbers[1]), Pipe("stderr", numbers[2], numbers[3])
+    return objects
 
 
 def _from_worker(

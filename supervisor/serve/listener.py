@@ -18,6 +18,8 @@ import structlog
 
 from supervisor.errors import SupervisorError
 from supervisor.handoff.fdstore import NO_STORE, FdStore, listener_name
+from supervisor.handoff.ledger import Ledger
+from supervisor.handoff.state import ListenerDoc
 from supervisor.kernel.sockets import (
     ListenerOptions,
     accept_queue,
@@ -49,6 +51,16 @@ class Listener:
     @property
     def tcp(self) -> bool:
         return self.address.proto == "tcp"
+
+    def export(self, ledger: Ledger) -> ListenerDoc:
+        """What the next image needs to take it over; its fd goes in ``ledger``
+        under its name in systemd's fd store."""
+        return ListenerDoc(
+            name=ledger.put(self.name, self.sock.fileno()),
+            worker=self.worker,
+            address=str(self.address),
+            cookie=self.cookie,
+        )
 
     @property
     def role(self) -> Role | None:

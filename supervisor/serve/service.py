@@ -18,6 +18,8 @@ import trio
 
 from supervisor.config.schema import ServiceConfig
 from supervisor.handoff.fdstore import NO_STORE, FdStore
+from supervisor.handoff.ledger import Ledger
+from supervisor.handoff.state import GroupDoc, ServiceDoc, ebpf_name
 from supervisor.plan.capabilities import Capabilities
 from supervisor.plan.plan import plan_service
 from supervisor.reports import RolloutReport
@@ -204,6 +206,42 @@ class Service:
             nursery.cancel_scope.deadline = trio.current_time() + self.config.stop_timeout + 5
             await self.current.stop(preserve=self._preserve)
             nursery.cancel_scope.cancel()
+
+    def export(self, ledger: Ledger) -> ServiceDoc:
+        """This service, serving and idle (no rollout under way), as the next
+        image needs it; every fd goes in ``ledger``."""
+        current = self.current
+        assert current is not None
+        listeners, workers = current.export(ledger, self.name)
+        cookies = {id(lst.sock): lst.cookie for lst in current.listeners}
+        groups = []
+        for address, group in self.steering.items():
+            exported = group.export()
+            objects, order = exported.objects, exported.order
+            groups.append(
+                GroupDoc(
+                    address=str(address),
+                    ebpf=None
+                    if objects is None
+                    else {
+                        obj: ledger.put(ebpf_name(self.name, str(address), obj), fd)
+                        for obj, fd in objects.items()
+                    },
+                    order=None if order is None else [(cookies[id(s)], r.value) for s, r in order],
+                )
+            )
+        last = self.last_rollout
+        return ServiceDoc(
+            name=self.name,
+            config=self.config.model_dump(mode="json"),
+            steering=self.steering.backend,
+            generation=current.number,
+            last_generation=self.last_generation,
+            listeners=listeners,
+            workers=workers,
+            groups=groups,
+            last_rollout=None if last is None else last.model_dump(),
+        )
 
     def _took_over(self, found: Takeover) -> None:
         """The first generation serves on what it inherited: retire the rest, and

@@ -31,8 +31,10 @@ from supervisor.errors import (
     WorkerFatal,
     os_reason,
 )
+from supervisor.handoff.ledger import Ledger
+from supervisor.handoff.state import WorkerDoc, notify_name, output_name
 from supervisor.kernel.notify import NotifyReceiver
-from supervisor.kernel.proc import describe_exit
+from supervisor.kernel.proc import describe_exit, start_time
 from supervisor.plan.plan import SlotSettings, WorkerPlan
 from supervisor.serve.health import Connector, ProbeTarget, make_probe
 from supervisor.serve.lifecycle import Watched, WorkerState, check_transition
@@ -133,22 +135,25 @@ class WorkerSlot:
         if self._waiting is not None:  # SIGKILL once stop_timeout has passed (_wait)
             self._waiting.deadline = trio.current_time() + self.settings.stop_timeout
 
-    def handover(self) -> AdoptedWorker:
-        """What the next image needs to go on with this slot (its process, if one
-        runs, keeps running: it is not ours to stop)."""
-        return AdoptedWorker(
-            state=self.state.value,
-            process=self.process,
+    def export(self, ledger: Ledger, service: str) -> WorkerDoc:
+        """What the next image needs to go on with this slot; its fds go in
+        ``ledger``. Its process, if one runs, keeps running: it is not ours to stop."""
+        assert self._notify is not None
+        index = self.plan.index
+        pid = None if self.process is None else self.process.pid
+        ends = [fd for pipe in self.pipes or () for fd in (pipe.read, pipe.write)]
+        return WorkerDoc(
+            index=index,
+            state=self.state.value.value,
+            pid=pid,
+            start_time=None if pid is None else start_time(pid),
             restarts=self.restarts,
             short_runs=self._short_runs,
             last_exit=self.last_exit,
             start_seconds=self.start_seconds,
-            pipes=self.pipes,
+            notify=ledger.put(notify_name(service, index), self._notify.fileno()),
+            output=[ledger.put(output_name(service, index, k), fd) for k, fd in enumerate(ends)],
         )
-
-    @property
-    def notify_fd(self) -> int | None:
-        return None if self._notify is None else self._notify.fileno()
 
     def _set(self, new: WorkerState) -> None:
         check_transition(self.state.value, new)

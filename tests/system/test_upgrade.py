@@ -56,11 +56,11 @@ runpy.run_module("supervisor.daemon", run_name="__main__")
 """
 ACTIONS = {
     "nothing": "pass",
-    "lose-listener": 'os.close(service["listeners"][0]["fd"])',
+    "lose-listener": 'os.close(doc["ledger"][service["listeners"][0]["name"]]["fd"])',
     "lose-worker": (
         'pid = service["workers"][0]["pid"]; os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)'
     ),
-    "lose-map": 'os.close(service["groups"][0]["ebpf"]["table"])',
+    "lose-map": 'os.close(doc["ledger"][service["groups"][0]["ebpf"]["table"]]["fd"])',
 }
 
 
