@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,8 @@ from supervisor.control.requests import (
 )
 from supervisor.control.server import ControlServer, bound_control_socket
 from supervisor.control.watch import WatchSpec, watch_services
-from supervisor.daemon import signals
+from supervisor.daemon import handover, signals
+from supervisor.daemon.handover import Predecessor, UpgradeRun
 from supervisor.daemon.reloads import (
     CONFIG_REJECTED,
     Answered,
@@ -51,43 +52,17 @@ from supervisor.daemon.systemd import SystemdNotifier
 from supervisor.daemon.upgrade import monotonic
 from supervisor.errors import ConfigError, SupervisorError, leaves
 from supervisor.handoff.fdstore import NO_STORE, FdStore
-from supervisor.handoff.state import ClientDoc
+from supervisor.handoff.ledger import Ledger
+from supervisor.handoff.state import ClientDoc, DaemonDoc
 from supervisor.kernel import sysctl
 from supervisor.observe import expiry, metrics, metrics_http
 from supervisor.plan.capabilities import Capabilities, check
 from supervisor.serve.inherit import Takeover
-from supervisor.serve.service import Service, ServiceEnv
+from supervisor.serve.service import Service, ServiceEnv, TakeoverSummary
 from supervisor.serve.spawner import Spawner
 from supervisor.status import DaemonStatus, Status
 
 log = structlog.get_logger("supervisor.daemon")
-
-
-@dataclass
-class Predecessor:
-    """What the image before an in-place upgrade left to this one."""
-
-    control: socket.socket | None  # None: lost in the handover, bound anew
-    clients: list[tuple[ClientDoc, int]]  # each with its connection's fd
-    pending: list[ClientDoc]  # reloads without a client
-    started_at: float
-    requested_at: float
-    upgrades: int
-    software: str
-    last_reload: str | None
-    watch_seen: dict[str, dict[str, str | None]] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)  # metrics.Tally.export()
-    metrics_sock: socket.socket | None = None
-    stopped: dict[str, Stopped] = field(default_factory=dict)
-
-
-@dataclass
-class UpgradeRun:
-    """The upgrade under way: who asked, and the reloads that wait for it."""
-
-    callers: list[Upgrade]
-    parked: list[Reload] = field(default_factory=list)
-    requested_at: float = field(default_factory=monotonic)
 
 
 class Daemon:
@@ -113,11 +88,12 @@ class Daemon:
         self.notifier = notifier or SystemdNotifier(None)
         self.store = store
         self.handed = handed
-        self._last_reload: str | None = None if handed is None else handed.last_reload
+        before = None if handed is None else handed.document
+        self._last_reload: str | None = None if before is None else before.last_reload
         self._reloaded = trio.Event()  # set (and replaced) after every reload
         self.config_path = config_path
         self._caps = caps
-        self.tally = metrics.Tally() if handed is None else metrics.Tally.restore(handed.metrics)
+        self.tally = metrics.Tally() if before is None else metrics.Tally.restore(before.metrics)
         self._env = ServiceEnv(
             spawner, self.capabilities, store=store, on_rollout=self.tally.rollout
         )
@@ -130,11 +106,11 @@ class Daemon:
             if name not in self.stopped
         }
         self._send, self._receive = trio.open_memory_channel[Request](128)
-        self.started_at = monotonic() if handed is None else handed.started_at
-        self.upgrades = 0 if handed is None else handed.upgrades
+        self.started_at = monotonic() if before is None else before.started_at
+        self.upgrades = 0 if before is None else before.upgrades
         self.last_upgrade: dict[str, Any] | None = None
         self.watch_seen: dict[str, dict[str, str | None]] = (
-            {} if handed is None else handed.watch_seen
+            {} if before is None else {k: dict(v) for k, v in before.watch_seen.items()}
         )
         self._ready = False  # every service's first generation is serving
         self._services_nursery: trio.Nursery | None = None
@@ -338,8 +314,6 @@ class Daemon:
     async def _serve_services(
         self, startup: trio.CancelScope, root: trio.Nursery
     ) -> Shutdown | None:
-        from supervisor.daemon import handover  # noqa: PLC0415  (it builds on this module)
-
         shutdown: Shutdown | None = None
         async with trio.open_nursery() as services:
             self._services_nursery = services
@@ -375,8 +349,6 @@ class Daemon:
         """Take requests one at a time. A reload runs as its own task (services
         serialize their rollouts), so the loop stays free to take the next;
         while an upgrade runs, reloads wait for it."""
-        from supervisor.daemon import handover  # noqa: PLC0415
-
         async for request in self._receive:
             if isinstance(request, Shutdown):
                 log.info("shutdown_requested", source=request.source)
@@ -575,6 +547,46 @@ class Daemon:
 
     def send_nowait(self, request: Request) -> None:
         self._send.send_nowait(request)
+
+    def export(
+        self,
+        ledger: Ledger,
+        requested_at: float,
+        clients: list[ClientDoc],
+        pending: list[ClientDoc],
+    ) -> DaemonDoc:
+        """The whole daemon as the state document, with the upgrade's waiting
+        ``clients`` and ``pending`` reloads; every fd goes in ``ledger``."""
+        assert self.control_sock is not None
+        metrics_sock = self.metrics_sock
+        services = [svc.export(ledger) for svc in self.services.values()]
+        return DaemonDoc(
+            software=__version__,
+            config_path=str(self.config_path),
+            supervisor=self.config.supervisor.model_dump(mode="json"),
+            control=ledger.put("control", self.control_sock.fileno()),
+            metrics_socket=None
+            if metrics_sock is None
+            else ledger.put("metrics", metrics_sock.fileno()),
+            started_at=self.started_at,
+            upgrade_requested_at=requested_at,
+            upgrades=self.upgrades + 1,
+            services=services,
+            clients=clients,
+            pending=pending,
+            watch_seen=self.watch_seen,
+            last_reload=self.last_reload,
+            metrics=self.tally.export(),
+            stopped={name: off.export() for name, off in self.stopped.items()},
+            ledger=ledger.entries(),
+        )
+
+    def adopted(self) -> list[TakeoverSummary]:
+        return [svc.inherited for svc in self.services.values() if svc.inherited is not None]
+
+    def upgraded(self, result: dict[str, Any]) -> None:
+        self.last_upgrade = result
+        self.tally.upgrades += 1
 
     async def _on_signal(self, startup: trio.CancelScope, request: Request) -> None:
         if isinstance(request, Shutdown) and not self._ready:

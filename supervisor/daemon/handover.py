@@ -17,28 +17,87 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 import trio
 
 from supervisor import __version__
 from supervisor.control import protocol
-from supervisor.control.requests import Reload, Reply, Upgrade
+from supervisor.control.requests import Reload, Reply, Request, Upgrade
+from supervisor.control.server import ControlServer
 from supervisor.daemon import signals, upgrade
+from supervisor.daemon.switch import Stopped
+from supervisor.daemon.systemd import SystemdNotifier
 from supervisor.errors import UpgradeRefused
 from supervisor.handoff import state
 from supervisor.handoff.ledger import Ledger
 from supervisor.handoff.state import ClientDoc, DaemonDoc
 from supervisor.reports import Adopted, UpgradeResult
-
-if TYPE_CHECKING:
-    from supervisor.daemon.daemon import Daemon, UpgradeRun
+from supervisor.serve.service import TakeoverSummary
 
 log = structlog.get_logger("supervisor.daemon.handover")
 
 FORWARD_PASSES = 5
+
+
+@dataclass
+class Predecessor:
+    """What the image before an in-place upgrade left to this one: its state
+    document, and what this image took from the document's ledger for itself."""
+
+    document: DaemonDoc
+    control: socket.socket | None  # None: lost in the handover, bound anew
+    metrics_sock: socket.socket | None
+    clients: list[tuple[ClientDoc, int]]  # each with its connection's fd
+    stopped: dict[str, Stopped] = field(default_factory=dict)
+
+
+@dataclass
+class UpgradeRun:
+    """The upgrade under way: who asked, and the reloads that wait for it."""
+
+    callers: list[Upgrade]
+    parked: list[Reload] = field(default_factory=list)
+    requested_at: float = field(default_factory=upgrade.monotonic)
+
+
+class UpgradeHost(Protocol):
+    """What an upgrade needs of the daemon, before the exec and after it."""
+
+    upgrade: UpgradeRun | None
+    control: ControlServer | None
+    notifier: SystemdNotifier
+    handed: Predecessor | None  # in the new image: what the old one left
+
+    def busy(self) -> bool: ...
+
+    async def reloads_finished(self) -> None: ...
+
+    def take_waiting(self) -> list[Request]: ...
+
+    def send_nowait(self, request: Request) -> None: ...
+
+    def start_reload(self, root: trio.Nursery, request: Reload) -> None: ...
+
+    def summary(self) -> str: ...
+
+    def export(
+        self,
+        ledger: Ledger,
+        requested_at: float,
+        clients: list[ClientDoc],
+        pending: list[ClientDoc],
+    ) -> DaemonDoc:
+        """The whole daemon as the state document; every fd goes in ``ledger``."""
+
+    def adopted(self) -> list[TakeoverSummary]:
+        """What each service took over at this image's start."""
+
+    def upgraded(self, result: dict[str, Any]) -> None:
+        """Record a finished upgrade (for ``status`` and the metrics)."""
 
 
 def _tell(run: UpgradeRun, message: dict[str, Any]) -> None:
@@ -68,7 +127,7 @@ def park(run: UpgradeRun, request: Reload) -> None:
             request.reply.send_nowait(protocol.progress("waiting for the upgrade under way"))
 
 
-async def run_upgrade(daemon: Daemon, root: trio.Nursery) -> None:
+async def run_upgrade(daemon: UpgradeHost, root: trio.Nursery) -> None:
     """Upgrade ``daemon`` in place; returns only if the upgrade was refused."""
     run = daemon.upgrade
     assert run is not None
@@ -127,7 +186,7 @@ async def _signals_forwarded() -> None:
         await trio.lowlevel.checkpoint()
 
 
-def _absorb(daemon: Daemon, run: UpgradeRun) -> None:
+def _absorb(daemon: UpgradeHost, run: UpgradeRun) -> None:
     """Requests that reached the channel but not the loop yet: theirs is this upgrade."""
     for request in daemon.take_waiting():
         if isinstance(request, Upgrade):
@@ -138,10 +197,9 @@ def _absorb(daemon: Daemon, run: UpgradeRun) -> None:
             daemon.send_nowait(request)
 
 
-def export(daemon: Daemon, run: UpgradeRun, *, with_clients: bool = True) -> DaemonDoc:
-    """The whole daemon as the state document (services idle: no rollout runs).
-    Every fd that crosses goes in one ledger, and the document names it."""
-    assert daemon.control_sock is not None
+def export(daemon: UpgradeHost, run: UpgradeRun, *, with_clients: bool = True) -> DaemonDoc:
+    """The state document: the daemon's, with the run's waiting clients
+    (services idle: no rollout runs). Every fd goes in one ledger."""
     ledger = Ledger()
     clients: list[ClientDoc] = []
     pending: list[ClientDoc] = []
@@ -166,39 +224,17 @@ def export(daemon: Daemon, run: UpgradeRun, *, with_clients: bool = True) -> Dae
                 source=request.source,
             )
             (clients if request.connection is not None else pending).append(item)
-    metrics_sock = daemon.metrics_sock
-    services = [svc.export(ledger) for svc in daemon.services.values()]
-    return DaemonDoc(
-        software=__version__,
-        config_path=str(daemon.config_path),
-        supervisor=daemon.config.supervisor.model_dump(mode="json"),
-        control=ledger.put("control", daemon.control_sock.fileno()),
-        metrics_socket=None
-        if metrics_sock is None
-        else ledger.put("metrics", metrics_sock.fileno()),
-        started_at=daemon.started_at,
-        upgrade_requested_at=run.requested_at,
-        upgrades=daemon.upgrades + 1,
-        services=services,
-        clients=clients,
-        pending=pending,
-        watch_seen=daemon.watch_seen,
-        last_reload=daemon.last_reload,
-        metrics=daemon.tally.export(),
-        stopped={name: off.export() for name, off in daemon.stopped.items()},
-        ledger=ledger.entries(),
-    )
+    return daemon.export(ledger, run.requested_at, clients, pending)
 
 
-def finish(daemon: Daemon, root: trio.Nursery) -> None:
+def finish(daemon: UpgradeHost, root: trio.Nursery) -> None:
     """In the new image, every service adopted: answer the upgrade's callers, then
     carry out the reloads that waited for it."""
     handed = daemon.handed
     assert handed is not None
     assert daemon.control is not None
-    result = _result(daemon).wire()
-    daemon.last_upgrade = result
-    daemon.tally.upgrades += 1
+    result = _result(handed.document, daemon.adopted()).wire()
+    daemon.upgraded(result)
     log.info("upgrade_finished", **result)
     for client, fd in handed.clients:
         if client.command == "upgrade":
@@ -208,7 +244,7 @@ def finish(daemon: Daemon, root: trio.Nursery) -> None:
     for client, fd in handed.clients:
         if client.command != "upgrade":
             daemon.control.adopt(fd, partial(_reload_for, client))
-    for client in handed.pending:
+    for client in handed.document.pending:
         # Started here, not sent on the request channel: nothing reads it yet,
         # and it is bounded.
         daemon.start_reload(root, _reload_for(client, None))
@@ -220,15 +256,12 @@ def _reload_for(client: ClientDoc, reply: Reply | None) -> Reload:
     return Reload(client.source, client.service, client.reason, reply, keep_config=restart)
 
 
-def _result(daemon: Daemon) -> UpgradeResult:
-    handed = daemon.handed
-    assert handed is not None
-    took = [svc.inherited for svc in daemon.services.values() if svc.inherited is not None]
+def _result(document: DaemonDoc, took: list[TakeoverSummary]) -> UpgradeResult:
     return UpgradeResult(
-        from_version=handed.software,
+        from_version=document.software,
         to_version=__version__,
         pid=os.getpid(),
-        duration=round(upgrade.monotonic() - handed.requested_at, 4),
+        duration=round(upgrade.monotonic() - document.upgrade_requested_at, 4),
         adopted=Adopted(
             services=len(took),
             listeners=sum(t.listeners for t in took),

@@ -41,7 +41,8 @@ from supervisor.config.loader import (
 from supervisor.config.schema import Config, ServiceConfig, SupervisorSection
 from supervisor.control import completion
 from supervisor.daemon import signals, upgrade
-from supervisor.daemon.daemon import Daemon, Predecessor
+from supervisor.daemon.daemon import Daemon
+from supervisor.daemon.handover import Predecessor
 from supervisor.daemon.switch import Stopped
 from supervisor.daemon.systemd import SystemdNotifier
 from supervisor.errors import ConfigError, FdLost, StateError, SupervisorError
@@ -283,7 +284,7 @@ def _check_state(fd: int) -> int:
     """``--check --state-fd``: can this code take over from that document?
 
     Also imports every module of the package: the new image imports some of
-    them only later (the handover once it has adopted, tls at a reload), and
+    them only later (the metrics exposition at the first scrape, tls at a reload), and
     a broken one found there costs everything the exec put at stake.
     """
     broken = _import_everything()
@@ -350,21 +351,14 @@ def _continue_upgrade(fd: int) -> None:
         for svc in document.services
     }
     handed = Predecessor(
+        document=document,
         control=_taken(document.control, ledger.take_socket),
+        metrics_sock=_taken(document.metrics_socket, ledger.take_socket),
         clients=[
             (client, taken)
             for client in document.clients
             if (taken := _taken(client.connection, ledger.take_fd)) is not None
         ],
-        pending=list(document.pending),
-        started_at=document.started_at,
-        requested_at=document.upgrade_requested_at,
-        upgrades=document.upgrades,
-        software=document.software,
-        last_reload=document.last_reload,
-        watch_seen={k: dict(v) for k, v in document.watch_seen.items()},
-        metrics=dict(document.metrics),
-        metrics_sock=_taken(document.metrics_socket, ledger.take_socket),
         stopped=stopped,
     )
     if untaken := ledger.close_untaken():

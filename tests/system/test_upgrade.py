@@ -293,9 +293,10 @@ runpy.run_module("supervisor.daemon", run_name="__main__")
 def test_a_new_install_with_a_module_that_does_not_import_is_refused(
     start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
-    # The new image imports the handover only once it has adopted everything:
-    # a syntax error there once passed the check, and the exec'd image then
-    # crashed with every listener (10 of 10 new connections refused).
+    # A module the new image imports only later (the metrics exposition, at
+    # the first scrape). The handover once was one: a syntax error there passed
+    # the check, and the exec'd image then crashed with every listener (10 of
+    # 10 new connections refused).
     root = tmp_path / "install"
     shutil.copytree(
         Path(supervisor.__file__).parent, root / "supervisor",
@@ -307,14 +308,14 @@ def test_a_new_install_with_a_module_that_does_not_import_is_refused(
     port = free_port()
     daemon = start_daemon(web(port, workers=2), entry=[str(entry)])
     workers = daemon.worker_pids()
-    handover = root / "supervisor" / "daemon" / "handover.py"
-    handover.write_text(handover.read_text() + "\ndef broken(:\n")
+    later = root / "supervisor" / "observe" / "exposition.py"
+    later.write_text(later.read_text() + "\ndef broken(:\n")
     with Load(port, threads=4, duration=60, max_connections=20_000) as load:
         wait_until(load.answered, 15, "the load to be answered")
         refused = daemon.upgrade()
     assert not refused.ok, refused.answer
     reason = refused.answer["reasons"][0]
-    assert "module supervisor.daemon.handover does not import: SyntaxError" in reason, reason
+    assert "module supervisor.observe.exposition does not import: SyntaxError" in reason, reason
     assert daemon.proc.poll() is None
     assert daemon.worker_pids() == workers
     assert load.result.failed == 0, (load.result.failures, load.result.examples)
