@@ -6,16 +6,18 @@ module imports only from its own folder or from a folder below it;
 
 - ``daemon/``: the process. Wiring and entry points: the command line and the
   three ways to start (``startup``), the daemon and its reload queue, the
-  in-place upgrade (``upgrade``, ``handover``) and what a start takes over
-  (``inherit``), systemd's notify protocol, signals, man pages.
+  in-place upgrade (``upgrade``, and ``handover``, its sequencing against a
+  small protocol), systemd's notify protocol, signals, man pages.
 - ``control/``: the operator's side. Requests in, snapshots out: the control
   socket and its protocol, access checks, watched files, ``supervisorctl``.
 - ``observe/``: what the daemon tells. Metrics and their exposition over
   HTTP, certificate expiry, logs.
 - ``serve/``: the running services (trio). A service rolls out generations
-  of workers on listeners, health-checks them, cuts over and retires.
-- ``handoff/``: what crosses an exec or a crash: the state document and
-  systemd's fd store. Shapes and fds only.
+  of workers on listeners, health-checks them, cuts over and retires; it
+  exports itself for an upgrade and takes over at start (``inherit``).
+- ``handoff/``: what crosses an exec or a crash: the state document, the
+  ledger of every fd that crosses, by name, and systemd's fd store. Shapes
+  and fds only.
 - ``plan/``: what a reload will do, decided once (pure): the plan, and the
   kernel's capabilities it is decided on.
 - ``config/``: what was asked (pure): the schema, loading and placeholders,
