@@ -21,7 +21,7 @@ import contextlib
 import errno
 import os
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -32,8 +32,10 @@ from supervisor.errors import (
     AdoptionKind,
     AdoptionProblem,
     FdLost,
+    KernelError,
     SteeringError,
     SupervisorError,
+    translated,
 )
 from supervisor.handoff.fdstore import FdStore, StoredFd
 from supervisor.handoff.ledger import Ledger, socket_problem
@@ -45,6 +47,7 @@ from supervisor.plan.plan import FIRST_LISTEN_FD
 from supervisor.serve.lifecycle import WorkerState
 from supervisor.serve.listener import AdoptedListener, Listener
 from supervisor.serve.output import Pipe
+from supervisor.serve.retire import Retirement, shut_down
 from supervisor.serve.worker import AdoptedWorker
 from supervisor.steering import Role, Steering, SteeringGroup
 from supervisor.steering.discover import socks_order
@@ -133,7 +136,9 @@ def from_upgrade(state: ServiceDoc, config: ServiceConfig, ledger: Ledger) -> Ta
             )
             found.repair = True
             continue
-        found.listeners[(address, lst.worker)] = AdoptedListener(sock, lst.name, lst.cookie)
+        found.listeners[(address, lst.worker)] = AdoptedListener(
+            sock, lst.name, lst.cookie, lst.worker
+        )
     for group in state.groups:
         address = parse_listen(group.address)
         found.groups[address] = AdoptedSteering(
@@ -265,7 +270,7 @@ def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> 
             with contextlib.suppress(OSError):
                 os.close(item.fd)
             continue
-        inherited = AdoptedListener(sock, item.name, socket_cookie(sock))
+        inherited = AdoptedListener(sock, item.name, socket_cookie(sock), item.worker or 0)
         key = (address, item.worker or 0)
         gen = item.generation or 0
         slots = by_slot if key[1] < config.workers else extra
@@ -457,35 +462,50 @@ def _drop(
         item.sock.close()
 
 
+@contextlib.contextmanager
+def _problem(result: Retirement, step: str) -> Iterator[None]:
+    try:
+        yield
+    except SupervisorError as exc:
+        result.problem(step, exc)
+
+
 def retire_leftovers(
     steering: Steering, found: Takeover, store: FdStore, *, migrates: bool
 ) -> list[str]:
     """Shut down what was inherited and not taken (another generation's listeners,
     an address or worker the config no longer has), now that the new
-    generation serves: the kernel migrates their queues to its active
-    listeners where it can (``migrates``), and resets them where it cannot.
-    Returns a line for each, with what it cost."""
+    generation serves, as a retirement shuts down an old generation's
+    listeners (``retire.shut_down``): the kernel migrates their queues to
+    its active listeners where it can (``migrates``), and resets them where
+    it cannot. Returns a line for each, with what it cost."""
     groups = dict(steering.items())
+    result = Retirement(path="migrate" if migrates else "drain", why="inherited, not taken")
     lines = []
     for address, item in found.leftovers:
         if item.sock.fileno() < 0:
             continue
         group = groups.get(address)
         queued, moved = 0, False
-        try:
-            if group is not None and group.role(item.sock) is not None:
-                lst = Listener(-1, address, item.sock, item.cookie, group, item.name, store)
-                queued, moved = lst.queued(), migrates and lst.active_peers() > 0
-                lst.shutdown() if lst.tcp else lst.discard()
-            else:  # an address no longer served: nothing can take its queue
+        if group is not None and group.role(item.sock) is not None:
+            lst = Listener(item.worker, address, item.sock, item.cookie, group, item.name, store)
+            moved = migrates and lst.active_peers() > 0
+            if lst.tcp:
+                queued = shut_down(lst, result)
+            else:
+                with _problem(result, f"close of {address} ({item.name})"):
+                    lst.discard()
+        else:  # an address no longer served: nothing can take its queue
+            with _problem(result, f"shutdown of {address} ({item.name})"):
                 if address.proto == "tcp":
                     queued = accept_queue(item.sock).queued
-                    item.sock.shutdown(socket.SHUT_RDWR)
-                store.drop(item.name)
-        except (SupervisorError, OSError) as exc:  # seam: a leftover socket's shutdown, noted
-            found.note("shutdown_failed", f"{item.name}: could not be shut down: {exc}")
+                    with translated(KernelError, "shutdown"):
+                        item.sock.shutdown(socket.SHUT_RDWR)
+            store.drop(item.name)
         item.sock.close()
         fate = "moved to the new listeners" if moved else "reset: nothing can take them here"
         lines.append(f"{item.name}: {queued} queued connection(s) {fate}" if queued else item.name)
         log.info("inherited_listener_retired", name=item.name, queued=queued, moved=moved)
+    for problem in result.problems:
+        found.note("shutdown_failed", problem)
     return lines

@@ -164,6 +164,7 @@ class AdoptedListener:
     sock: socket.socket
     name: str
     cookie: int
+    worker: int  # the slot it served
 
 
 def open_listeners(

@@ -120,7 +120,7 @@ async def retire(
     stopping_from, ran = trio.current_time(), thread_schedstat()
     await old.signal_stop()
     for lst in tcp:
-        _shut_down(lst, result)
+        shut_down(lst, result)
     result.drained = result.queued_at_cutover - min(
         result.left_at_shutdown, result.queued_at_cutover
     )
@@ -157,9 +157,11 @@ def _refuse_migrations(tcp: list[Listener], result: Retirement) -> None:
         )
 
 
-def _shut_down(lst: Listener, result: Retirement) -> None:
+def shut_down(lst: Listener, result: Retirement) -> int:
     """Shut ``lst`` down; if the kernel refuses, its workers' exit and our close
-    take it out of the group instead (its queue migrates then, where it can)."""
+    take it out of the group instead (its queue migrates then, where it can).
+    Returns how many connections were still queued on it. Also what retires
+    a listener a start took over and no slot took (``inherit``)."""
     left = _queued(lst, result, "accept queue at shutdown")
     result.left_at_shutdown += left
     if left and not lst.active_peers():
@@ -171,6 +173,7 @@ def _shut_down(lst: Listener, result: Retirement) -> None:
         lst.shutdown()
     except SupervisorError as exc:
         result.problem(f"shutdown of {lst.address} (cookie {lst.cookie})", exc)
+    return left
 
 
 async def _until_stable(done: Callable[[], bool], deadline: float) -> bool:
