@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib
 import os
@@ -214,17 +213,27 @@ def _serve(make: Callable[[], Daemon]) -> None:
 def _recover(
     config: Config, stored: Sequence[fdstore.StoredFd], store: fdstore.FdStore
 ) -> dict[str, inherit.Takeover]:
-    """What systemd's fd store handed back, sorted by service; the rest is closed."""
+    """What systemd's fd store handed back, sorted by service; what no service
+    takes (a service the config no longer has, a name not ours) is closed
+    and removed from the store."""
     if not stored:
         return {}
     inherit.log.info("fd_store_received", names=[item.name for item in stored])
-    out = {name: inherit.from_store(name, svc, stored) for name, svc in config.services.items()}
+    unique: dict[str, fdstore.StoredFd] = {}
     for item in stored:
-        if item.service not in config.services:
-            store.drop(item.name)
-            with contextlib.suppress(OSError):
-                os.close(item.fd)
-            inherit.log.warning("stored_fd_closed", name=item.name, reason="no such service")
+        if item.name in unique:  # the store keeps fds by inode, not by name
+            os.close(item.fd)
+            inherit.log.warning("stored_fd_closed", name=item.name, reason="a second of that name")
+        else:
+            unique[item.name] = item
+    ledger = Ledger.stored({name: item.fd for name, item in unique.items()})
+    out = {
+        name: inherit.from_store(name, svc, list(unique.values()), ledger)
+        for name, svc in config.services.items()
+    }
+    for name in ledger.close_untaken():
+        store.drop(name)
+        inherit.log.warning("stored_fd_closed", name=name, reason="no service takes it")
     return {name: found for name, found in out.items() if found.listeners or found.leftovers}
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from supervisor.errors import FdLost, SupervisorError
 from supervisor.handoff.state import FdDoc
@@ -67,17 +67,9 @@ class Ledger:
         return ledger
 
     @classmethod
-    def stored(cls, items: Iterable[tuple[str, int]]) -> Ledger:
-        """What systemd's fd store handed back (systemd vouches for each fd).
-        Of two under one name the first is kept; the second is closed."""
-        ledger = cls()
-        for name, fd in items:
-            if name in ledger._fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-                continue
-            ledger._fds[name] = fd
-        return ledger
+    def stored(cls, items: Mapping[str, int]) -> Ledger:
+        """What systemd's fd store handed back, by name (systemd vouches for each fd)."""
+        return cls(items)
 
     def lost(self) -> dict[str, str]:
         """The names whose fd did not cross, and why."""

@@ -245,7 +245,9 @@ def _from_worker(
 # --- systemd's fd store, after a crash or a restart ---------------------------------
 
 
-def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> Takeover:
+def from_store(
+    name: str, config: ServiceConfig, stored: Sequence[StoredFd], ledger: Ledger
+) -> Takeover:
     """Sort what the store kept for service ``name``: one listener per (address,
     worker) of the config is taken, the rest retire once the new workers serve.
 
@@ -253,7 +255,8 @@ def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> 
     newer generation's: after a crash in the middle of a rollout the
     candidate's listeners were never promoted and are empty, while the serving
     generation's queued what came during the outage. Where retirement cannot
-    migrate, the one not taken resets what it holds.
+    migrate, the one not taken resets what it holds. ``stored`` says what each
+    name is; the sockets are taken from ``ledger``, by name.
     """
     mine = [s for s in stored if s.service == name]
     generations = [s.generation for s in mine if s.generation is not None]
@@ -263,12 +266,17 @@ def from_store(name: str, config: ServiceConfig, stored: Sequence[StoredFd]) -> 
     by_slot: dict[tuple[ListenAddress, int], tuple[int, AdoptedListener]] = {}
     extra: dict[tuple[ListenAddress, int], tuple[int, AdoptedListener]] = {}
     for item in (s for s in mine if s.is_listener):
-        sock = _socket(item.fd, None)
-        address = None if sock is None else address_of(sock)
-        if sock is None or address is None:
-            found.note("not_a_socket", f"fd store: {item.name} is not a socket: closed")
+        try:
+            sock = ledger.take_socket(item.name)
+        except FdLost as lost:  # systemd vouches the fd is ours: close it
+            found.note("not_a_socket", f"fd store: {lost}: closed")
             with contextlib.suppress(OSError):
                 os.close(item.fd)
+            continue
+        address = address_of(sock)
+        if address is None:
+            found.note("not_a_socket", f"fd store: {item.name} is not a listener: closed")
+            sock.close()
             continue
         inherited = AdoptedListener(sock, item.name, socket_cookie(sock), item.worker or 0)
         key = (address, item.worker or 0)

@@ -22,8 +22,10 @@ import pytest
 
 from supervisor.config.loader import parse_config
 from supervisor.config.schema import ServiceConfig
+from supervisor.daemon import startup
 from supervisor.errors import FdLost, StateError
 from supervisor.handoff import state
+from supervisor.handoff.fdstore import NO_STORE, listener_name, parse_name
 from supervisor.handoff.ledger import Ledger
 from supervisor.handoff.state import DaemonDoc, GroupDoc, ListenerDoc, ServiceDoc, WorkerDoc
 from supervisor.kernel import fds
@@ -356,3 +358,34 @@ def test_a_document_of_an_unknown_version_is_refused_by_name(image: Image) -> No
         state.decode(b'{"version": 1, "services": "none"}')
     with pytest.raises(StateError):
         state.decode(b"\xff not json")
+
+
+def test_the_fd_store_s_fds_go_to_their_service_by_name_and_the_rest_is_closed() -> None:
+    """After a crash: systemd hands fds back by name. The service's listener is
+    taken, a stored fd that is no socket and one of a service the config no
+    longer has are closed, and so is a second fd under a name already seen."""
+    web = socket.create_server(("127.0.0.1", 0), reuse_port=True)
+    gone = socket.create_server(("127.0.0.1", 0))
+    twin = socket.create_server(("127.0.0.1", 0))
+    a, b = os.pipe()
+    address = parse_listen(f"127.0.0.1:{web.getsockname()[1]}")
+    name = listener_name("web", 3, 0, address)
+    stored = [
+        parse_name(name, web.detach()),
+        parse_name(name, twin.detach()),
+        parse_name(listener_name("web", 3, 1, address), a),
+        parse_name(listener_name("gone", 1, 0, address), gone.detach()),
+    ]
+    config = parse_config(f'[services.web]\ncommand = ["x"]\nlisten = ["{address}"]\nworkers = 1\n')
+    found = startup._recover(config, stored, NO_STORE)["web"]
+    try:
+        assert list(found.listeners) == [(address, 0)]
+        assert found.generation == 4, "the next generation after the newest stored"
+        assert _kinds(found) == ["not_a_socket"], found.problems
+        assert fds.identity(a) is None, "a stored fd that is no socket is closed"
+        assert fds.identity(stored[1].fd) is None, "the second of one name is closed"
+        assert fds.identity(stored[3].fd) is None, "a service the config lacks: closed"
+    finally:
+        for item in found.listeners.values():
+            item.sock.close()
+        os.close(b)
