@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -30,6 +31,9 @@ from supervisor.serve.retire import retire
 from supervisor.serve.spawner import Spawner
 from supervisor.steering import Role, Steering
 from supervisor.text import printable
+
+if TYPE_CHECKING:
+    from supervisor.config import tls
 
 log = structlog.get_logger("supervisor.serve.rollout")
 _MAX_OUTPUT = 4000
@@ -59,16 +63,30 @@ class Ticket:
 
 
 class Stage:
-    """Where a service's rollout stands, for ``status``: the generations that
-    are neither simply serving nor gone. Waitable, like ``Watched``."""
+    """Where a service stands: the generation serving, the config it runs and
+    the certificate it serves, and the generations that are neither simply
+    serving nor gone. Rollouts write it as they go, the service and
+    ``status`` read it: nothing calls back up. Waitable, like ``Watched``."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: ServiceConfig) -> None:
+        self.serving: Generation | None = None
+        self.config = config  # as asked (a start may run more workers: keep_queued)
+        self.certificate: tls.Served | None = None  # read when it began to serve
         self.candidate: Generation | None = None  # started; not yet promoted
         self.retiring: Generation | None = None  # promoted away from; not yet reaped
         self._changed = trio.Event()
 
+    def serve(self, generation: Generation, config: ServiceConfig) -> None:
+        """``generation`` serves now, with ``config`` (a start, or a cutover)."""
+        self.serving, self.config = generation, config
+        self.certificate = _served(config)
+        self._wake()
+
     def set(self, candidate: Generation | None, retiring: Generation | None) -> None:
         self.candidate, self.retiring = candidate, retiring
+        self._wake()
+
+    def _wake(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
@@ -99,9 +117,8 @@ class RolloutContext:
     spawner: Spawner
     current: Generation
     generation: int  # the number the candidate will get
-    capabilities: Callable[[], Capabilities]
-    stage: Stage = field(default_factory=Stage)
-    promoted: Callable[[Generation, ServiceConfig], None] = lambda _g, _c: None
+    capabilities: Capabilities  # what the plan decides on, if the snapshot was not judged
+    stage: Stage  # where the service stands: the rollout writes it as it goes
     store: FdStore = NO_STORE  # the candidate's listeners are kept there too
 
 
@@ -126,7 +143,7 @@ async def run_rollout(
         return report
 
     service = snapshot.config
-    caps = snapshot.capabilities or ctx.capabilities()
+    caps = snapshot.capabilities or ctx.capabilities
     plan = plan_rollout(ctx.current.plan, service, ctx.generation, caps)
     timer.lap("validate")
     if service.preflight:
@@ -197,7 +214,7 @@ async def _cut_over(
         with trio.CancelScope(shield=True):
             await candidate.stop()
         raise
-    ctx.promoted(candidate, plan.candidate.config)
+    ctx.stage.serve(candidate, plan.candidate.config)
     ctx.stage.set(None, old)
     timer.lap("cutover")
     say(f"cutover: generation {candidate.number} takes every new connection")
@@ -319,3 +336,11 @@ async def run_preflight(spawner: Spawner, plan: ServicePlan) -> None:
             describe_exit(done.returncode),
             printable(done.output[-_MAX_OUTPUT:], lines=True),
         )
+
+
+def _served(config: ServiceConfig) -> tls.Served | None:
+    if config.tls is None:
+        return None
+    from supervisor.config import tls  # noqa: PLC0415  (only with [tls]: see tls.py)
+
+    return tls.served(config.tls.cert)

@@ -103,17 +103,14 @@ class Service:
     ) -> None:
         self.name = name
         self._first_generation = first_generation
-        self.config = config
         self._env = env
         self._inheritance = inheritance
-        self.current: Generation | None = None
-        self.stage = Stage()
+        self.stage = Stage(config)
         backend = env.capabilities().steering
         self.steering = Steering(backend, env.groups)
         self.last_generation = 0
         self.last_rollout: RolloutReport | None = None
         self.inherited: TakeoverSummary | None = None  # what the start took over
-        self.certificate: tls.Served | None = None  # what the serving generation loaded
         self._preserve = False
         self._rolling_out = False
         self._busy = Watched(False)  # a rollout runs or waits
@@ -128,6 +125,21 @@ class Service:
         listeners (and steering) to systemd's fd store for the next daemon."""
         self._preserve = self._preserve or preserve
         self._stop_requested.set()
+
+    @property
+    def current(self) -> Generation | None:
+        """The generation serving (None before the first one serves)."""
+        return self.stage.serving
+
+    @property
+    def config(self) -> ServiceConfig:
+        """The config the serving generation runs (before it: the one to start)."""
+        return self.stage.config
+
+    @property
+    def certificate(self) -> tls.Served | None:
+        """The certificate the serving generation loaded (read when it began to serve)."""
+        return self.stage.certificate
 
     def request_rollout(self, snapshot: ValidatedConfig, reason: str | None = None) -> Ticket:
         """Queue a rollout to ``snapshot``; it shares the next one to start (never
@@ -192,8 +204,9 @@ class Service:
                 handovers=None if found is None else found.handovers,
                 keep_if_failed=found is not None,
             )
-            self.current = await nursery.start(run_generation, spec)
-            self.certificate = _served(self.config)
+            # No local name for it: this frame lives as long as the service,
+            # and would keep the generation alive after it retires.
+            self.stage.serve(await nursery.start(run_generation, spec), self.config)
             if found is not None:
                 self._took_over(found)
             task_status.started()
@@ -204,7 +217,9 @@ class Service:
                 rollouts.cancel_scope.cancel()
             # A rollout cut short may leave a candidate: stop every generation.
             nursery.cancel_scope.deadline = trio.current_time() + self.config.stop_timeout + 5
-            await self.current.stop(preserve=self._preserve)
+            serving = self.current
+            assert serving is not None
+            await serving.stop(preserve=self._preserve)
             nursery.cancel_scope.cancel()
 
     def export(self, ledger: Ledger) -> ServiceDoc:
@@ -288,9 +303,8 @@ class Service:
             spawner=self._env.spawner,
             current=self.current,
             generation=self.last_generation,
-            capabilities=self._env.capabilities,
+            capabilities=self._env.capabilities(),
             stage=self.stage,
-            promoted=self._promoted,
             store=self._env.store,
         )
 
@@ -326,11 +340,6 @@ class Service:
         log.info("rollout_finished", **report.model_dump())
         for ticket in tickets:
             ticket.finish(report)
-
-    def _promoted(self, generation: Generation, config: ServiceConfig) -> None:
-        """The cutover happened: ``generation`` serves, with ``config``."""
-        self.current, self.config = generation, config
-        self.certificate = _served(config)
 
     def _refused(self, why: str) -> RolloutReport:
         current = None if self.current is None else self.current.number
@@ -385,14 +394,6 @@ class Service:
             certificate=_certificate(self.certificate),
             last_rollout=None if last is None else last.model_dump(),
         )
-
-
-def _served(config: ServiceConfig) -> tls.Served | None:
-    if config.tls is None:
-        return None
-    from supervisor.config import tls  # noqa: PLC0415  (only with [tls]: see tls.py)
-
-    return tls.served(config.tls.cert)
 
 
 def _certificate(served: tls.Served | None) -> CertificateStatus | None:
