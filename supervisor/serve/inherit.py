@@ -348,15 +348,20 @@ async def take_steering(
 ) -> None:
     """Put every inherited socket in its group's model before the generation starts:
     adopt the group's eBPF objects (or replace them), or its classic order
-    (carried, or learned from the kernel). A socket that cannot be modelled is
-    closed and reported. Leftovers on an address the config no longer has
-    get no group: they are shut down once the generation serves."""
+    (carried, or learned from the kernel). This is the one place that decides
+    which inherited socket is a member; the generation then only gives
+    members their role. A socket that cannot be modelled is closed, reported
+    and no longer inherited (its slot binds a new one). Leftovers on an
+    address the config no longer has get no group: they are shut down once
+    the generation serves."""
     for address in _addresses(found) & set(config.listen):
         members = [i for (a, _), i in found.listeners.items() if a == address]
         leftovers = [i for a, i in found.leftovers if a == address]
         handover = found.groups.get(address, AdoptedSteering())
         if steering.backend == "ebpf":
-            await _take_ebpf(steering, address, [*members, *leftovers], handover, found=found)
+            await _take_ebpf(
+                steering, address, [*members, *leftovers], handover, found=found, store=store
+            )
         else:
             _take_cbpf(
                 steering, address, members, leftovers, handover=handover, found=found, store=store
@@ -373,6 +378,7 @@ async def _take_ebpf(
     handover: AdoptedSteering,
     *,
     found: Takeover,
+    store: FdStore,
 ) -> None:
     socks = [i.sock for i in inherited]
     if handover.ebpf is not None:
@@ -384,8 +390,7 @@ async def _take_ebpf(
                 f"the steering of {address} could not be taken over ({exc}): made anew",
             )
         else:
-            for sock in unslotted:
-                await _join_when_free(steering.group(address), sock, found)
+            await _join_all(steering.group(address), inherited, unslotted, found, store)
             return
     # New maps and a new program. The old program is still the group's, and
     # its socket array holds these sockets (a socket sits in one array only):
@@ -399,12 +404,41 @@ async def _take_ebpf(
                 "steering_not_replaced",
                 f"the steering of {address} could not be replaced: {exc}",
             )
-    for sock in socks:
-        await _join_when_free(group, sock, found)
+    await _join_all(group, inherited, socks, found, store)
 
 
-async def _join_when_free(group: SteeringGroup, sock: socket.socket, found: Takeover) -> None:
-    """Join ``sock``, retrying while an old socket array still holds it (EBUSY)."""
+async def _join_all(
+    group: SteeringGroup,
+    inherited: Sequence[AdoptedListener],
+    joining: Sequence[socket.socket],
+    found: Takeover,
+    store: FdStore,
+) -> None:
+    """Join each of ``joining`` (of ``inherited``); one that cannot is dropped.
+    One shut down already (its worker was FATAL) stays out of the group: it
+    takes no connection, and the kernel refuses it a place."""
+    by_sock = {id(item.sock): item for item in inherited}
+    for sock in joining:
+        if not _listening(sock):
+            continue
+        failure = await _join_when_free(group, sock)
+        if failure is not None:
+            why = f"it could not join its steering ({failure})"
+            _drop(
+                group.address, [by_sock[id(sock)]], found, store, why, kind="steering_join_failed"
+            )
+
+
+def _listening(sock: socket.socket) -> bool:
+    try:
+        return sock.type == socket.SOCK_DGRAM or accept_queue(sock).listening
+    except SupervisorError:
+        return False
+
+
+async def _join_when_free(group: SteeringGroup, sock: socket.socket) -> SteeringError | None:
+    """Join ``sock``, retrying while an old socket array still holds it (EBUSY);
+    the last failure if it could not."""
     failure: SteeringError | None = None
     with trio.move_on_after(TAKEOVER_TIMEOUT):
         while True:
@@ -416,12 +450,8 @@ async def _join_when_free(group: SteeringGroup, sock: socket.socket, found: Take
                     break
                 await trio.sleep(0.01)
             else:
-                return
-    found.note(
-        "steering_join_failed",
-        f"a listener of {group.address} could not join its steering ({failure}): closed",
-    )
-    sock.close()
+                return None
+    return failure
 
 
 def _take_cbpf(
@@ -460,12 +490,14 @@ def _drop(
     found: Takeover,
     store: FdStore,
     why: str,
+    *,
+    kind: AdoptionKind = "listener_closed",
 ) -> None:
     gone = {id(i) for i in inherited}
     found.listeners = {k: i for k, i in found.listeners.items() if id(i) not in gone}
     found.leftovers = [(a, i) for a, i in found.leftovers if id(i) not in gone]
     for item in inherited:
-        found.note("listener_closed", f"{address}: inherited listener {item.name} closed: {why}")
+        found.note(kind, f"{address}: inherited listener {item.name} closed: {why}")
         store.drop(item.name)
         item.sock.close()
 

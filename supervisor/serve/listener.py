@@ -230,11 +230,11 @@ def _listener(
     group = steering.group(address)
     if inherited is not None:
         reconfigure(inherited.sock, address, options)
+        # Whether it is a member was decided when the start took it over
+        # (inherit.take_steering). One that is not was shut down already (its
+        # worker was FATAL): it stays out of the group.
         if group.role(inherited.sock) is not None:
             group.set_role([inherited.sock], role)
-        elif address.proto == "udp" or accept_queue(inherited.sock).listening:
-            group.join(inherited.sock, role)
-        # else: shut down already (its worker was FATAL): it stays out of the group
         return Listener(
             worker, address, inherited.sock, inherited.cookie, group, inherited.name, store
         )

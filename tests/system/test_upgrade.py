@@ -349,3 +349,33 @@ def children_of(pid: int) -> set[int]:
         for task in Path(f"/proc/{pid}/task").iterdir()
         for child in (task / "children").read_text().split()
     }
+
+
+@pytest.mark.parametrize("steering", ["ebpf", "cbpf"])
+def test_a_fatal_worker_s_listener_stays_out_across_an_upgrade(
+    start_daemon: Callable[..., Daemon], tmp_path: Path, steering: str
+) -> None:
+    """A FATAL worker's listener was shut down and left its group. The new image
+    takes it over as it is: out of the group (the start alone decides that),
+    the worker still FATAL, the others serving, nothing lost."""
+    port = free_port()
+    flag = tmp_path / "broken"
+    command = ["sh", "-c", f'test -e {flag} && exit 3; exec "$@"', "sh", *DEMO]
+    daemon = start_daemon(
+        service_toml("web", port=port, workers=3, command=command),
+        supervisor_extra=f'steering = "{steering}"',
+    )
+    victim = daemon.worker_pids()[0]
+    flag.write_text("")
+    mark = daemon.mark()
+    os.kill(victim, signal.SIGKILL)
+    daemon.wait_event("fatal_worker_listener_shut_down", after=mark, worker=0)
+    with Load(port, threads=4, duration=60, max_connections=20_000) as load:
+        wait_until(load.answered, 15, "the load to be answered")
+        result = upgraded(daemon)
+        status = daemon.status()["services"]["web"]
+    assert result["problems"] == [], result
+    assert [w["state"] for w in status["workers"]] == ["FATAL", "RUNNING", "RUNNING"]
+    assert status["workers"][0]["listeners"][0]["role"] is None
+    assert [w["listeners"][0]["role"] for w in status["workers"][1:]] == ["active", "active"]
+    assert load.result.failed == 0, (load.result.failures, load.result.examples)
