@@ -6,12 +6,14 @@ the operator; pydantic turns those into field-path errors.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import math
 import re
 import signal
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, PlainSerializer, WithJsonSchema
@@ -211,3 +213,23 @@ def no_nul(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(no_nul)]
+
+
+@dataclass(frozen=True)
+class Served:
+    """A service's certificate as read once (by a reload's validation, or at
+    a start): what the tls health check must be served, byte for byte, and
+    what ``status`` and the expiry warning show. Made by ``config.tls``."""
+
+    path: Path
+    subject: str
+    serial: int
+    not_after: datetime.datetime  # UTC
+    der: bytes  # the leaf
+
+    def seconds_left(self, now: datetime.datetime | None = None) -> float:
+        now = now or datetime.datetime.now(datetime.UTC)
+        return (self.not_after - now).total_seconds()
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.subject}, serial {self.serial:x})"

@@ -26,6 +26,7 @@ from supervisor.config.schema import (
 )
 from supervisor.errors import ConfigError, ConfigIssue
 from supervisor.kernel.files import private_tmp, read_regular
+from supervisor.values import Served
 
 CONFIG_LIMIT = 4 << 20
 _HEALTH_KINDS = frozenset({"none", "notify", "tcp", "http", "tls", "exec"})
@@ -35,8 +36,11 @@ _MESSAGE_REWRITES = {
 }
 
 
-def load_config(path: Path, *, check_host_facts: bool = True) -> Config:
-    """Load, validate and (by default) check ``path`` against this host.
+def load_config(
+    path: Path, *, check_host_facts: bool = True, certificates: dict[str, Served] | None = None
+) -> Config:
+    """Load, validate and (by default) check ``path`` against this host;
+    ``certificates`` gets each service's certificate as the check read it.
 
     Raises:
         ConfigError: listing every issue found, each with its field path.
@@ -50,7 +54,7 @@ def load_config(path: Path, *, check_host_facts: bool = True) -> Config:
         raise ConfigError(source, [ConfigIssue("", f"not UTF-8 text: {exc}")]) from exc
     config = parse_config(text, source=source, base_dir=path.resolve().parent)
     if check_host_facts:
-        issues = list(check_host(config))
+        issues = list(check_host(config, certificates))
         if issues:
             raise ConfigError(source, issues)
     return config
@@ -98,14 +102,17 @@ def issues_from_validation(exc: ValidationError) -> list[ConfigIssue]:
     return issues
 
 
-def check_host(config: Config) -> Iterable[ConfigIssue]:
-    """Yield what this host cannot do of ``config``: missing programs, users, dirs."""
+def check_host(
+    config: Config, certificates: dict[str, Served] | None = None
+) -> Iterable[ConfigIssue]:
+    """Yield what this host cannot do of ``config``: missing programs, users,
+    dirs, certificates (``certificates`` gets those read, see ``tls.check_config``)."""
     for name, service in config.services.items():
         yield from _check_service(f"services.{name}", service)
     if any(service.tls is not None for service in config.services.values()):
         from supervisor.config import tls  # noqa: PLC0415  (only with [tls]: see tls.py)
 
-        yield from tls.check_config(config)
+        yield from tls.check_config(config, certificates)
     yield from check_names(config.supervisor)
 
 

@@ -73,8 +73,8 @@ SUPERVISOR: dict[str, str] = {
         "[Metrics](operations.md#metrics)"
     ),
     "tls_warn_before": (
-        "a service's served certificate (`tls.cert`, as its serving generation loaded "
-        "it) that ends within this gets a `tls_expires_soon` warning in the log, at "
+        "a service's served certificate (`tls.cert`, as the reload's validation read it "
+        "for its serving generation) that ends within this gets a `tls_expires_soon` warning in the log, at "
         "start and then daily; `status` shows its subject, end and days left"
     ),
     "tcp_migrate_req": (
@@ -213,8 +213,11 @@ KINDS: dict[str, str] = {
     ),
     "tls": (
         "a TLS handshake with the worker's own listener presents exactly the "
-        "certificate in `tls.cert` (needs `tls`; the chain is not verified, so a "
-        "private CA is fine)"
+        "certificate in `tls.cert` as it was read for the generation: by the reload's "
+        "validation (or at the start), so a cutover happens only once the checked "
+        "certificate is served, and a worker respawned after the file changed gets no "
+        "traffic until a reload checks the new one (needs `tls`; the chain is not "
+        "verified, so a private CA is fine)"
     ),
     "exec": (
         "`command` exits 0; placeholders as in `command`. It runs as the service: its "

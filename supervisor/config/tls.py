@@ -26,6 +26,7 @@ from supervisor.config.schema import Config, TlsFiles
 from supervisor.errors import ConfigIssue, TlsError
 from supervisor.kernel import caps
 from supervisor.kernel.files import read_regular
+from supervisor.values import Served
 
 PEM_LIMIT = 1 << 20  # a chain of ten 4096-bit certificates is about 20 KiB
 _PRIVATE_KEYS = (
@@ -131,17 +132,14 @@ def _check_key(files: TlsFiles, leaf: x509.Certificate) -> None:
         )
 
 
-@dataclass(frozen=True)
-class Served:
-    """A certificate a generation serves: what status and the expiry warning show."""
-
-    path: Path
-    subject: str
-    not_after: datetime.datetime  # UTC
-
-    def seconds_left(self, now: datetime.datetime | None = None) -> float:
-        now = now or datetime.datetime.now(datetime.UTC)
-        return (self.not_after - now).total_seconds()
+def served_of(path: Path, leaf: x509.Certificate) -> Served:
+    return Served(
+        path,
+        leaf.subject.rfc4514_string(),
+        leaf.serial_number,
+        leaf.not_valid_after_utc,
+        leaf.public_bytes(serialization.Encoding.DER),
+    )
 
 
 def served(path: Path) -> Served | None:
@@ -151,15 +149,19 @@ def served(path: Path) -> Served | None:
         leaf = load_certificates(path)[0]
     except (TlsError, IndexError):
         return None
-    return Served(path, leaf.subject.rfc4514_string(), leaf.not_valid_after_utc)
+    return served_of(path, leaf)
 
 
-def check_config(config: Config) -> Iterable[ConfigIssue]:
-    """A config issue for every service whose certificate and key are not fit to serve."""
+def check_config(config: Config, seen: dict[str, Served] | None = None) -> Iterable[ConfigIssue]:
+    """A config issue for every service whose certificate and key are not fit
+    to serve; ``seen`` gets each fit one's certificate, as read here."""
     for name, service in config.services.items():
         if service.tls is None:
             continue
         try:
-            check_pair(service.tls)
+            certificate = check_pair(service.tls)
         except TlsError as exc:
             yield ConfigIssue(f"services.{name}.tls", str(exc))
+        else:
+            if seen is not None:
+                seen[name] = served_of(service.tls.cert, certificate.leaf)

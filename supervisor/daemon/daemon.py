@@ -44,6 +44,7 @@ from supervisor.daemon.handover import Predecessor, UpgradeRun
 from supervisor.daemon.reloads import (
     CONFIG_REJECTED,
     Answered,
+    Checked,
     ServiceDirectory,
     handle_reload,
 )
@@ -61,6 +62,7 @@ from supervisor.serve.inherit import Takeover
 from supervisor.serve.service import Service, ServiceEnv, TakeoverSummary
 from supervisor.serve.spawner import Spawner
 from supervisor.status import DaemonStatus, Status
+from supervisor.values import Served
 
 log = structlog.get_logger("supervisor.daemon")
 
@@ -133,20 +135,21 @@ class Daemon:
             log.warning("sysctl_unreadable", error=str(exc))
         return self._caps
 
-    def load_checked(self) -> tuple[Config, Capabilities]:
+    def load_checked(self) -> Checked:
         """The config file, validated against the schema, this host and this
-        kernel; and the capabilities it was judged on (a reload decides with
-        these: one read of them per reload).
+        kernel; with the capabilities and certificates it was judged on (a
+        reload decides with these: one read of each per reload).
 
         Raises:
             ConfigError: listing every issue.
         """
-        config = load_config(self.config_path)
+        certificates: dict[str, Served] = {}
+        config = load_config(self.config_path, certificates=certificates)
         caps = self.capabilities()
         issues = list(check(config, caps))
         if issues:
             raise ConfigError(str(self.config_path), issues)
-        return config, caps
+        return Checked(config, caps, certificates)
 
     def directory(self) -> ServiceDirectory:
         return ServiceDirectory(

@@ -27,9 +27,21 @@ from supervisor.plan.capabilities import Capabilities
 from supervisor.reports import RolloutReport
 from supervisor.serve.rollout import Ticket, ValidatedConfig
 from supervisor.serve.service import Service
+from supervisor.values import Served
 
 log = structlog.get_logger("supervisor.daemon.reloads")
 CONFIG_REJECTED = "config rejected"  # the answer's error when the file was refused
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A config file judged once: the config, the kernel's capabilities it was
+    judged on, and each service's certificate as the check read it (the one
+    a rollout then probes for and shows)."""
+
+    config: Config
+    capabilities: Capabilities
+    certificates: Mapping[str, Served] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -37,9 +49,8 @@ class ServiceDirectory:
     """How a reload reaches the daemon's services."""
 
     services: Mapping[str, Service]
-    # The whole file, validated against host and kernel; and the kernel's
-    # capabilities it was judged on, read once for the whole reload.
-    load: Callable[[], tuple[Config, Capabilities]]
+    # The whole file, validated against host and kernel, once for the whole reload.
+    load: Callable[[], Checked]
     current: Callable[[], Config]
     start: Callable[[str, Config], Awaitable[None]]  # raises SupervisorError
     stop: Callable[[str], Awaitable[None]]
@@ -165,12 +176,13 @@ async def _from_file(
     """
     began = trio.current_time()
     try:
-        config, caps = directory.load()
+        checked = directory.load()
     except ConfigError as exc:
         raise _Refused(
             protocol.error(CONFIG_REJECTED, [str(i) for i in exc.issues], services={})
         ) from None
     validated_in = trio.current_time() - began
+    config = checked.config
     if service is not None and service not in directory.services:
         raise _Refused(protocol.error(f"no service named {service!r}", services={}))
     if service is not None and service not in config.services:
@@ -188,7 +200,15 @@ async def _from_file(
         names = [n for n in config.services if n in directory.services and n not in results]
     else:
         names = [service]
-    return {name: ValidatedConfig(config.services[name], validated_in, caps) for name in names}
+    return {
+        name: ValidatedConfig(
+            config.services[name],
+            validated_in,
+            checked.capabilities,
+            checked.certificates.get(name),
+        )
+        for name in names
+    }
 
 
 def _running(directory: ServiceDirectory, service: str | None) -> dict[str, ValidatedConfig]:

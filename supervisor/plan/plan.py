@@ -15,7 +15,7 @@ from typing import Literal
 from supervisor.config.schema import Config, Health, ServiceConfig
 from supervisor.kernel.sockets import ListenerOptions
 from supervisor.plan.capabilities import Capabilities, RetirePath
-from supervisor.values import ListenAddress, format_duration
+from supervisor.values import ListenAddress, Served, format_duration
 
 FIRST_LISTEN_FD = 3  # the systemd socket-activation protocol starts at fd 3
 
@@ -78,18 +78,19 @@ class SlotSettings:
     stop_signal: int = signal.SIGTERM
     stop_timeout: float = 30.0
     policy: RestartPolicy = field(default_factory=RestartPolicy)
-    certificate: Path | None = None  # tls.cert, for the tls health check
+    certificate: Served | None = None  # tls.cert as read once: what a tls probe must be served
     output: Literal["events", "inherit"] = "events"  # workers' stdout and stderr
 
 
-def slot_settings(config: ServiceConfig) -> SlotSettings:
-    """How the slots of ``config``'s workers run their processes."""
+def slot_settings(config: ServiceConfig, certificate: Served | None = None) -> SlotSettings:
+    """How the slots of ``config``'s workers run their processes (``certificate``:
+    its tls.cert, as read once by whoever planned it)."""
     return SlotSettings(
         health=config.health,
         ready_timeout=config.ready_timeout,
         stop_signal=signal.Signals[config.stop_signal],
         stop_timeout=config.stop_timeout,
-        certificate=None if config.tls is None else config.tls.cert,
+        certificate=certificate,
         output=config.output,
     )
 
@@ -160,15 +161,18 @@ def plan_worker(name: str, service: ServiceConfig, generation: int, index: int) 
     )
 
 
-def plan_service(name: str, service: ServiceConfig, generation: int) -> ServicePlan:
-    """The plan of one generation of a service: ``workers`` worker plans."""
+def plan_service(
+    name: str, service: ServiceConfig, generation: int, certificate: Served | None = None
+) -> ServicePlan:
+    """The plan of one generation of a service: ``workers`` worker plans
+    (``certificate``: its tls.cert as read once, for the tls health check)."""
     workers = tuple(plan_worker(name, service, generation, i) for i in range(service.workers))
     return ServicePlan(
         name=name,
         generation=generation,
         config=service,
         workers=workers,
-        settings=slot_settings(service),
+        settings=slot_settings(service, certificate),
         listener_options=listener_options(service),
     )
 
@@ -236,13 +240,18 @@ class RolloutPlan:
 
 
 def plan_rollout(
-    current: ServicePlan, new: ServiceConfig, generation: int, caps: Capabilities
+    current: ServicePlan,
+    new: ServiceConfig,
+    generation: int,
+    caps: Capabilities,
+    certificate: Served | None = None,
 ) -> RolloutPlan:
-    """The plan of a rollout from ``current`` to ``new`` on a host with ``caps``. Pure."""
+    """The plan of a rollout from ``current`` to ``new`` on a host with ``caps``
+    (``certificate``: the new tls.cert, as validation read it). Pure."""
     changes = tuple(socket_changes(current.config, new))
     path, why = retire_decision(new.retire, changes, caps)
     return RolloutPlan(
-        candidate=plan_service(current.name, new, generation),
+        candidate=plan_service(current.name, new, generation, certificate),
         path=path,
         why=why,
         changes=changes,

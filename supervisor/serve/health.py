@@ -11,7 +11,6 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import h11
 import trio
@@ -24,14 +23,14 @@ from supervisor.config.schema import (
     HealthTcp,
     HealthTls,
 )
-from supervisor.errors import DiagError, StartFailed, SupervisorError, TlsError
+from supervisor.errors import DiagError, StartFailed, SupervisorError
 from supervisor.kernel import diag
 from supervisor.kernel.notify import NotifyMessage
 from supervisor.kernel.proc import CommandResult, describe_exit
 from supervisor.plan.plan import substitute
 from supervisor.serve.listener import Listener
 from supervisor.text import printable
-from supervisor.values import ListenAddress, connect_address
+from supervisor.values import ListenAddress, Served, connect_address
 
 _MAX_OUTPUT = 2000
 _MAX_HEAD = 8192  # an answer's status line and headers, at most
@@ -57,7 +56,9 @@ class ProbeTarget:
     address: ListenAddress | None
     connect: Connector | None = None
     notifications: Callable[[], Awaitable[NotifyMessage]] | None = None
-    certificate: Path | None = None  # the service's tls.cert: what a tls probe must be served
+    # The service's tls.cert as read once for this generation (by the reload's
+    # validation, or at its start): what a tls probe must be served.
+    certificate: Served | None = None
     run: Runner | None = None  # runs an exec check as the service (user, env, cwd)
 
 
@@ -259,11 +260,14 @@ def _unverified() -> ssl.SSLContext:
 
 
 class TlsProbe(TcpProbe):
-    """``tls``: healthy once a handshake presents the certificate of ``tls.cert``.
+    """``tls``: healthy once a handshake presents the certificate of ``tls.cert``
+    as it was read for this generation (by the reload's validation).
 
-    So a cutover happens only once the new certificate is really served.
-    The chain is not verified (a self-signed or private CA is fine): the
-    served leaf must be byte for byte the file's.
+    So a cutover happens only once the validated certificate is really
+    served, and a worker respawned after the file changed gets no traffic
+    with a certificate nothing validated (the reload the change asks for
+    does that). The chain is not verified (a self-signed or private CA is
+    fine): the served leaf must be byte for byte the validated one.
     """
 
     name = "tls"
@@ -274,17 +278,9 @@ class TlsProbe(TcpProbe):
         self.context = _unverified()
 
     async def attempt(self) -> bool:
-        if self.target.certificate is None:
-            self.last_error = "the service has no tls.cert to compare with"
-            return False
-        from cryptography.hazmat.primitives.serialization import Encoding  # noqa: PLC0415
-
-        from supervisor.config import tls  # noqa: PLC0415  (only with [tls]: see tls.py)
-
-        try:
-            expected = tls.load_certificates(self.target.certificate)[0]
-        except TlsError as exc:
-            self.last_error = str(exc)
+        expected = self.target.certificate
+        if expected is None:
+            self.last_error = "the service has no readable tls.cert to compare with"
             return False
         stream = await self._connect()
         if stream is None:
@@ -301,12 +297,9 @@ class TlsProbe(TcpProbe):
             return False
         finally:
             await trio.aclose_forcefully(secure)
-        if served == expected.public_bytes(Encoding.DER):
+        if served == expected.der:
             return True
-        self.last_error = (
-            f"served certificate {_describe(served)} is not {self.target.certificate} "
-            f"({expected.subject.rfc4514_string()}, serial {expected.serial_number:x})"
-        )
+        self.last_error = f"served certificate {_describe(served)} is not {expected.describe()}"
         return False
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -31,9 +30,7 @@ from supervisor.serve.retire import retire
 from supervisor.serve.spawner import Spawner
 from supervisor.steering import Role, Steering
 from supervisor.text import printable
-
-if TYPE_CHECKING:
-    from supervisor.config import tls
+from supervisor.values import Served
 
 log = structlog.get_logger("supervisor.serve.rollout")
 _MAX_OUTPUT = 4000
@@ -71,7 +68,7 @@ class Stage:
     def __init__(self, config: ServiceConfig) -> None:
         self.serving: Generation | None = None
         self.config = config  # as asked (a start may run more workers: keep_queued)
-        self.certificate: tls.Served | None = None  # read when it began to serve
+        self.certificate: Served | None = None  # what it was planned and probed with
         self.candidate: Generation | None = None  # started; not yet promoted
         self.retiring: Generation | None = None  # promoted away from; not yet reaped
         self._changed = trio.Event()
@@ -79,7 +76,7 @@ class Stage:
     def serve(self, generation: Generation, config: ServiceConfig) -> None:
         """``generation`` serves now, with ``config`` (a start, or a cutover)."""
         self.serving, self.config = generation, config
-        self.certificate = _served(config)
+        self.certificate = generation.plan.settings.certificate
         self._wake()
 
     def set(self, candidate: Generation | None, retiring: Generation | None) -> None:
@@ -105,6 +102,9 @@ class ValidatedConfig:
     # What the check judged it on: the rollout decides with the same (None:
     # nothing was checked, as for a restart; read when the rollout starts).
     capabilities: Capabilities | None = None
+    # Its certificate as the check read it (None: nothing was checked, or no
+    # tls: read when the rollout starts). The one probed for, and shown.
+    certificate: Served | None = None
 
 
 @dataclass
@@ -144,7 +144,8 @@ async def run_rollout(
 
     service = snapshot.config
     caps = snapshot.capabilities or ctx.capabilities
-    plan = plan_rollout(ctx.current.plan, service, ctx.generation, caps)
+    certificate = snapshot.certificate or read_certificate(service)
+    plan = plan_rollout(ctx.current.plan, service, ctx.generation, caps, certificate)
     timer.lap("validate")
     if service.preflight:
         say(f"running preflight {service.preflight}")
@@ -338,7 +339,10 @@ async def run_preflight(spawner: Spawner, plan: ServicePlan) -> None:
         )
 
 
-def _served(config: ServiceConfig) -> tls.Served | None:
+def read_certificate(config: ServiceConfig) -> Served | None:
+    """``config``'s certificate, read now: for a generation nothing validated
+    (a start, a restart); None without tls, or if it cannot be read (the
+    tls probe then says why)."""
     if config.tls is None:
         return None
     from supervisor.config import tls  # noqa: PLC0415  (only with [tls]: see tls.py)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -31,15 +30,13 @@ from supervisor.serve.rollout import (
     Stage,
     Ticket,
     ValidatedConfig,
+    read_certificate,
     run_rollout,
 )
 from supervisor.serve.spawner import Spawner
 from supervisor.status import CertificateStatus, ServiceStatus
 from supervisor.steering import Backend, Role, Steering, SteeringGroup
-from supervisor.values import ListenAddress
-
-if TYPE_CHECKING:
-    from supervisor.config import tls
+from supervisor.values import ListenAddress, Served
 
 log = structlog.get_logger("supervisor.serve.service")
 
@@ -137,8 +134,8 @@ class Service:
         return self.stage.config
 
     @property
-    def certificate(self) -> tls.Served | None:
-        """The certificate the serving generation loaded (read when it began to serve)."""
+    def certificate(self) -> Served | None:
+        """The certificate the serving generation was planned and probed with."""
         return self.stage.certificate
 
     def request_rollout(self, snapshot: ValidatedConfig, reason: str | None = None) -> Ticket:
@@ -192,7 +189,7 @@ class Service:
             self.last_generation = number if found is None else found.last_generation
             if found is not None and found.last_rollout is not None:
                 self.last_rollout = RolloutReport.model_validate(found.last_rollout)
-            plan = plan_service(self.name, config, number)
+            plan = plan_service(self.name, config, number, read_certificate(config))
             log.info("generation_starting", generation=number, workers=len(plan.workers))
             spec = GenerationSpec(
                 plan,
@@ -396,7 +393,7 @@ class Service:
         )
 
 
-def _certificate(served: tls.Served | None) -> CertificateStatus | None:
+def _certificate(served: Served | None) -> CertificateStatus | None:
     if served is None:
         return None
     return CertificateStatus(

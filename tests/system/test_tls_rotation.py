@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import ssl
 import time
 from collections.abc import Callable
@@ -137,6 +138,31 @@ def test_cutover_waits_for_the_new_certificate_to_be_served(
     assert "served certificate (CN=web.test" in report["reasons"][0]
     assert f"is not {cert}" in report["reasons"][0]
     assert daemon.status()["services"]["web"]["generation"] == 1
+
+
+def test_a_worker_respawned_after_the_file_changed_waits_for_the_reload_that_checks_it(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A generation serves the certificate read for it, once: a worker that
+    respawns after the file changed (no reload yet, nothing watched) loads a
+    certificate nothing validated, and gets no traffic until a reload checks
+    it and rolls it out."""
+    ca = issue("Test CA", ca=True)
+    first, second = issue("web.test", issuer=ca), issue("web.test", issuer=ca)
+    cert, key = write_pair(tmp_path, first)
+    port = free_port()
+    daemon = start_daemon(tls_service(port, cert, key, served=(cert, key)))
+    rotate(cert, key, second)
+    mark = daemon.mark()
+    os.kill(daemon.worker_pids()[0], signal.SIGKILL)
+    refused = daemon.wait_event("worker_unhealthy", after=mark, worker=0)
+    assert f"serial {second.cert.serial_number:x}) is not {cert}" in refused["reason"], refused
+    assert f"serial {first.cert.serial_number:x})" in refused["reason"], refused
+    reloaded = daemon.reload(reason="the new certificate")
+    assert reloaded.ok, reloaded.answer
+    status = daemon.status()["services"]["web"]
+    assert status["generation"] == 2
+    assert [w["state"] for w in status["workers"]] == ["RUNNING", "RUNNING"]
 
 
 def test_a_certificate_near_its_end_is_shown_and_warned_about(

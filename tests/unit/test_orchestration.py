@@ -24,7 +24,7 @@ import trio.testing
 from supervisor.config.loader import parse_config
 from supervisor.config.schema import Config, ServiceConfig
 from supervisor.control.requests import Reload
-from supervisor.daemon.reloads import ServiceDirectory, handle_reload
+from supervisor.daemon.reloads import Checked, ServiceDirectory, handle_reload
 from supervisor.errors import DiagError, KernelFeatureMissing
 from supervisor.kernel import bpf, diag
 from supervisor.plan.capabilities import Capabilities
@@ -392,9 +392,9 @@ async def test_a_reload_reads_and_checks_the_file_once_and_rolls_out_what_it_che
         reads: list[int] = []
         first = Config(services={"web": config(rig.port, workers="3")})
 
-        def load() -> tuple[Config, Capabilities]:
+        def load() -> Checked:
             reads.append(1)
-            return first, CAPS
+            return Checked(first, CAPS)
 
         directory = _one_service(rig, load, first)
         answer = (await handle_reload(directory, Reload(source="test"))).answer
@@ -412,7 +412,7 @@ async def test_a_reload_decides_with_the_capabilities_its_check_read(
     async with running() as rig:
         checked = Config(services={"web": config(rig.port, workers="2")})
         no_migration = Capabilities(migrate_req=0, cbpf=True, ebpf=False)
-        directory = _one_service(rig, lambda: (checked, no_migration), checked)
+        directory = _one_service(rig, lambda: Checked(checked, no_migration), checked)
         answer = (await handle_reload(directory, Reload(source="test"))).answer
         assert answer["ok"], answer
         report = answer["services"]["web"]
@@ -420,9 +420,7 @@ async def test_a_reload_decides_with_the_capabilities_its_check_read(
         assert "tcp_migrate_req=0" in report["path_reason"], report
 
 
-def _one_service(
-    rig: Rig, load: Callable[[], tuple[Config, Capabilities]], running: Config
-) -> ServiceDirectory:
+def _one_service(rig: Rig, load: Callable[[], Checked], running: Config) -> ServiceDirectory:
     """A daemon of one service, "web", running ``running``; ``load`` reads its file."""
     return ServiceDirectory(
         services={"web": rig.service},
