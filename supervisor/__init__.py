@@ -14,7 +14,8 @@ module imports only from its own folder or from a folder below it;
   HTTP, certificate expiry, logs.
 - ``serve/``: the running services (trio). A service rolls out generations
   of workers on listeners, health-checks them, cuts over and retires; it
-  exports itself for an upgrade and takes over at start (``inherit``).
+  exports itself for an upgrade and takes over at start (``takeover``,
+  ``inherit``).
 - ``handoff/``: what crosses an exec or a crash: the state document, the
   ledger of every fd that crosses, by name, and systemd's fd store. Shapes
   and fds only.

@@ -74,8 +74,9 @@ SUPERVISOR: dict[str, str] = {
     ),
     "tls_warn_before": (
         "a service's served certificate (`tls.cert`, as the reload's validation read it "
-        "for its serving generation) that ends within this gets a `tls_expires_soon` warning in the log, at "
-        "start and then daily; `status` shows its subject, end and days left"
+        "for its serving generation) that ends within this gets a `tls_expires_soon` "
+        "warning in the log, at start and then daily; `status` shows its subject, end "
+        "and days left"
     ),
     "tcp_migrate_req": (
         "`keep`: never touch the sysctl; `enable`: at start, set "

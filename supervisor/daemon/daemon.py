@@ -58,9 +58,9 @@ from supervisor.handoff.state import ClientDoc, DaemonDoc
 from supervisor.kernel import sysctl
 from supervisor.observe import expiry, metrics, metrics_http
 from supervisor.plan.capabilities import Capabilities, check
-from supervisor.serve.inherit import Takeover
 from supervisor.serve.service import Service, ServiceEnv, TakeoverSummary
 from supervisor.serve.spawner import Spawner
+from supervisor.serve.takeover import Takeover
 from supervisor.status import DaemonStatus, Status
 from supervisor.values import Served
 

@@ -53,7 +53,7 @@ from supervisor.kernel.proc import raise_fd_limit
 from supervisor.observe import logs
 from supervisor.plan.capabilities import Capabilities, check, detect, prepare
 from supervisor.plan.plan import describe, plan_config, plan_rollout
-from supervisor.serve import inherit
+from supervisor.serve import takeover
 from supervisor.serve.spawner import ProcessSpawner
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -212,28 +212,28 @@ def _serve(make: Callable[[], Daemon]) -> None:
 
 def _recover(
     config: Config, stored: Sequence[fdstore.StoredFd], store: fdstore.FdStore
-) -> dict[str, inherit.Takeover]:
+) -> dict[str, takeover.Takeover]:
     """What systemd's fd store handed back, sorted by service; what no service
     takes (a service the config no longer has, a name not ours) is closed
     and removed from the store."""
     if not stored:
         return {}
-    inherit.log.info("fd_store_received", names=[item.name for item in stored])
+    takeover.log.info("fd_store_received", names=[item.name for item in stored])
     unique: dict[str, fdstore.StoredFd] = {}
     for item in stored:
         if item.name in unique:  # the store keeps fds by inode, not by name
             os.close(item.fd)
-            inherit.log.warning("stored_fd_closed", name=item.name, reason="a second of that name")
+            takeover.log.warning("stored_fd_closed", name=item.name, reason="a second of that name")
         else:
             unique[item.name] = item
     ledger = Ledger.stored({name: item.fd for name, item in unique.items()})
     out = {
-        name: inherit.from_store(name, svc, list(unique.values()), ledger)
+        name: takeover.from_store(name, svc, list(unique.values()), ledger)
         for name, svc in config.services.items()
     }
     for name in ledger.close_untaken():
         store.drop(name)
-        inherit.log.warning("stored_fd_closed", name=name, reason="no service takes it")
+        takeover.log.warning("stored_fd_closed", name=name, reason="no service takes it")
     return {name: found for name, found in out.items() if found.listeners or found.leftovers}
 
 
@@ -356,7 +356,7 @@ def _continue_upgrade(fd: int) -> None:
     notifier = SystemdNotifier.from_environment(os.environ)
     store = _store(config.supervisor, notifier)
     inheritances = {
-        svc.name: inherit.from_upgrade(svc, config.services[svc.name], ledger)
+        svc.name: takeover.from_upgrade(svc, config.services[svc.name], ledger)
         for svc in document.services
     }
     handed = Predecessor(

@@ -23,7 +23,7 @@ from supervisor.plan.capabilities import Capabilities
 from supervisor.plan.plan import plan_service
 from supervisor.reports import RolloutReport
 from supervisor.serve.generation import Generation, GenerationSpec, run_generation
-from supervisor.serve.inherit import Takeover, keep_queued, retire_leftovers, take_steering
+from supervisor.serve.inherit import retire_leftovers, take_steering
 from supervisor.serve.lifecycle import Watched, WorkerState
 from supervisor.serve.rollout import (
     RolloutContext,
@@ -34,6 +34,7 @@ from supervisor.serve.rollout import (
     run_rollout,
 )
 from supervisor.serve.spawner import Spawner
+from supervisor.serve.takeover import Takeover, keep_queued
 from supervisor.status import CertificateStatus, ServiceStatus
 from supervisor.steering import Backend, Role, Steering, SteeringGroup
 from supervisor.values import ListenAddress, Served

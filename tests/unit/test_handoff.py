@@ -31,7 +31,7 @@ from supervisor.handoff.state import DaemonDoc, GroupDoc, ListenerDoc, ServiceDo
 from supervisor.kernel import fds
 from supervisor.kernel.proc import start_time
 from supervisor.kernel.sockets import socket_cookie
-from supervisor.serve.inherit import Takeover, from_upgrade
+from supervisor.serve.takeover import Takeover, from_upgrade
 from supervisor.values import parse_listen
 from tests.support.harness import wait_until
 
