@@ -227,9 +227,9 @@ def _recover(
         else:
             unique[item.name] = item
     ledger = Ledger.stored({name: item.fd for name, item in unique.items()})
+    kept = list(unique.values())
     out = {
-        name: takeover.from_store(name, svc, list(unique.values()), ledger)
-        for name, svc in config.services.items()
+        name: takeover.from_store(name, svc, kept, ledger) for name, svc in config.services.items()
     }
     for name in ledger.close_untaken():
         store.drop(name)

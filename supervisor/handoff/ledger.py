@@ -75,9 +75,6 @@ class Ledger:
         """The names whose fd did not cross, and why."""
         return dict(self._lost)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._fds and name not in self._taken
-
     def take_fd(self, name: str) -> int:
         """The fd named ``name``, now the caller's to own and close.
 
@@ -119,10 +116,6 @@ class Ledger:
             with contextlib.suppress(OSError):
                 os.close(self._fds[name])
         return names
-
-    def numbers(self) -> list[int]:
-        """Every fd of the ledger (what must survive the exec)."""
-        return list(self._fds.values())
 
 
 def socket_problem(fd: int, cookie: int | None) -> str | None:

@@ -140,12 +140,10 @@ def decode(data: bytes) -> DaemonDoc:
         raise StateError(_unknown(version))
     try:
         if version == 1:
-            raw = DaemonDoc.model_validate(from_version_1(json.loads(data)))
+            raw = DaemonDoc.model_validate(_converted(data))
         else:
             raw = DaemonDoc.model_validate_json(data)
-    except (ValidationError, KeyError, TypeError, AttributeError) as exc:
-        if not isinstance(exc, ValidationError):
-            raise StateError(f"not a version 1 state document: {exc!r}") from None
+    except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}"
             for e in exc.errors(include_url=False)[:5]
@@ -154,6 +152,18 @@ def decode(data: bytes) -> DaemonDoc:
     if raw.version not in READABLE:
         raise StateError(_unknown(raw.version))
     return raw
+
+
+def _converted(data: bytes) -> dict[str, Any]:
+    """A version 1 document in this version's shape.
+
+    Raises:
+        StateError: it does not have version 1's shape.
+    """
+    try:
+        return from_version_1(json.loads(data))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise StateError(f"not a version 1 state document: {exc!r}") from None
 
 
 def from_version_1(old: dict[str, Any]) -> dict[str, Any]:

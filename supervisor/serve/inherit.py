@@ -88,7 +88,8 @@ async def _take_ebpf(
                 f"the steering of {address} could not be taken over ({exc}): made anew",
             )
         else:
-            await _join_all(steering.group(address), inherited, unslotted, found, store)
+            waiting = [i for i in inherited if i.sock in set(unslotted)]
+            await _join_all(steering.group(address), waiting, found, store)
             return
     # New maps and a new program. The old program is still the group's, and
     # its socket array holds these sockets (a socket sits in one array only):
@@ -102,29 +103,22 @@ async def _take_ebpf(
                 "steering_not_replaced",
                 f"the steering of {address} could not be replaced: {exc}",
             )
-    await _join_all(group, inherited, socks, found, store)
+    await _join_all(group, inherited, found, store)
 
 
 async def _join_all(
-    group: SteeringGroup,
-    inherited: Sequence[AdoptedListener],
-    joining: Sequence[socket.socket],
-    found: Takeover,
-    store: FdStore,
+    group: SteeringGroup, joining: Sequence[AdoptedListener], found: Takeover, store: FdStore
 ) -> None:
-    """Join each of ``joining`` (of ``inherited``); one that cannot is dropped.
-    One shut down already (its worker was FATAL) stays out of the group: it
-    takes no connection, and the kernel refuses it a place."""
-    by_sock = {id(item.sock): item for item in inherited}
-    for sock in joining:
-        if not _listening(sock):
+    """Join each of ``joining``; one that cannot is dropped. One shut down
+    already (its worker was FATAL) stays out of the group: it takes no
+    connection, and the kernel refuses it a place."""
+    for item in joining:
+        if not _listening(item.sock):
             continue
-        failure = await _join_when_free(group, sock)
+        failure = await _join_when_free(group, item.sock)
         if failure is not None:
             why = f"it could not join its steering ({failure})"
-            _drop(
-                group.address, [by_sock[id(sock)]], found, store, why, kind="steering_join_failed"
-            )
+            _drop(group.address, [item], found, store, why, kind="steering_join_failed")
 
 
 def _listening(sock: socket.socket) -> bool:

@@ -60,15 +60,14 @@ class Ticket:
 
 
 class Stage:
-    """Where a service stands: the generation serving, the config it runs and
-    the certificate it serves, and the generations that are neither simply
-    serving nor gone. Rollouts write it as they go, the service and
+    """Where a service stands: the generation serving (its plan holds the
+    certificate it serves) and the config it runs, and the generations that
+    are neither simply serving nor gone. Rollouts write it as they go, the service and
     ``status`` read it: nothing calls back up. Waitable, like ``Watched``."""
 
     def __init__(self, config: ServiceConfig) -> None:
         self.serving: Generation | None = None
         self.config = config  # as asked (a start may run more workers: keep_queued)
-        self.certificate: Served | None = None  # what it was planned and probed with
         self.candidate: Generation | None = None  # started; not yet promoted
         self.retiring: Generation | None = None  # promoted away from; not yet reaped
         self._changed = trio.Event()
@@ -76,7 +75,6 @@ class Stage:
     def serve(self, generation: Generation, config: ServiceConfig) -> None:
         """``generation`` serves now, with ``config`` (a start, or a cutover)."""
         self.serving, self.config = generation, config
-        self.certificate = generation.plan.settings.certificate
         self._wake()
 
     def set(self, candidate: Generation | None, retiring: Generation | None) -> None:

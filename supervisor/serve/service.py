@@ -137,7 +137,8 @@ class Service:
     @property
     def certificate(self) -> Served | None:
         """The certificate the serving generation was planned and probed with."""
-        return self.stage.certificate
+        serving = self.stage.serving
+        return None if serving is None else serving.plan.settings.certificate
 
     def request_rollout(self, snapshot: ValidatedConfig, reason: str | None = None) -> Ticket:
         """Queue a rollout to ``snapshot``; it shares the next one to start (never
