@@ -39,6 +39,33 @@ class CertificateStatus(Snapshot):
     days_left: float
 
 
+class MemberStatus(Snapshot):
+    """A socket on one of a service's addresses, as the kernel lists it."""
+
+    inode: int
+    cookie: int
+    uid: int
+    host: str  # its local address (a neighbour's may be a wildcard or a specific one)
+    ours: bool  # one of this service's listeners
+    generation: int | None = None  # ours: of which generation, and which worker
+    worker: int | None = None
+    role: str | None = None  # ours: its steering role
+    holders: list[str] = []  # not ours: "pid 123 (nginx)", each process holding it
+    settings: dict[str, Any] | None = None  # not ours: as read through a duplicate
+    differences: list[str] = []  # not ours: its settings unlike ours
+
+
+class GroupCensus(Snapshot):
+    """Who shares one listen address: the members of its reuseport group and,
+    on the same port, the sockets of overlapping addresses (other groups)."""
+
+    address: str
+    members: list[MemberStatus]
+    neighbours: list[MemberStatus] = []
+    problems: list[str] = []  # what refuses a reload
+    error: str | None = None  # the census could not be taken
+
+
 class ServiceStatus(Snapshot):
     name: str
     generation: int
@@ -50,6 +77,7 @@ class ServiceStatus(Snapshot):
     retiring: int | None = None  # a generation steered away from, being retired
     certificate: CertificateStatus | None = None  # tls.cert as the serving generation loaded it
     last_rollout: dict[str, Any] | None = None
+    census: list[GroupCensus] = []  # of each listen address (``supervisorctl census``)
 
 
 class DaemonStatus(Snapshot):
@@ -100,3 +128,34 @@ def render(status: Status) -> list[str]:
                 f"restarts {worker.restarts:<3} queued {queued}{extra}"
             )
     return lines
+
+
+def render_census(status: Status) -> list[str]:
+    """Human-readable lines for ``supervisorctl census``."""
+    lines = []
+    for service in status.services.values():
+        for group in service.census:
+            strangers = sum(not m.ours for m in group.members)
+            lines.append(
+                f"{service.name} {group.address}: {len(group.members)} member(s), "
+                f"{strangers} not ours"
+                + (f", {len(group.neighbours)} neighbour(s)" if group.neighbours else "")
+            )
+            if group.error:
+                lines.append(f"  census not taken: {group.error}")
+            lines += [f"  {_member(m)}" for m in group.members]
+            lines += [f"  neighbour on {m.host}: {_member(m)}" for m in group.neighbours]
+            lines += [f"  PROBLEM: {p}" for p in group.problems]
+    return lines
+
+
+def _member(member: MemberStatus) -> str:
+    head = f"inode {member.inode:<9} cookie {member.cookie:<6} uid {member.uid:<6}"
+    if member.ours:
+        return (
+            f"{head} ours: generation {member.generation} worker {member.worker} "
+            f"{member.role or 'out of its group'}"
+        )
+    held = ", ".join(member.holders) or "no process visible here"
+    unlike = f"; unlike ours: {', '.join(member.differences)}" if member.differences else ""
+    return f"{head} NOT OURS: {held}{unlike}"

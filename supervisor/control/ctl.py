@@ -1,7 +1,8 @@
 """``supervisorctl``: a small synchronous client of the control socket.
 
 Exit codes: 0 success; 1 the daemon answered with an error (reload
-rejected or rolled back, unknown service); 2 usage error, daemon
+rejected or rolled back, unknown service), or ``census`` found a socket
+not ours on a listen address; 2 usage error, daemon
 unreachable, or no answer within ``--timeout``; 3 ``status SERVICE`` of a
 service that is neither RUNNING nor RELOADING (as ``systemctl is-active``); 130 interrupted.
 
@@ -32,7 +33,7 @@ from supervisor.config.schema import DEFAULT_CONTROL_SOCKET
 from supervisor.control import completion
 from supervisor.errors import DaemonUnreachable
 from supervisor.reports import RolloutReport, UpgradeResult, reports_of
-from supervisor.status import Status, render
+from supervisor.status import Status, render, render_census
 from supervisor.values import format_duration, parse_duration, parse_signal
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -179,10 +180,11 @@ def get_parser() -> argparse.ArgumentParser:
     """The command line (shell completions and the man page are made from it)."""
     parser = argparse.ArgumentParser(
         prog="supervisorctl",
-        description="Control supervisord: status, reload, restart, signal, stop, start, upgrade, "
-        "shutdown, metrics.",
+        description="Control supervisord: status, census, reload, restart, signal, stop, start, "
+        "upgrade, shutdown, metrics.",
         epilog="Exit status: 0 success; 1 the daemon answered with an error (a reload "
-        "rejected or rolled back, an unknown service); 2 usage error, daemon unreachable, or "
+        "rejected or rolled back, an unknown service; census: a socket not ours shares a "
+        "listen address); 2 usage error, daemon unreachable, or "
         "no answer within --timeout; 3 status SERVICE: the service is not RUNNING or RELOADING; "
         "130 interrupted.",
     )
@@ -198,6 +200,13 @@ def get_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("service", nargs="?", help="only this service")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    census = sub.add_parser(
+        "census",
+        help="list who shares each listen address: every member of its reuseport group "
+        "(exit 1: one a reload would refuse)",
+    )
+    census.add_argument("service", nargs="?", help="only this service")
+    census.add_argument("--json", action="store_true", help="print the census as JSON")
     for verb, what in (
         ("reload", "roll out a new generation from the config file (synchronous)"),
         ("restart", "roll out a new generation of the config the service runs (synchronous)"),
@@ -313,11 +322,26 @@ def _print_reload(reply: dict[str, Any]) -> None:
         print(f"note: {note}")
 
 
+def _print_census(reply: dict[str, Any], service: str | None, as_json: bool) -> int:
+    """Print the census; EXIT_FAILED if a group has a problem (a reload would be refused)."""
+    status = Status.model_validate(reply["status"])
+    services = status.services if service is None else {service: status.services[service]}
+    if as_json:
+        shown = {
+            name: [g.model_dump(mode="json") for g in s.census] for name, s in services.items()
+        }
+        print(json.dumps(shown, indent=2))
+    else:
+        print("\n".join(render_census(status.model_copy(update={"services": services}))))
+    troubled = any(group.problems for s in services.values() for group in s.census)
+    return EXIT_FAILED if troubled else EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
     """Carry out one command; return the exit code."""
     path = find_socket(args.socket, args.config)
-    message: dict[str, Any] = {"command": args.command}
-    if args.command in ("status", "reload", "restart", "signal", "stop", "start"):
+    message: dict[str, Any] = {"command": "status" if args.command == "census" else args.command}
+    if args.command in ("status", "census", "reload", "restart", "signal", "stop", "start"):
         message["service"] = args.service
     if args.command in ("reload", "restart") and args.reason:
         message["reason"] = args.reason
@@ -330,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
     limit = getattr(args, "timeout", None)
     deadline = None if limit is None else time.monotonic() + limit
     code = EXIT_FAILED
-    quick = 10.0 if args.command in ("status", "metrics", "shutdown", "signal") else None
+    quick = 10.0 if args.command in ("status", "census", "metrics", "shutdown", "signal") else None
     try:
         for reply in request(path, message, timeout=quick, deadline=deadline):
             kind = reply.get("type")
@@ -364,6 +388,8 @@ def _print_error(reply: dict[str, Any], as_json: bool) -> None:
 def _print_result(args: argparse.Namespace, reply: dict[str, Any], as_json: bool) -> int:
     if args.command == "status":
         return _print_status(reply, args.service, as_json)
+    if args.command == "census":
+        return _print_census(reply, args.service, as_json)
     if args.command == "metrics":
         sys.stdout.write(str(reply.get("text", "")))
     elif as_json:

@@ -16,6 +16,7 @@ import errno
 import ipaddress
 import socket
 import struct
+from dataclasses import dataclass
 
 from supervisor.errors import DiagError, translated
 from supervisor.values import ListenAddress
@@ -101,19 +102,7 @@ def port_owners(address: ListenAddress) -> frozenset[int]:
     Raises:
         DiagError: sock_diag is unavailable.
     """
-    ip = ipaddress.ip_address(address.host)
-    width = 4 if ip.version == 4 else 16
-    protocol = socket.IPPROTO_TCP if address.proto == "tcp" else socket.IPPROTO_UDP
-    owners = set()
-    for msg in _dump(address.family, ALL_STATES, protocol):
-        (sport,) = struct.unpack_from(">H", msg, _MSG_SPORT)
-        source = msg[_MSG_SRC : _MSG_SRC + width]
-        if sport != address.port or msg[1] not in _BOUND_STATES[address.proto]:
-            continue
-        if ip.is_unspecified or source in (ip.packed, bytes(width)):
-            (uid,) = struct.unpack_from("<I", msg, _MSG_UID)
-            owners.add(uid)
-    return frozenset(owners)
+    return frozenset(bound.uid for bound in bound_on(address))
 
 
 _ID = struct.Struct(">HH16s16sI8s")  # sport, dport, src, dst (network order), ifindex, cookie
@@ -167,3 +156,48 @@ def _lookup(local: tuple[str, int], remote: tuple[str, int]) -> bytes | None:
             raise OSError(-err, f"sock_diag lookup failed: {errno.errorcode.get(-err, -err)}")
         return None
     return buffer[_NLMSG.size : length]
+
+
+_MSG_IFINDEX = 40
+
+
+@dataclass(frozen=True)
+class BoundSocket:
+    """A socket bound to a port, as sock_diag reports it."""
+
+    inode: int  # 0: no file (a listener being torn down)
+    cookie: int  # SO_COOKIE
+    uid: int  # of the socket's creator: the kernel puts same-uid members only in one group
+    host: str  # its local address
+    ifindex: int  # SO_BINDTODEVICE's device, 0 for none
+    exact: bool  # on ``address`` itself (a member of its reuseport group if it has
+    # SO_REUSEPORT); otherwise it overlaps it (a wildcard, or a specific address
+    # under a wildcard): another group on the same port
+
+
+def bound_on(address: ListenAddress) -> list[BoundSocket]:
+    """The listening (TCP) or bound (UDP) sockets of ``address``'s family on
+    its port whose local address equals or overlaps it.
+
+    Raises:
+        DiagError: sock_diag is unavailable.
+    """
+    ip = ipaddress.ip_address(address.host)
+    width = 4 if ip.version == 4 else 16
+    protocol = socket.IPPROTO_TCP if address.proto == "tcp" else socket.IPPROTO_UDP
+    states = _BOUND_STATES[address.proto]
+    found = []
+    for msg in _dump(address.family, sum(1 << state for state in states), protocol):
+        (sport,) = struct.unpack_from(">H", msg, _MSG_SPORT)
+        if sport != address.port or msg[1] not in states:
+            continue
+        source = msg[_MSG_SRC : _MSG_SRC + width]
+        exact = source == ip.packed
+        if not (exact or ip.is_unspecified or source == bytes(width)):
+            continue
+        (cookie,) = struct.unpack_from("<Q", msg, _MSG_COOKIE)
+        (uid, inode) = struct.unpack_from("<II", msg, _MSG_UID)
+        (ifindex,) = struct.unpack_from("<I", msg, _MSG_IFINDEX)
+        host = str(ipaddress.ip_address(source))
+        found.append(BoundSocket(inode, cookie, uid, host, ifindex, exact))
+    return found

@@ -24,6 +24,7 @@ from supervisor.kernel.proc import describe_exit, thread_schedstat
 from supervisor.plan.capabilities import Capabilities
 from supervisor.plan.plan import RolloutPlan, ServicePlan, plan_rollout, substitute
 from supervisor.reports import Outcome, RolloutReport
+from supervisor.serve.census import Known, problems, take_census
 from supervisor.serve.cutover import promote
 from supervisor.serve.generation import Generation, GenerationSpec, run_generation
 from supervisor.serve.retire import retire
@@ -144,7 +145,15 @@ async def run_rollout(
     caps = snapshot.capabilities or ctx.capabilities
     certificate = snapshot.certificate or read_certificate(service)
     plan = plan_rollout(ctx.current.plan, service, ctx.generation, caps, certificate)
+    census = take_census(
+        [*ctx.current.plan.config.listen, *service.listen], Known.of([ctx.current])
+    )
+    report.notes = [f"census of {g.address} not taken: {g.error}" for g in census if g.error]
+    refusals = problems(census)
     timer.lap("validate")
+    if refusals:
+        say("refused: another socket shares a listen address (supervisorctl census)")
+        return finish("rejected", refusals)
     if service.preflight:
         say(f"running preflight {service.preflight}")
         try:
@@ -240,7 +249,7 @@ async def _cut_over(
     report.datagrams_left = retirement.datagrams_left
     report.drain_timed_out = retirement.drain_timed_out
     report.unmovable = retirement.unmovable
-    report.notes = retirement.notes
+    report.notes += retirement.notes
     report.problems = retirement.problems
     if before is None or after is None:
         report.problems.append("kernel counters could not be read: counters are empty")

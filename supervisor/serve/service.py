@@ -22,6 +22,7 @@ from supervisor.handoff.state import GroupDoc, ServiceDoc, ebpf_name
 from supervisor.plan.capabilities import Capabilities
 from supervisor.plan.plan import plan_service
 from supervisor.reports import RolloutReport
+from supervisor.serve.census import Known, take_census
 from supervisor.serve.generation import Generation, GenerationSpec, run_generation
 from supervisor.serve.inherit import retire_leftovers, take_steering
 from supervisor.serve.lifecycle import Watched, WorkerState
@@ -35,7 +36,7 @@ from supervisor.serve.rollout import (
 )
 from supervisor.serve.spawner import Spawner
 from supervisor.serve.takeover import Takeover, keep_queued
-from supervisor.status import CertificateStatus, ServiceStatus
+from supervisor.status import CertificateStatus, GroupCensus, ServiceStatus
 from supervisor.steering import Backend, Role, Steering, SteeringGroup
 from supervisor.values import ListenAddress, Served
 
@@ -371,7 +372,8 @@ class Service:
     def snapshot(self) -> ServiceStatus:
         """What ``status`` shows: during a rollout, the candidate's workers with
         their own states and the retiring generation's as RETIRING, beside the
-        serving generation's. Reads no kernel state that could fail it."""
+        serving generation's, and the census of its addresses. Reads no kernel
+        state that could fail it."""
         current = self.current
         caps = self._env.capabilities()
         last = self.last_rollout
@@ -392,7 +394,18 @@ class Service:
             retiring=None if stage.retiring is None else stage.retiring.number,
             certificate=_certificate(self.certificate),
             last_rollout=None if last is None else last.model_dump(),
+            census=self.census(),
         )
+
+    def census(self) -> list[GroupCensus]:
+        """Who shares each of the service's addresses (never raises: see census.py)."""
+        stage = self.stage
+        held = (self.current, stage.candidate, stage.retiring)
+        addresses = list(self.config.listen)
+        for gen in held:
+            if gen is not None:
+                addresses += gen.plan.config.listen
+        return take_census(addresses, Known.of(held))
 
 
 def _certificate(served: Served | None) -> CertificateStatus | None:

@@ -29,6 +29,7 @@ from supervisor.steering.ebpf_program import (
     BANK,
     COUNTERS,
     NO_TARGET_MIGRATION,
+    NO_TARGET_SYN,
     PER_SLOT,
     REFUSED_MIGRATION,
     SLOTS,
@@ -393,6 +394,12 @@ class EbpfGroup:
     def _slot_counts(self, slot: int) -> ListenerCounts:
         base = PER_SLOT * slot
         return ListenerCounts(self._counter(base), self._counter(base + 1), self._counter(base + 2))
+
+    def unsteered_syns(self) -> int:
+        """SYNs the program left to the kernel's hash (no active slot could be
+        selected): any member, ours or not, may have received them."""
+        with translated(SteeringError, f"read the steering counters of {self.address}"):
+            return self._counter(NO_TARGET_SYN)
 
     def dropped_migrations(self) -> tuple[int, int]:
         """Migrations the program dropped: (no active member, refused by settings)."""

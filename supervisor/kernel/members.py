@@ -1,0 +1,158 @@
+"""Members of a reuseport group that are not ours: who holds them, and how
+they are set.
+
+Any process whose socket has the same owner uid may join a group by binding
+the same address and port with SO_REUSEPORT: the kernel asks nothing else
+(docs/kernel.md §2). sock_diag tells us a member's inode, cookie and uid;
+``/proc/PID/fd`` tells us which processes hold it; a duplicate taken with
+pidfd_getfd (root, or CAP_SYS_PTRACE) lets us read its settings as the
+kernel sees them, the ones a migration between listeners must not cross.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import socket
+from collections.abc import Collection
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from supervisor.errors import KernelError, translated
+from supervisor.kernel.proc import fd_of
+
+TCP_DEFER_ACCEPT, TCP_FASTOPEN, TCP_SAVE_SYN, TCP_ULP = 9, 23, 27, 31
+SO_GET_FILTER = 26  # SO_ATTACH_FILTER read back: the filter's length, in instructions
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_PROC = Path("/proc")
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A process holding a socket: one of its fds refers to it."""
+
+    pid: int
+    fd: int
+    command: str
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} ({self.command})"
+
+
+def holders(inodes: Collection[int], *, proc: Path = _PROC) -> dict[int, list[Holder]]:
+    """The processes holding each of ``inodes`` (sockets), ours excluded.
+
+    Walks every process's fd table: only for sockets nobody of ours accounts
+    for. A process that exits meanwhile, or whose table we may not read, is
+    skipped: its sockets then have no holder.
+    """
+    wanted = {f"socket:[{inode}]": inode for inode in inodes if inode}
+    found: dict[int, list[Holder]] = {inode: [] for inode in inodes}
+    if not wanted:
+        return found
+    me = os.getpid()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:
+            continue
+        command = ""
+        for link in fds:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if target in wanted:
+                command = command or _command(entry)
+                found[wanted[target]].append(Holder(int(entry.name), int(link.name), command))
+    return found
+
+
+def _command(entry: Path) -> str:
+    try:
+        return (entry / "comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a listener is set to, where a difference matters to a migration
+    between two members (``tcp_migrate_req`` in the kernel's ip-sysctl docs)."""
+
+    reuseport: bool
+    defer_accept: int  # seconds, as the kernel reads its retransmits back; 0: off
+    fastopen: int  # TCP_FASTOPEN's queue length; 0: off
+    save_syn: bool
+    v6only: bool | None  # None: not IPv6
+    device: str  # SO_BINDTODEVICE; "" for none
+    filter: int  # instructions of an attached socket filter; 0: none
+    ulp: str  # TCP_ULP ("tls"); "" for none
+
+    def differences(self, other: Settings) -> list[str]:
+        """``defer_accept 5 (ours 0)`` for each setting ``self`` has unlike ``other``
+        (reuseport aside: a member always has it; see ``Census``)."""
+        mine, theirs = asdict(self), asdict(other)
+        return [
+            f"{key} {mine[key]!r} (ours {theirs[key]!r})"
+            for key in mine
+            if key != "reuseport" and mine[key] != theirs[key]
+        ]
+
+
+def settings_of(sock: socket.socket) -> Settings:
+    """Read ``sock``'s settings.
+
+    Raises:
+        KernelError: a getsockopt the kernel refused.
+    """
+    with translated(KernelError, "getsockopt"):
+        tcp = sock.type == socket.SOCK_STREAM
+
+        def tcp_int(option: int) -> int:
+            return sock.getsockopt(socket.IPPROTO_TCP, option) if tcp else 0
+
+        v6only = None
+        if sock.family == socket.AF_INET6:
+            v6only = bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+        return Settings(
+            reuseport=bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)),
+            defer_accept=tcp_int(TCP_DEFER_ACCEPT),
+            fastopen=tcp_int(TCP_FASTOPEN),
+            save_syn=bool(tcp_int(TCP_SAVE_SYN)),
+            v6only=v6only,
+            device=_text(sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 64)),
+            filter=_filter_length(sock.fileno()),
+            ulp=_text(sock.getsockopt(socket.IPPROTO_TCP, TCP_ULP, 16)) if tcp else "",
+        )
+
+
+def _text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _filter_length(fd: int) -> int:
+    # With a length of 0 the kernel only says how long the filter is (in
+    # optlen); any other length is taken as room for that many instructions.
+    length = ctypes.c_uint(0)
+    if _libc.getsockopt(fd, socket.SOL_SOCKET, SO_GET_FILTER, None, ctypes.byref(length)) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"getsockopt(SO_GET_FILTER): {os.strerror(err)}")
+    return length.value
+
+
+def settings_held(holder: Holder) -> Settings:
+    """The settings of ``holder``'s socket, read through a duplicate of its fd.
+
+    Raises:
+        KernelError: the duplicate could not be taken (the process is gone,
+            or ptrace rules forbid it) or read.
+    """
+    with translated(KernelError, f"pidfd_getfd of fd {holder.fd} of {holder}"):
+        fd = fd_of(holder.pid, holder.fd)
+    with contextlib.closing(socket.socket(fileno=fd)) as sock:
+        return settings_of(sock)
