@@ -97,6 +97,12 @@ class Asm:
     def jgt_reg(self, dst: int, src: int, label: str) -> None:
         self._emit(0x2D, dst, src, off=label)
 
+    def jge_imm(self, dst: int, imm: int, label: str) -> None:
+        self._emit(0x35, dst, off=label, imm=imm)
+
+    def jge_reg(self, dst: int, src: int, label: str) -> None:
+        self._emit(0x3D, dst, src, off=label)
+
     def ja(self, label: str) -> None:
         self._emit(0x05, off=label)
 

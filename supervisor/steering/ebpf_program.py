@@ -6,6 +6,10 @@ that was shut down:
 
 - a SYN from a pinned source port goes to its pinned slot (health probes);
 - any other SYN goes to an active slot, ``hash % n`` over the active table;
+  if that slot's listener is gone (shut down or closed while still in the
+  table), the next active slot is tried, and so on (``RETRIES``); a SYN is
+  left to the kernel's hash (which may pick any member of the group, one
+  nobody placed included) only when no active slot can take it;
 - a migrating request from a listener whose cookie is in the refuse map is
   dropped (its settings differ from every active listener's);
 - any other migrating request goes to an active slot only, never to another
@@ -55,6 +59,8 @@ NO_TARGET_MIGRATION = NO_TARGET_SYN + 1  # a migration dropped: no active slot
 REFUSED_MIGRATION = NO_TARGET_SYN + 2  # a migration dropped: settings differ
 COUNTERS = NO_TARGET_SYN + 3
 _SK_DROP, _SK_PASS = 0, 1
+RETRIES = 32  # active slots tried after the chosen one failed, before the kernel's hash
+_N, _FIRST, _POSITION, _TRIES = -32, -40, -48, -56  # stack slots of the active-table walk
 # struct sk_reuseport_md offsets
 _MD_DATA, _MD_DATA_END, _MD_HASH, _MD_SK, _MD_MIGRATING_SK = 0, 8, 32, 40, 48
 
@@ -135,7 +141,10 @@ def _pinned_port(a: Asm, pins_fd: int) -> None:
 
 
 def _active_slot(a: Asm, table_fd: int) -> None:
-    """r7 = active[hash % n] from the live bank; "no_active" when n == 0."""
+    """r7 = active[hash % n] from the live bank; "no_active" when n == 0.
+
+    The bank's n, the index of its first slot, the position tried and the
+    tries so far stay on the stack for "retry"."""
     a.label("select")
     a.mov_imm(R9, 0)
     _lookup(a, table_fd, R9, -16, "fallback")
@@ -145,13 +154,43 @@ def _active_slot(a: Asm, table_fd: int) -> None:
     _lookup(a, table_fd, R9, -16, "fallback")
     a.ldxw(R7, R0, 0)
     a.jeq_imm(R7, 0, "no_active")
+    a.stxdw(R10, _N, R7)
+    a.add_imm(R9, 1)
+    a.stxdw(R10, _FIRST, R9)
     a.ldxw(R1, R6, _MD_HASH)
     a.mod_reg(R1, R7)
+    a.stxdw(R10, _POSITION, R1)
+    a.mov_imm(R2, 0)
+    a.stxdw(R10, _TRIES, R2)
+    a.label("try")  # r1 = the position in the active table
     a.add_reg(R1, R9)
-    a.add_imm(R1, 1)
     a.mov_reg(R9, R1)
     _lookup(a, table_fd, R9, -16, "fallback")
     a.ldxw(R7, R0, 0)
+    a.ja("chosen")
+
+
+def _retry(a: Asm) -> None:
+    """The active slot chosen could not be selected (its listener was shut
+    down or closed while still in the table): try the next one, and so on
+    around the table, up to ``RETRIES`` times. Never the kernel's hash while
+    an active slot can take it: that could pick any member of the group,
+    one nobody placed included."""
+    a.label("retry")
+    a.ldxdw(R1, R10, _TRIES)
+    a.add_imm(R1, 1)
+    a.stxdw(R10, _TRIES, R1)
+    a.jge_imm(R1, RETRIES, "fallback")
+    a.ldxdw(R2, R10, _N)
+    a.jge_reg(R1, R2, "fallback")
+    a.ldxdw(R1, R10, _POSITION)
+    a.add_imm(R1, 1)
+    a.jgt_reg(R2, R1, "wrapped")
+    a.mov_imm(R1, 0)
+    a.label("wrapped")
+    a.stxdw(R10, _POSITION, R1)
+    a.ldxdw(R9, R10, _FIRST)
+    a.ja("try")
 
 
 def _select_and_count(a: Asm, socks_fd: int, counters_fd: int) -> None:
@@ -163,11 +202,16 @@ def _select_and_count(a: Asm, socks_fd: int, counters_fd: int) -> None:
     a.add_imm(R3, -8)
     a.mov_imm(R4, 0)
     a.call(SK_SELECT_REUSEPORT)
-    a.jne_imm(R0, 0, "fallback")
+    a.jne_imm(R0, 0, "unselected")
     a.mul_imm(R7, PER_SLOT)
     a.add_reg(R7, R8)  # the slot's SYN, migration or probe counter
     _count(a, counters_fd, R7, "pass")
     a.ja("pass")
+    a.label("unselected")  # a pinned probe's listener is gone: steer it as any SYN
+    a.jne_imm(R8, KIND_PROBE, "retry")
+    a.mov_imm(R8, KIND_SYN)
+    a.ja("select")
+    _retry(a)
     a.label("no_active")
     a.jne_imm(R8, KIND_MIGRATION, "fallback")
     a.mov_imm(R7, NO_TARGET_MIGRATION)
