@@ -78,6 +78,8 @@ class ServiceStatus(Snapshot):
     certificate: CertificateStatus | None = None  # tls.cert as the serving generation loaded it
     last_rollout: dict[str, Any] | None = None
     census: list[GroupCensus] = []  # of each listen address (``supervisorctl census``)
+    # The last times a steering self-test found a group's program not ours.
+    steering_replaced: list[str] = []
 
 
 class DaemonStatus(Snapshot):
@@ -118,6 +120,8 @@ def render(status: Status) -> list[str]:
                 f"  certificate {cert.subject}: valid until {cert.not_after} "
                 f"({cert.days_left:.1f} days left)"
             )
+        if service.steering_replaced:
+            lines.append(f"  STEERING: {service.steering_replaced[-1]}")
         for worker in service.workers:
             pid = "-" if worker.pid is None else str(worker.pid)
             queued = sum(lst.queued or 0 for lst in worker.listeners)

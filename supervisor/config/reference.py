@@ -53,6 +53,14 @@ SUPERVISOR: dict[str, str] = {
         "a config error at start), `cbpf` (classic BPF, unprivileged). See "
         "[Steering](reloads.md#steering)"
     ),
+    "steering_check": (
+        "how often each eBPF-steered group is probed to prove its program is still "
+        "ours (any member's `SO_ATTACH_REUSEPORT_EBPF` replaces it, as nginx's QUIC "
+        "module does): one pinned connection to an active listener; a probe our "
+        "program did not count is logged as `steering_program_replaced`, naming the "
+        "processes that hold a reuseport program, and ours is attached again. `0` "
+        "turns it off. See [Who shares a port](operations.md#who-shares-a-port)"
+    ),
     "fd_store": (
         "`auto`: when systemd offers a file descriptor store (`$NOTIFY_SOCKET` set and "
         "`FileDescriptorStoreMax=` in the unit, as the shipped unit has), keep every "

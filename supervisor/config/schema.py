@@ -84,6 +84,9 @@ class SupervisorSection(Model):
     # (NOTIFY_SOCKET set and FileDescriptorStoreMax= in the unit): a crash or a
     # restart then loses no queued connection. "off": never.
     fd_store: Literal["auto", "off"] = "auto"
+    # How often each eBPF-steered group is probed to prove its program is still
+    # ours (a member's SO_ATTACH_REUSEPORT_EBPF replaces it); 0 turns it off.
+    steering_check: Duration = 5.0
     # A served certificate this close to its end gets a daily tls_expires_soon warning.
     tls_warn_before: Duration = 14 * 86400.0
     # Opt-in: serve GET /metrics (OpenMetrics) over HTTP here. Off by default:

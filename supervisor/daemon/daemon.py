@@ -97,7 +97,11 @@ class Daemon:
         self._caps = caps
         self.tally = metrics.Tally() if before is None else metrics.Tally.restore(before.metrics)
         self._env = ServiceEnv(
-            spawner, self.capabilities, store=store, on_rollout=self.tally.rollout
+            spawner,
+            self.capabilities,
+            store=store,
+            on_rollout=self.tally.rollout,
+            steering_check=config.supervisor.steering_check,
         )
         inheritances = inheritances or {}
         # Stopped by `supervisorctl stop`, until `start` (see switch.py).

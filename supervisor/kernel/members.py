@@ -156,3 +156,29 @@ def settings_held(holder: Holder) -> Settings:
         fd = fd_of(holder.pid, holder.fd)
     with contextlib.closing(socket.socket(fileno=fd)) as sock:
         return settings_of(sock)
+
+
+PROG_TYPE_SK_REUSEPORT = 21
+
+
+def reuseport_programs(pids: Collection[int], *, proc: Path = _PROC) -> dict[int, list[int]]:
+    """The ids of the SK_REUSEPORT programs each of ``pids`` holds an fd of
+    (``/proc/PID/fdinfo``): who may have attached one to a group. Processes
+    that hold none, are gone, or hide their fds are left out."""
+    found: dict[int, list[int]] = {}
+    for pid in pids:
+        try:
+            links = list((proc / str(pid) / "fd").iterdir())
+        except OSError:
+            continue
+        for link in links:
+            try:
+                if os.readlink(link) != "anon_inode:bpf-prog":
+                    continue
+                info = (proc / str(pid) / "fdinfo" / link.name).read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+            if fields.get("prog_type", "").strip() == str(PROG_TYPE_SK_REUSEPORT):
+                found.setdefault(pid, []).append(int(fields.get("prog_id", "0")))
+    return found

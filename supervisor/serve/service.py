@@ -26,6 +26,7 @@ from supervisor.serve.census import Known, take_census
 from supervisor.serve.generation import Generation, GenerationSpec, run_generation
 from supervisor.serve.inherit import retire_leftovers, take_steering
 from supervisor.serve.lifecycle import Watched, WorkerState
+from supervisor.serve.program_watch import Replaced, watch_programs
 from supervisor.serve.rollout import (
     RolloutContext,
     Stage,
@@ -40,6 +41,7 @@ from supervisor.status import CertificateStatus, GroupCensus, ServiceStatus
 from supervisor.steering import Backend, Role, Steering, SteeringGroup
 from supervisor.values import ListenAddress, Served
 
+_KEEP = 10  # replacements of the steering program status shows
 log = structlog.get_logger("supervisor.serve.service")
 
 
@@ -86,6 +88,7 @@ class ServiceEnv:
     store: FdStore = NO_STORE  # systemd's fd store, where listeners outlive the daemon
     # Told of every finished rollout, with the restarts of the generation it retired.
     on_rollout: Callable[[RolloutReport, int], None] = lambda _report, _restarts: None
+    steering_check: float = 0.0  # seconds between steering self-tests; 0: none
 
 
 class Service:
@@ -110,6 +113,7 @@ class Service:
         self.last_generation = 0
         self.last_rollout: RolloutReport | None = None
         self.inherited: TakeoverSummary | None = None  # what the start took over
+        self.steering_replaced: list[str] = []  # the last replacements of our program
         self._preserve = False
         self._rolling_out = False
         self._busy = Watched(False)  # a rollout runs or waits
@@ -212,6 +216,10 @@ class Service:
             task_status.started()
             async with trio.open_nursery() as rollouts:
                 rollouts.start_soon(self._rollout_loop, nursery)
+                if self._env.steering_check > 0:
+                    rollouts.start_soon(
+                        watch_programs, self._quiet, self._env.steering_check, self._replaced
+                    )
                 await self._stop_requested.wait()
                 log.info("service_stopping")
                 rollouts.cancel_scope.cancel()
@@ -221,6 +229,16 @@ class Service:
             assert serving is not None
             await serving.stop(preserve=self._preserve)
             nursery.cancel_scope.cancel()
+
+    def _quiet(self) -> Generation | None:
+        """The serving generation, while no rollout changes its groups."""
+        stage = self.stage
+        if self._rolling_out or stage.candidate is not None or stage.retiring is not None:
+            return None
+        return self.current
+
+    def _replaced(self, replaced: Replaced) -> None:
+        self.steering_replaced = [*self.steering_replaced, replaced.describe()][-_KEEP:]
 
     def export(self, ledger: Ledger) -> ServiceDoc:
         """This service, serving and idle (no rollout under way), as the next
@@ -395,6 +413,7 @@ class Service:
             certificate=_certificate(self.certificate),
             last_rollout=None if last is None else last.model_dump(),
             census=self.census(),
+            steering_replaced=self.steering_replaced,
         )
 
     def census(self) -> list[GroupCensus]:
