@@ -1,6 +1,7 @@
 """The demo worker's command line.
 
-``python -m supervisor.demo [--delay S] [--concurrency N] [--work S] [--tls-cert F --tls-key F]``
+``python -m supervisor.demo [--delay S] [--concurrency N] [--work S] [--tls-cert F --tls-key F]
+[--bind HOST:PORT ...]``
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def main() -> None:
         "--tls-cert", help="serve TLS with this certificate (PEM, chain after leaf)"
     )
     parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    parser.add_argument(
+        "--bind",
+        action="append",
+        metavar="HOST:PORT",
+        help="bind this address itself (SO_REUSEPORT) instead of taking LISTEN_FDS; repeatable",
+    )
     args = parser.parse_args()
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
@@ -46,7 +53,7 @@ def main() -> None:
         print(f"demo: cannot load {args.tls_cert} / {args.tls_key}: {exc}", file=sys.stderr)
         sys.exit(2)
     try:
-        trio.run(serve, args.delay, args.concurrency, args.work, tls)
+        trio.run(serve, args.delay, args.concurrency, args.work, tls, args.bind)
     except ListenFdsError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         sys.exit(2)

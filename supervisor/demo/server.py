@@ -242,14 +242,35 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
+def bound_sockets(addresses: list[str]) -> list[socket.socket]:
+    """Listeners this process binds itself, with SO_REUSEPORT, on ``host:port``
+    addresses: a server that binds its own sockets, as most do."""
+    socks = []
+    for text in addresses:
+        host, _, port = text.rpartition(":")
+        host = host.strip("[]")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, int(port)))
+            sock.listen(1024)
+        except OSError as exc:
+            sock.close()
+            raise ListenFdsError(f"cannot listen on {text}: {exc}") from exc
+        socks.append(sock)
+    return socks
+
+
 async def serve(
     delay: float = 0.0,
     concurrency: int = 0,
     work: float = 0.0,
     tls: ssl.SSLContext | None = None,
+    bind: list[str] | None = None,
 ) -> None:
-    """Serve the inherited listeners until SIGTERM/SIGINT; then drain and return."""
-    socks = inherited_sockets()
+    """Serve the inherited listeners (or, with ``bind``, its own) until
+    SIGTERM/SIGINT; then drain and return."""
+    socks = bound_sockets(bind) if bind else inherited_sockets()
     identity = Identity(
         service=os.environ.get("SUPERVISOR_SERVICE", "demo"),
         generation=os.environ.get("SUPERVISOR_GENERATION", "0"),

@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from supervisor.errors import KernelError, translated
-from supervisor.kernel.proc import fd_of
+from supervisor.kernel import diag
+from supervisor.kernel.proc import family, fd_of
+from supervisor.values import ListenAddress
 
 TCP_DEFER_ACCEPT, TCP_FASTOPEN, TCP_SAVE_SYN, TCP_ULP = 9, 23, 27, 31
 SO_GET_FILTER = 26  # SO_ATTACH_FILTER read back: the filter's length, in instructions
@@ -41,19 +43,23 @@ class Holder:
         return f"pid {self.pid} ({self.command})"
 
 
-def holders(inodes: Collection[int], *, proc: Path = _PROC) -> dict[int, list[Holder]]:
-    """The processes holding each of ``inodes`` (sockets), ours excluded.
+def holders(
+    inodes: Collection[int], *, pids: Collection[int] | None = None, proc: Path = _PROC
+) -> dict[int, list[Holder]]:
+    """The processes (of ``pids``, default every one) holding each of
+    ``inodes`` (sockets), ours excluded.
 
-    Walks every process's fd table: only for sockets nobody of ours accounts
-    for. A process that exits meanwhile, or whose table we may not read, is
-    skipped: its sockets then have no holder.
+    Walks each process's fd table: without ``pids``, only for sockets nobody
+    of ours accounts for. A process that exits meanwhile, or whose table we
+    may not read, is skipped: its sockets then have no holder.
     """
     wanted = {f"socket:[{inode}]": inode for inode in inodes if inode}
     found: dict[int, list[Holder]] = {inode: [] for inode in inodes}
     if not wanted:
         return found
     me = os.getpid()
-    for entry in proc.iterdir():
+    entries = proc.iterdir() if pids is None else (proc / str(pid) for pid in pids)
+    for entry in entries:
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
         try:
@@ -152,9 +158,7 @@ def settings_held(holder: Holder) -> Settings:
         KernelError: the duplicate could not be taken (the process is gone,
             or ptrace rules forbid it) or read.
     """
-    with translated(KernelError, f"pidfd_getfd of fd {holder.fd} of {holder}"):
-        fd = fd_of(holder.pid, holder.fd)
-    with contextlib.closing(socket.socket(fileno=fd)) as sock:
+    with contextlib.closing(duplicate(holder)) as sock:
         return settings_of(sock)
 
 
@@ -182,3 +186,27 @@ def reuseport_programs(pids: Collection[int], *, proc: Path = _PROC) -> dict[int
             if fields.get("prog_type", "").strip() == str(PROG_TYPE_SK_REUSEPORT):
                 found.setdefault(pid, []).append(int(fields.get("prog_id", "0")))
     return found
+
+
+def bound_by(root: int, address: ListenAddress) -> list[tuple[diag.BoundSocket, Holder]]:
+    """The members of ``address``'s group that ``root`` or one of its
+    descendants holds (one holder each: the first found), by sock_diag and
+    ``/proc``: the sockets a server bound itself.
+
+    Raises:
+        DiagError: sock_diag is unavailable.
+    """
+    exact = [b for b in diag.bound_on(address) if b.exact]
+    held = holders([b.inode for b in exact], pids=sorted(family(root)))
+    return [(b, held[b.inode][0]) for b in exact if held.get(b.inode)]
+
+
+def duplicate(holder: Holder) -> socket.socket:
+    """Our own reference to ``holder``'s socket (pidfd_getfd): a ``shutdown()``
+    through it acts on the socket every holder shares.
+
+    Raises:
+        KernelError: the process is gone, the fd is closed, or ptrace rules forbid it.
+    """
+    with translated(KernelError, f"pidfd_getfd of fd {holder.fd} of {holder}"):
+        return socket.socket(fileno=fd_of(holder.pid, holder.fd))

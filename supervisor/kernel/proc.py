@@ -359,13 +359,28 @@ async def run_command(
     return CommandResult(code, output.decode(errors="replace"))
 
 
-def children() -> set[int]:
-    """The pids of this process's children (of every thread), reaped or not."""
+def children(pid: int | str = "self") -> set[int]:
+    """The pids of a process's children (of every thread), reaped or not; none
+    if it is gone."""
     out: set[int] = set()
-    for task in Path("/proc/self/task").iterdir():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            out.update(int(pid) for pid in (task / "children").read_text().split())
+            out.update(int(child) for child in (task / "children").read_text().split())
     return out
+
+
+def family(pid: int, limit: int = 4096) -> set[int]:
+    """``pid`` and every descendant of it (nginx's master and its workers)."""
+    found, todo = {pid}, [pid]
+    while todo and len(found) < limit:
+        for child in children(todo.pop()) - found:
+            found.add(child)
+            todo.append(child)
+    return found
 
 
 def reap_strays(known: set[int], grace: float = 1.0) -> list[int]:
