@@ -172,6 +172,16 @@ SERVICE: dict[str, str] = {
         "directories are watched (inotify), so in-place writes, rename-over saves and "
         "symlink switches (certbot's `live/`) are all seen; the directories must exist"
     ),
+    "listen_mode": (
+        "`pass`: the daemon binds every listener and passes it to the worker (fds "
+        "from 3, `LISTEN_FDS`). `own`: each worker binds `listen` itself with "
+        "`SO_REUSEPORT` (nginx `listen ... reuseport`, `gunicorn --reuse-port`, a Go "
+        "server) and gets no fds; after each spawn the daemon finds the sockets the "
+        "worker (or a descendant) listens on, takes a duplicate of each (pidfd_getfd), "
+        "and steers, gates, retires and migrates them like its own. Needs eBPF "
+        "steering, TCP addresses, no `{fd}` and no `socket` options; see "
+        "[Servers that bind their own sockets](workers.md#servers-that-bind-their-own-sockets)"
+    ),
     "output": (
         "`events`: each line a worker writes to stdout or stderr becomes a "
         "`worker_output` log event with `service`, `generation`, `worker`, `pid`, "

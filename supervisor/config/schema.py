@@ -264,6 +264,28 @@ class ServiceConfig(Model):
     # (service, generation, worker, stream); "inherit": they write to the
     # daemon's own stdout and stderr, untouched (workers that log to files).
     output: Literal["events", "inherit"] = "events"
+    # "pass": the supervisor binds every listener and passes it (LISTEN_FDS).
+    # "own": each worker binds `listen` itself (SO_REUSEPORT); the supervisor
+    # finds those sockets and adopts them (needs eBPF steering and ptrace rights).
+    listen_mode: Literal["pass", "own"] = "pass"
+
+    @model_validator(mode="after")
+    def _own_listeners(self) -> ServiceConfig:
+        if self.listen_mode != "own":
+            return self
+        if any(address.proto != "tcp" for address in self.listen):
+            raise ValueError('listen_mode = "own" adopts TCP listeners only: drop the udp:// ones')
+        if any("{fd}" in arg for arg in self.command):
+            raise ValueError(
+                'listen_mode = "own": the worker binds its own sockets and gets no fds, '
+                "so {fd} has no meaning in command"
+            )
+        if "socket" in self.model_fields_set:
+            raise ValueError(
+                'listen_mode = "own": the worker sets its own socket options; '
+                "remove [services.NAME.socket]"
+            )
+        return self
 
     @field_validator("watch")
     @classmethod

@@ -14,7 +14,9 @@ from pathlib import Path
 CHOWN = 0
 DAC_OVERRIDE = 1
 DAC_READ_SEARCH = 2
+SYS_PTRACE = 19
 NAMES = {
+    SYS_PTRACE: "CAP_SYS_PTRACE",
     CHOWN: "CAP_CHOWN",
     DAC_OVERRIDE: "CAP_DAC_OVERRIDE",
     DAC_READ_SEARCH: "CAP_DAC_READ_SEARCH",
@@ -47,3 +49,13 @@ def why_denied(*caps: int) -> str:
     if not missing:
         return ""
     return f" (the daemon runs as root without {' and '.join(missing)}: see CapabilityBoundingSet)"
+
+
+def ptrace_scope() -> int | None:
+    """Yama's ``kernel.yama.ptrace_scope`` (None: no Yama): 3 forbids every
+    ptrace access, pidfd_getfd included; 1 and 2 leave it to descendants and
+    to CAP_SYS_PTRACE."""
+    try:
+        return int(Path("/proc/sys/kernel/yama/ptrace_scope").read_text())
+    except (OSError, ValueError):
+        return None

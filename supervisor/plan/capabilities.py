@@ -14,8 +14,9 @@ from typing import Literal
 
 import structlog
 
-from supervisor.config.schema import Config, SupervisorSection
+from supervisor.config.schema import Config, ServiceConfig, SupervisorSection
 from supervisor.errors import ConfigIssue
+from supervisor.kernel import caps as kcaps
 from supervisor.kernel import cbpf, fastspawn, sysctl
 from supervisor.steering import Backend
 from supervisor.steering.classic import build_program
@@ -106,6 +107,8 @@ def check(config: Config, caps: Capabilities) -> Iterable[ConfigIssue]:
             'migration); use "auto" or "cbpf"',
         )
     for name, service in config.services.items():
+        if service.listen_mode == "own":
+            yield from _adoption_issues(name, service, caps)
         if service.retire == "migrate" and not caps.can_migrate:
             state = "missing (kernel < 5.14)" if caps.migrate_req is None else caps.migrate_req
             yield ConfigIssue(
@@ -114,3 +117,38 @@ def check(config: Config, caps: Capabilities) -> Iterable[ConfigIssue]:
                 f"the supervisor's network namespace (it is {state}); set it, or [supervisor] "
                 'tcp_migrate_req = "enable", or use retire = "auto" or "drain"',
             )
+
+
+def _adoption_issues(
+    name: str, service: ServiceConfig, caps: Capabilities
+) -> Iterable[ConfigIssue]:
+    """Why the workers' own sockets could not be adopted here."""
+    where = f"services.{name}.listen_mode"
+    if caps.steering != "ebpf":
+        yield ConfigIssue(
+            where,
+            '"own" needs eBPF steering: a socket joins the group at its listen(), before '
+            "the supervisor knows of it, and only the eBPF program never sends it a "
+            "connection meanwhile (classic BPF selects by index into the group's socket "
+            "array, which each worker's own listen() changes)",
+        )
+    problem = adoption_problem(other_user=service.user is not None)
+    if problem:
+        yield ConfigIssue(where, f'"own" cannot adopt the workers\' sockets: {problem}')
+
+
+def adoption_problem(*, other_user: bool) -> str | None:
+    """Why pidfd_getfd of a worker's socket would be refused here, or None."""
+    scope = kcaps.ptrace_scope()
+    if scope is not None and scope >= 3:
+        return "kernel.yama.ptrace_scope is 3, which forbids it (pidfd_getfd is a ptrace access)"
+    if not kcaps.lacks(kcaps.SYS_PTRACE):
+        return None
+    if other_user:
+        return (
+            "the workers run as another user (user =), and taking a duplicate of their "
+            "fds (pidfd_getfd) then needs CAP_SYS_PTRACE, which the daemon lacks"
+        )
+    if scope == 2:
+        return "kernel.yama.ptrace_scope is 2, which leaves it to CAP_SYS_PTRACE (lacking)"
+    return None

@@ -143,9 +143,12 @@ def plan_worker(name: str, service: ServiceConfig, generation: int, index: int) 
         SUPERVISOR_SERVICE=name,
         SUPERVISOR_GENERATION=str(generation),
         SUPERVISOR_WORKER=str(index),
-        LISTEN_FDS=str(len(service.listen)),
-        LISTEN_FDNAMES=":".join(address.fd_name for address in service.listen),
     )
+    if service.listen_mode == "pass":  # "own": the worker binds them itself
+        env.update(
+            LISTEN_FDS=str(len(service.listen)),
+            LISTEN_FDNAMES=":".join(address.fd_name for address in service.listen),
+        )
     cwd = service.working_directory
     return WorkerPlan(
         service=name,
@@ -287,7 +290,14 @@ def describe(plans: list[ServicePlan]) -> list[str]:
                 f"fd {FIRST_LISTEN_FD + i}={address}" for i, address in enumerate(worker.listen)
             )
             lines.append(f"  worker {worker.index}: {list(worker.argv)}")
-            lines.append(f"    listeners: {fds} (SO_REUSEPORT, one per worker)")
+            if cfg.listen_mode == "own":
+                bound = ", ".join(str(address) for address in worker.listen)
+                lines.append(
+                    f"    listeners: bound by the worker itself on {bound} (listen_mode = "
+                    "own): found by sock_diag, adopted with pidfd_getfd, steered by eBPF"
+                )
+            else:
+                lines.append(f"    listeners: {fds} (SO_REUSEPORT, one per worker)")
             who = [f"user={worker.user}"] if worker.user else []
             who += [f"group={worker.group}"] if worker.group else []
             who += [f"cwd={worker.working_directory}"] if worker.working_directory else []

@@ -65,17 +65,21 @@ class Known:
         return None
 
 
-def take_census(addresses: Iterable[ListenAddress], known: Known) -> list[GroupCensus]:
+def take_census(
+    addresses: Iterable[ListenAddress], known: Known, *, own: bool = False
+) -> list[GroupCensus]:
     """The census of each of ``addresses`` (each once, in order). Never raises:
-    a sock_diag failure is the group's ``error``."""
-    return [_census(address, known) for address in dict.fromkeys(addresses)]
+    a sock_diag failure is the group's ``error``. ``own``: the workers bind
+    their own sockets (``listen_mode = "own"``), so one a worker holds and
+    the daemon has not adopted yet is not a stranger."""
+    return [_census(address, known, own) for address in dict.fromkeys(addresses)]
 
 
 def problems(census: Iterable[GroupCensus]) -> list[str]:
     return [problem for group in census for problem in group.problems]
 
 
-def _census(address: ListenAddress, known: Known) -> GroupCensus:
+def _census(address: ListenAddress, known: Known, own: bool) -> GroupCensus:
     try:
         bound = diag.bound_on(address)
     except KernelError as exc:
@@ -99,8 +103,9 @@ def _census(address: ListenAddress, known: Known) -> GroupCensus:
         else:
             holding = held.get(b.inode, [])
             entry = _stranger(b, holding, reference)
+            adopting = own and any(known.worker_of(h.pid) for h in holding)
             problem = _problem(address, b, entry, _who(entry, holding, known), ours_wildcard)
-            if problem:
+            if problem and not adopting:
                 found.append(problem)
         (group if b.exact else neighbours).append(entry)
     return GroupCensus(address=str(address), members=group, neighbours=neighbours, problems=found)

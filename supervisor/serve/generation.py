@@ -29,6 +29,7 @@ from supervisor.serve.health import pinned_connector
 from supervisor.serve.lifecycle import Watched, WorkerState
 from supervisor.serve.listener import AdoptedListener, Listener, open_listeners, release_listeners
 from supervisor.serve.output import OutputHub
+from supervisor.serve.own import OwnListeners
 from supervisor.serve.spawner import Spawner
 from supervisor.serve.worker import AdoptedWorker, WorkerSlot
 from supervisor.status import WorkerStatus
@@ -59,12 +60,18 @@ class Generation:
     """Handle on a running generation; its resources belong to ``run_generation``."""
 
     def __init__(
-        self, plan: ServicePlan, listeners: list[Listener], slots: list[WorkerSlot], role: Role
+        self,
+        plan: ServicePlan,
+        listeners: list[Listener],
+        slots: list[WorkerSlot],
+        role: Role,
+        own: Mapping[int, OwnListeners] | None = None,
     ) -> None:
         self.plan = plan
         self.number = plan.generation
-        self.listeners = listeners
+        self.listeners = listeners  # every one, adopted ones too (their sockets are ours)
         self._of = by_worker_index(listeners)
+        self._own = own or {}  # listen_mode = "own": each slot's adopted listeners
         self.slots = slots
         self.role = role  # of the generation; a listener's own role follows its worker
         self.state: Watched[GenerationState] = Watched(GenerationState.STARTING)
@@ -73,7 +80,21 @@ class Generation:
         self._down: set[int] = set()  # workers whose listeners were placed out of rotation
 
     def listeners_of(self, worker: int) -> list[Listener]:
-        return self._of.get(worker, [])
+        """Worker ``worker``'s listeners (adopted: its live process's)."""
+        own = self._own.get(worker)
+        return own.current if own is not None else self._of.get(worker, [])
+
+    def place_worker(self, index: int) -> None:
+        """Set and publish the roles of worker ``index``'s listeners (just adopted).
+
+        Raises:
+            SteeringError: the kernel refused the change.
+        """
+        slot = self.slots[index]
+        groups = self._place(slot)
+        groups.update((id(lst.group), lst.group) for lst in self.listeners_of(index))
+        for group in groups.values():
+            group.apply()
 
     def admit(self, role: Role) -> dict[int, SteeringGroup]:
         """Give the generation ``role`` in its groups; return the groups to ``apply()``.
@@ -260,24 +281,38 @@ async def run_generation(
     plan, spawner, role = spec.plan, spec.spawner, spec.role
     settings = plan.settings
     structlog.contextvars.bind_contextvars(service=plan.name, generation=plan.generation)
+    own_mode = plan.config.listen_mode == "own"
     try:
-        listeners = open_listeners(plan, spec.steering, role, spec.store, spec.inherited)
+        listeners = (
+            []
+            if own_mode
+            else open_listeners(plan, spec.steering, role, spec.store, spec.inherited)
+        )
     except SupervisorError as exc:
         raise RolloutAborted(plan.name, [str(exc)]) from exc
     slots = []
     handovers = spec.handovers or {}
     hub = OutputHub()
     by_worker = by_worker_index(listeners)
+    owns: dict[int, OwnListeners] = {}
+    home: list[Generation] = []  # the generation, once made: adopted listeners are placed in it
     for worker in plan.workers:
         mine = by_worker.get(worker.index, [])
         first_tcp = next((lst for lst in mine if lst.tcp), None)
         connect = None if first_tcp is None else pinned_connector(first_tcp)
         fds = [lst.sock.fileno() for lst in mine]
         handover = handovers.get(worker.index)
+        own = None
+        if own_mode:
+            place = functools.partial(_place_in, home, worker.index)
+            own = owns[worker.index] = OwnListeners(worker, spec.steering, listeners, place)
         slots.append(
-            WorkerSlot(worker, fds, settings, spawner, connect, handover=handover, output=hub)
+            WorkerSlot(
+                worker, fds, settings, spawner, connect, handover=handover, output=hub, own=own
+            )
         )
-    generation = Generation(plan, listeners, slots, role)
+    generation = Generation(plan, listeners, slots, role, owns)
+    home.append(generation)
     if spec.created is not None:
         spec.created(generation)
     log.info(
@@ -301,6 +336,10 @@ async def run_generation(
         release_listeners(listeners, preserve=preserve)
         generation.state.set(GenerationState.STOPPED)
     log.info("generation_stopped")
+
+
+def _place_in(home: list[Generation], index: int) -> None:
+    home[0].place_worker(index)
 
 
 async def _serve(

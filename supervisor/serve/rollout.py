@@ -146,7 +146,9 @@ async def run_rollout(
     certificate = snapshot.certificate or read_certificate(service)
     plan = plan_rollout(ctx.current.plan, service, ctx.generation, caps, certificate)
     census = take_census(
-        [*ctx.current.plan.config.listen, *service.listen], Known.of([ctx.current])
+        [*ctx.current.plan.config.listen, *service.listen],
+        Known.of([ctx.current]),
+        own=service.listen_mode == "own",
     )
     report.notes = [f"census of {g.address} not taken: {g.error}" for g in census if g.error]
     refusals = problems(census)

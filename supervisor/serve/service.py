@@ -16,6 +16,7 @@ import structlog
 import trio
 
 from supervisor.config.schema import ServiceConfig
+from supervisor.errors import UpgradeRefused
 from supervisor.handoff.fdstore import NO_STORE, FdStore
 from supervisor.handoff.ledger import Ledger
 from supervisor.handoff.state import GroupDoc, ServiceDoc, ebpf_name
@@ -242,7 +243,17 @@ class Service:
 
     def export(self, ledger: Ledger) -> ServiceDoc:
         """This service, serving and idle (no rollout under way), as the next
-        image needs it; every fd goes in ``ledger``."""
+        image needs it; every fd goes in ``ledger``.
+
+        Raises:
+            UpgradeRefused: its workers bind their own sockets (not carried yet).
+        """
+        if self.config.listen_mode == "own":
+            raise UpgradeRefused(
+                f'service {self.name}: listen_mode = "own": an in-place upgrade does not '
+                "carry adopted listeners yet; use systemctl restart (it costs the requests "
+                "in flight)"
+            )
         current = self.current
         assert current is not None
         listeners, workers = current.export(ledger, self.name)
@@ -424,7 +435,7 @@ class Service:
         for gen in held:
             if gen is not None:
                 addresses += gen.plan.config.listen
-        return take_census(addresses, Known.of(held))
+        return take_census(addresses, Known.of(held), own=self.config.listen_mode == "own")
 
 
 def _certificate(served: Served | None) -> CertificateStatus | None:

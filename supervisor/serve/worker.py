@@ -39,6 +39,7 @@ from supervisor.plan.plan import SlotSettings, WorkerPlan
 from supervisor.serve.health import Connector, ProbeTarget, make_probe
 from supervisor.serve.lifecycle import Watched, WorkerState, check_transition
 from supervisor.serve.output import OutputHub, Pipe, open_pipes
+from supervisor.serve.own import OwnListeners
 from supervisor.serve.spawner import ProcessHandle, Spawner
 from supervisor.values import ListenAddress
 
@@ -90,6 +91,7 @@ class WorkerSlot:
         *,
         handover: AdoptedWorker | None = None,
         output: OutputHub | None = None,
+        own: OwnListeners | None = None,
     ) -> None:
         """``output``: the generation's reader of worker output, for ``output =
         "events"``; without one the processes write to the daemon's own stdout
@@ -99,6 +101,7 @@ class WorkerSlot:
         self._output = output
         self.fds = tuple(fds)
         self._connect = connect
+        self._own = own  # listen_mode = "own": the listeners each process binds itself
         self.settings = settings
         self._spawner = spawner
         self.state: Watched[WorkerState] = Watched(WorkerState.STARTING)
@@ -344,6 +347,8 @@ class WorkerSlot:
         finally:
             self.process = None
             await proc.aclose()  # killed and reaped if it still runs (cancellation)
+        if self._own is not None:
+            await self._own.release()  # its sockets' queues go to live listeners
         outcome.lifetime = trio.current_time() - spawned_at
         self.last_exit = describe_exit(outcome.returncode)
         if outcome.failure is None and not outcome.reached_running:
@@ -363,26 +368,44 @@ class WorkerSlot:
         on_first_ready: Callable[[], None],
         spawned_at: float,
     ) -> None:
-        target = ProbeTarget(
-            label=self.label,
-            worker=self.plan.index,
-            generation=self.plan.generation,
-            pid=proc.pid,
-            address=_first_tcp(self.plan.listen),
-            connect=self._connect,
-            notifications=None if self._notify is None else self._notify.receive,
-            certificate=self.settings.certificate,
-            run=lambda argv: self._spawner.run_command(self.plan, argv),
-        )
-        probe = make_probe(self.settings.health, target)
+        probe = None
         with trio.move_on_after(self.settings.ready_timeout) as scope:
+            connect = self._connect
+            if self._own is not None:
+                try:
+                    connect = await self._own.adopt(proc.pid)
+                except SupervisorError as exc:
+                    outcome.failure = SpawnError(
+                        self.label, f"its own listeners could not be adopted: {exc}"
+                    )
+                    log.error("worker_unadoptable", reason=str(outcome.failure))
+                    proc.send_signal(signal.SIGKILL)
+                    return
+            target = ProbeTarget(
+                label=self.label,
+                worker=self.plan.index,
+                generation=self.plan.generation,
+                pid=proc.pid,
+                address=_first_tcp(self.plan.listen),
+                connect=connect,
+                notifications=None if self._notify is None else self._notify.receive,
+                certificate=self.settings.certificate,
+                run=lambda argv: self._spawner.run_command(self.plan, argv),
+            )
+            probe = make_probe(self.settings.health, target)
             await probe.wait_ready()
         if scope.cancelled_caught:
-            outcome.failure = HealthCheckFailed(
-                self.label,
-                self.settings.health.kind,
-                f"not ready after {self.settings.ready_timeout:g}s: {probe.last_error}",
-            )
+            timeout = f"{self.settings.ready_timeout:g}s"
+            if probe is None and self._own is not None:
+                missing = ", ".join(self._own.missing())
+                outcome.failure = SpawnError(
+                    self.label, f"did not listen on {missing} within {timeout} (listen_mode = own)"
+                )
+            else:
+                last = "" if probe is None else probe.last_error
+                outcome.failure = HealthCheckFailed(
+                    self.label, self.settings.health.kind, f"not ready after {timeout}: {last}"
+                )
             log.error("worker_unhealthy", reason=str(outcome.failure))
             proc.send_signal(signal.SIGKILL)
             return
@@ -392,6 +415,8 @@ class WorkerSlot:
             self._set(WorkerState.RUNNING)
             log.info("worker_running", check=self.settings.health.kind)
             on_first_ready()
+            if self._own is not None:
+                await self._own.running()
 
     async def _wait(self, proc: ProcessHandle) -> int:
         """Wait for ``proc`` to exit; once it has its stop signal (``request_stop``,

@@ -12,6 +12,7 @@ from supervisor.config.loader import load_config, parse_config
 from supervisor.config.schema import Config, HealthHttp, HealthNone
 from supervisor.errors import ConfigError
 from supervisor.kernel.files import private_tmp
+from supervisor.plan.capabilities import Capabilities, check
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = """
@@ -331,3 +332,35 @@ def test_a_private_tmp_is_told_from_the_mount_it_is_on() -> None:
         "27 1 8:1 / / rw - ext4 /dev/sda1\n30 27 0:40 /systemd-private-9-x/tmp /tmp rw - tmpfs\n"
     )
     assert private_tmp(Path("/tmp"), tmpfs), "a /tmp of its own filesystem"
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ('listen = ["udp://127.0.0.1:8080"]', "adopts TCP listeners only"),
+        ('command = ["gunicorn", "--bind", "fd://{fd}"]', "{fd} has no meaning"),
+        ("socket = { fastopen = 16 }", "the worker sets its own socket options"),
+    ],
+)
+def test_own_listen_mode_refuses_what_has_no_meaning_for_it(extra: str, why: str) -> None:
+    text = '[services.web]\nlisten_mode = "own"\n' + extra + "\n"
+    if "command" not in extra:
+        text += 'command = ["nginx"]\n'
+    if "listen" not in extra:
+        text += 'listen = ["127.0.0.1:8080"]\n'
+    found = issues(text)
+    assert any(why in issue for issue in found), found
+
+
+def test_own_listen_mode_needs_ebpf_steering_and_says_why() -> None:
+    config = parse_config(MINIMAL + 'listen_mode = "own"\n')
+    assert config.services["web"].listen_mode == "own"
+    plan_default = parse_config(MINIMAL).services["web"]
+    assert plan_default.listen_mode == "pass"
+    cbpf = Capabilities(migrate_req=0, cbpf=True, ebpf=False)
+    (issue,) = list(check(config, cbpf))
+    assert issue.location == "services.web.listen_mode"
+    assert '"own" needs eBPF steering' in issue.message
+    assert "classic BPF selects by index" in issue.message
+    ebpf = Capabilities(migrate_req=0, cbpf=True, ebpf=True)
+    assert list(check(config, ebpf)) == []
