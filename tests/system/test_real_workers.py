@@ -30,10 +30,11 @@ RELOADS = 10
 
 
 def example(name: str, port: int) -> str:
-    """The services of ``config/NAME.toml`` (the test supplies [supervisor]) on ``port``."""
+    """The services of ``config/NAME.toml`` (the test supplies [supervisor]) on
+    ``port`` (in ``listen``, and where a server binds it itself)."""
     text = (CONFIG / f"{name}.toml").read_text()
     services = text[text.index("[services.") :]
-    return re.sub(r'listen = \["127\.0\.0\.1:\d+"\]', f'listen = ["127.0.0.1:{port}"]', services)
+    return re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{port}", services)
 
 
 def sha(leaf: Issued) -> str:
@@ -52,11 +53,15 @@ def needs_module(name: str) -> None:
 
 
 def reload_under_load(
-    daemon: Daemon, service: str, port: int, tls: ssl.SSLContext | None = None
+    daemon: Daemon,
+    service: str,
+    port: int,
+    tls: ssl.SSLContext | None = None,
+    reloads: int = RELOADS,
 ) -> None:
     with Load(port, threads=4, duration=180, max_connections=100_000, tls=tls) as running:
         wait_until(running.answered, 15, "the load to be answered")
-        for n in range(RELOADS):
+        for n in range(reloads):
             reloaded = daemon.reload(service)
             assert reloaded.ok, reloaded.answer
             assert reloaded.report(service)["generation"] == n + 2
@@ -64,8 +69,21 @@ def reload_under_load(
     assert result.failed == 0, (result.failures, result.examples)
     generations = {b["generation"] for b in result.bodies if "generation" in b}
     if generations:  # the apps name their generation; nginx names only its pid
-        assert len(generations) >= RELOADS // 2, generations
-    assert result.ok > 10 * RELOADS
+        assert len(generations) >= reloads // 2, generations
+    assert result.ok > 10 * reloads
+
+
+def test_gunicorn_binding_its_own_socket_across_twenty_reloads(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """``gunicorn --reuse-port --bind``, adopted (``listen_mode = "own"``)."""
+    needs_module("gunicorn")
+    shutil.copytree(CONFIG / "apps", tmp_path / "apps")
+    port = free_port()
+    daemon = start_daemon(example("gunicorn-own", port), supervisor_extra='steering = "ebpf"')
+    (group,) = daemon.status()["services"]["gunicorn"]["census"]
+    assert len(group["members"]) == 4 and all(m["ours"] for m in group["members"]), group
+    reload_under_load(daemon, "gunicorn", port, reloads=20)
 
 
 @pytest.mark.parametrize("server", ["gunicorn", "uvicorn"])
