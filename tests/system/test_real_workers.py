@@ -98,6 +98,23 @@ def test_python_servers_across_reloads(
     reload_under_load(daemon, server, port)
 
 
+def test_nginx_binding_its_own_socket_across_twenty_reloads(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """nginx with ``listen ... reuseport``, adopted (``listen_mode = "own"``)."""
+    needs("nginx")
+    port = free_port()
+    (tmp_path / "nginx").mkdir()
+    conf = (CONFIG / "nginx" / "nginx-own.conf").read_text().replace("8081", str(port))
+    (tmp_path / "nginx" / "nginx-own.conf").write_text(conf)
+    state = tmp_path / "state"
+    extra = f'state_directory = "{state}"\nsteering = "ebpf"'
+    daemon = start_daemon(example("nginx-own", port), supervisor_extra=extra)
+    (group,) = daemon.status()["services"]["nginx"]["census"]
+    assert len(group["members"]) == 4 and all(m["ours"] for m in group["members"]), group
+    reload_under_load(daemon, "nginx", port, reloads=20)
+
+
 def test_nginx_over_tls_across_reloads_and_a_rotation(
     start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
