@@ -280,7 +280,7 @@ class ServiceConfig(Model):
                 'listen_mode = "own": the worker binds its own sockets and gets no fds, '
                 "so {fd} has no meaning in command"
             )
-        if "socket" in self.model_fields_set:
+        if self.socket != SocketOptions():
             raise ValueError(
                 'listen_mode = "own": the worker sets its own socket options; '
                 "remove [services.NAME.socket]"

@@ -278,8 +278,9 @@ def describe(plans: list[ServicePlan]) -> list[str]:
         cfg = plan.config
         lines.append(
             f"service {plan.name}: generation {plan.generation}, {cfg.workers} worker(s), "
-            f"retire={cfg.retire}, health={cfg.health.kind}, backlog={cfg.backlog}, "
-            f"stop={cfg.stop_signal} then SIGKILL after {format_duration(cfg.stop_timeout)}"
+            f"retire={cfg.retire}, health={cfg.health.kind}, "
+            + ("" if cfg.listen_mode == "own" else f"backlog={cfg.backlog}, ")
+            + f"stop={cfg.stop_signal} then SIGKILL after {format_duration(cfg.stop_timeout)}"
         )
         if cfg.preflight:
             lines.append(f"  preflight: {list(cfg.preflight)}")
