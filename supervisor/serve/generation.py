@@ -27,7 +27,13 @@ from supervisor.handoff.state import ListenerDoc, WorkerDoc
 from supervisor.plan.plan import ServicePlan
 from supervisor.serve.health import pinned_connector
 from supervisor.serve.lifecycle import Watched, WorkerState
-from supervisor.serve.listener import AdoptedListener, Listener, open_listeners, release_listeners
+from supervisor.serve.listener import (
+    AdoptedListener,
+    Listener,
+    open_listeners,
+    release_listeners,
+    relieve,
+)
 from supervisor.serve.output import OutputHub
 from supervisor.serve.own import OwnListeners
 from supervisor.serve.spawner import Spawner
@@ -173,18 +179,7 @@ class Generation:
                 continue
             if lst.role is Role.ACTIVE:
                 continue  # the address's last active listener: keep it for the next reload
-            try:
-                queued = lst.queued()
-                lst.shutdown()
-            except SupervisorError as exc:
-                log.error("fatal_worker_listener_kept", worker=slot.plan.index, error=str(exc))
-                continue
-            log.warning(
-                "fatal_worker_listener_shut_down",
-                worker=slot.plan.index,
-                address=str(lst.address),
-                queued=queued,
-            )
+            relieve(lst, "fatal_worker", worker=slot.plan.index)
 
     def request_stop(self, *, preserve: bool = False) -> None:
         """``preserve``: once the workers are gone, leave the listeners to systemd's

@@ -156,6 +156,20 @@ class Listener:
         )
 
 
+def relieve(lst: Listener, why: str, **fields: object) -> bool:
+    """Shut ``lst`` down so that its queue moves to the active listeners (where
+    migration is possible); log ``{why}_listener_shut_down`` with how many
+    waited, or ``{why}_listener_kept`` with the kernel's refusal (False)."""
+    try:
+        queued = lst.queued()
+        lst.shutdown()
+    except SupervisorError as exc:
+        log.error(f"{why}_listener_kept", address=str(lst.address), error=str(exc), **fields)
+        return False
+    log.warning(f"{why}_listener_shut_down", address=str(lst.address), queued=queued, **fields)
+    return True
+
+
 @dataclass(frozen=True)
 class AdoptedListener:
     """A listener this generation finds instead of binding one: from the image

@@ -35,7 +35,7 @@ from supervisor.kernel import members
 from supervisor.kernel.diag import BoundSocket
 from supervisor.plan.plan import WorkerPlan
 from supervisor.serve.health import Connector, pinned_connector
-from supervisor.serve.listener import Listener
+from supervisor.serve.listener import Listener, relieve
 from supervisor.steering import Role, Steering
 
 log = structlog.get_logger("supervisor.serve.own")
@@ -144,21 +144,15 @@ class OwnListeners:
             if not lst.active_peers():
                 kept.append(lst)  # its queue waits for the next process's listener
                 continue
-            try:
-                if lst.role is not Role.RETIRING:
+            if lst.role is not Role.RETIRING:
+                try:
                     lst.set_role(Role.RETIRING)
                     lst.group.apply()
-                    await trio.sleep(STEER_AWAY_PAUSE)
-                queued = lst.queued()
-                lst.shutdown()
-            except SupervisorError as exc:
-                log.error("orphan_listener_kept", address=str(lst.address), error=str(exc))
+                except SupervisorError as exc:
+                    log.error("orphan_listener_kept", address=str(lst.address), error=str(exc))
+                    kept.append(lst)
+                    continue
+                await trio.sleep(STEER_AWAY_PAUSE)
+            if not relieve(lst, "orphan", worker=self.plan.index):
                 kept.append(lst)
-                continue
-            log.warning(
-                "orphan_listener_shut_down",
-                worker=self.plan.index,
-                address=str(lst.address),
-                queued=queued,
-            )
         self._orphans = kept

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Self, TypeVar
 
 Part = TypeVar("Part")
 REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
@@ -79,7 +79,7 @@ def one_request(
     try:
         raw = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
-        raise LoadFailure(_cause(exc), str(exc), at_connect=True) from exc
+        raise LoadFailure(cause_of(exc), str(exc), at_connect=True) from exc
     try:
         with raw:
             sock = raw if tls is None else tls.wrap_socket(raw)
@@ -91,14 +91,8 @@ def one_request(
                 data += chunk
     except ssl.SSLError as exc:
         raise LoadFailure("tls", str(exc)) from exc
-    except ConnectionResetError as exc:
-        raise LoadFailure("reset", str(exc)) from exc
-    except ConnectionRefusedError as exc:
-        raise LoadFailure("refused", str(exc)) from exc
-    except TimeoutError as exc:
-        raise LoadFailure("timeout", str(exc)) from exc
     except OSError as exc:
-        raise LoadFailure("other", repr(exc)) from exc
+        raise LoadFailure(cause_of(exc), repr(exc)) from exc
     head, sep, body = data.partition(b"\r\n\r\n")
     if not sep:
         raise LoadFailure("short", f"incomplete head: {data[:80]!r}")
@@ -124,7 +118,8 @@ class LoadFailure(Exception):
         self.at_connect = at_connect
 
 
-def _cause(exc: OSError) -> str:
+def cause_of(exc: OSError) -> str:
+    """A failed connection's cause, as the loads count it."""
     if isinstance(exc, ConnectionResetError):
         return "reset"
     if isinstance(exc, ConnectionRefusedError):
@@ -278,24 +273,30 @@ def _connect_loop(host: str, port: int, stop: threading.Event, deadline: float) 
     return result
 
 
-class ConnectLoad:
-    """Background connect-only loops: ``with ConnectLoad(port) as load: ...``."""
+class Background:
+    """Loops of one kind in the background, their results merged at the end:
+    ``with SomeLoad(...) as load: ...``, then ``load.result``."""
 
-    def __init__(self, port: int, *, threads: int = 4, duration: float = 60.0) -> None:
-        deadline = time.monotonic() + duration
+    def __init__(self, threads: int, loop: Callable[[int, threading.Event], LoadResult]) -> None:
         self.result = LoadResult()
-        self._loops = Loops(
-            threads, lambda _, stop: _connect_loop("127.0.0.1", port, stop, deadline)
-        )
+        self._loops = Loops(threads, loop)
         self.stop = self._loops.stop
 
-    def __enter__(self) -> ConnectLoad:
+    def __enter__(self) -> Self:
         self._loops.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         for part in self._loops.join():
             self.result.merge(part)
+
+
+class ConnectLoad(Background):
+    """Background connect-only loops: ``with ConnectLoad(port) as load: ...``."""
+
+    def __init__(self, port: int, *, threads: int = 4, duration: float = 60.0) -> None:
+        deadline = time.monotonic() + duration
+        super().__init__(threads, lambda _, stop: _connect_loop("127.0.0.1", port, stop, deadline))
 
 
 @dataclass

@@ -12,7 +12,7 @@ import struct
 import threading
 import time
 
-from tests.support.load import LoadFailure, LoadResult, Loops
+from tests.support.load import Background, LoadFailure, LoadResult, cause_of
 
 
 def _read(sock: socket.socket, size: int) -> bytes:
@@ -48,12 +48,8 @@ def select_one(host: str, port: int, user: str, database: str) -> None:
     """One connection, one ``SELECT 1``. Raises LoadFailure with the cause."""
     try:
         sock = socket.create_connection((host, port), timeout=10)
-    except ConnectionRefusedError as exc:
-        raise LoadFailure("refused", repr(exc), at_connect=True) from exc
-    except ConnectionResetError as exc:
-        raise LoadFailure("reset", repr(exc), at_connect=True) from exc
     except OSError as exc:
-        raise LoadFailure("other", repr(exc), at_connect=True) from exc
+        raise LoadFailure(cause_of(exc), repr(exc), at_connect=True) from exc
     with sock:
         try:
             params = f"user\0{user}\0database\0{database}\0\0".encode()
@@ -65,22 +61,17 @@ def select_one(host: str, port: int, user: str, database: str) -> None:
             if len(rows) != 1 or not rows[0].endswith(b"1"):
                 raise LoadFailure("short", f"SELECT 1 gave {rows!r}")
             sock.sendall(b"X" + struct.pack(">I", 4))
-        except ConnectionResetError as exc:
-            raise LoadFailure("reset", repr(exc)) from exc
-        except TimeoutError as exc:
-            raise LoadFailure("timeout", repr(exc)) from exc
         except OSError as exc:
-            raise LoadFailure("other", repr(exc)) from exc
+            raise LoadFailure(cause_of(exc), repr(exc)) from exc
 
 
-class QueryLoad:
+class QueryLoad(Background):
     """``threads`` loops of ``select_one`` in the background, bounded in count and time."""
 
     def __init__(
         self, port: int, user: str, database: str, *, threads: int = 4, duration: float = 60.0
     ) -> None:
         deadline = time.monotonic() + duration
-        self.result = LoadResult()
         self.answered = threading.Event()  # set at the first SELECT 1 answered
 
         def loop(_: int, stop: threading.Event) -> LoadResult:
@@ -98,12 +89,4 @@ class QueryLoad:
                         part.examples.append(str(exc))
             return part
 
-        self._loops = Loops(threads, loop)
-
-    def __enter__(self) -> QueryLoad:
-        self._loops.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for part in self._loops.join():
-            self.result.merge(part)
+        super().__init__(threads, loop)

@@ -25,7 +25,7 @@ from tests.support.procs import wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 SYNC = ["--concurrency", "1", "--work", "0.004"]
-RELOADS = 100
+RELOADS = 30
 CLIENTS = 16
 
 
