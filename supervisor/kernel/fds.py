@@ -93,9 +93,9 @@ def adopt_socket(fd: int) -> socket.socket:
     return sock
 
 
-def fdinfo(fd: int) -> dict[str, str]:
-    """``/proc/self/fdinfo/FD`` as a dict (BPF objects show their type and sizes here)."""
-    text = Path(f"/proc/self/fdinfo/{fd}").read_text()
+def fdinfo(fd: int, pid: int | str = "self") -> dict[str, str]:
+    """``/proc/PID/fdinfo/FD`` as a dict (BPF objects show their type and sizes here)."""
+    text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
     pairs = (line.partition(":") for line in text.splitlines())
     return {key.strip(): value.strip() for key, sep, value in pairs if sep}
 

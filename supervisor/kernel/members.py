@@ -22,6 +22,7 @@ from pathlib import Path
 
 from supervisor.errors import KernelError, translated
 from supervisor.kernel import diag
+from supervisor.kernel.fds import fdinfo
 from supervisor.kernel.proc import family, fd_of
 from supervisor.values import ListenAddress
 
@@ -165,25 +166,24 @@ def settings_held(holder: Holder) -> Settings:
 PROG_TYPE_SK_REUSEPORT = 21
 
 
-def reuseport_programs(pids: Collection[int], *, proc: Path = _PROC) -> dict[int, list[int]]:
+def reuseport_programs(pids: Collection[int]) -> dict[int, list[int]]:
     """The ids of the SK_REUSEPORT programs each of ``pids`` holds an fd of
     (``/proc/PID/fdinfo``): who may have attached one to a group. Processes
     that hold none, are gone, or hide their fds are left out."""
     found: dict[int, list[int]] = {}
     for pid in pids:
         try:
-            links = list((proc / str(pid) / "fd").iterdir())
+            links = list((_PROC / str(pid) / "fd").iterdir())
         except OSError:
             continue
         for link in links:
             try:
                 if os.readlink(link) != "anon_inode:bpf-prog":
                     continue
-                info = (proc / str(pid) / "fdinfo" / link.name).read_text()
+                fields = fdinfo(int(link.name), pid)
             except OSError:
                 continue
-            fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-            if fields.get("prog_type", "").strip() == str(PROG_TYPE_SK_REUSEPORT):
+            if fields.get("prog_type") == str(PROG_TYPE_SK_REUSEPORT):
                 found.setdefault(pid, []).append(int(fields.get("prog_id", "0")))
     return found
 

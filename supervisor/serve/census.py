@@ -86,7 +86,7 @@ def _census(address: ListenAddress, known: Known, own: bool) -> GroupCensus:
         return GroupCensus(address=str(address), members=[], error=str(exc))
     strangers = [b for b in bound if b.cookie not in known.listeners]
     held = members.holders([b.inode for b in strangers]) if strangers else {}
-    reference = _reference(address, known)
+    reference = _reference(address, known) if strangers else None  # only they are compared
     ours_wildcard = any(b.exact for b in bound if b.cookie in known.listeners) and (
         address.host in ("0.0.0.0", "::")
     )
